@@ -1,0 +1,1 @@
+"""Pure functional building blocks: per-sample gradients, HVP/IHVP, Fisher, projection."""

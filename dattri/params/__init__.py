@@ -1,0 +1,1 @@
+"""Parameter classes (projection settings) shared by attributors."""
