@@ -1,0 +1,345 @@
+"""The shared attributor base classes.
+
+Every attributor has three phases (Kronfluence style):
+
+1. ``cache(train_loader)``: compute and keep the train-side quantities (Hessian
+   factorisation, eigenspaces, projected train gradients, ...);
+2. ``attribute(train_loader, test_loader)`` -> scores ``(n_train, n_test)``; larger
+   score = the training sample helps the test target more;
+3. ``self_attribute(train_loader)`` -> ``(n_train,)``, each sample scored against
+   itself (equal to the diagonal of ``attribute(train, train)``).
+
+:class:`BaseInnerProductAttributor` implements the common case
+``S[i, j] = sum_k w_k * T_train,k(g_i)^T T_test,k(g_j)`` over checkpoints ``k``: each test
+representation is computed and transformed once per test batch, each train gradient
+once per train batch, and the score is streamed block by block (so a per-test top-k
+never needs the full matrix).
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dattri.algorithm.batching import check_loader, iterate, move_to_device
+from dattri.algorithm.topk import TopKAccumulator, TopKResult
+from dattri.task import AttributionTask
+
+__all__ = ["BaseAttributor", "BaseInnerProductAttributor"]
+
+RELATIF_METHODS = ("l", "theta")
+
+
+class BaseAttributor(ABC):
+    """Abstract base of every attributor.
+
+    Subclasses implement :meth:`cache` and :meth:`attribute`; :meth:`self_attribute`
+    and :meth:`attribute_topk` have generic fallbacks that subclasses may override
+    with faster versions.
+    """
+
+    verbose: bool = True
+
+    @abstractmethod
+    def cache(self, full_train_dataloader: Iterable) -> None:
+        """Compute and keep the train-side quantities.
+
+        Args:
+            full_train_dataloader: the training data (not shuffled).
+        """
+
+    @abstractmethod
+    def attribute(self, train_dataloader: Iterable, test_dataloader: Iterable) -> Tensor:
+        """Score every (train, test) pair.
+
+        Args:
+            train_dataloader: training samples (rows of the result).
+            test_dataloader: test samples (columns of the result).
+
+        Returns:
+            ``(n_train, n_test)`` scores; larger = more helpful.
+        """
+
+    def _iter_score_blocks(
+        self, train_dataloader: Iterable, test_dataloader: Iterable
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(row_start, block (B_train, n_test))`` score blocks.
+
+        The fallback computes the full matrix once and yields it as one block.
+        """
+        yield 0, self.attribute(train_dataloader, test_dataloader)
+
+    def attribute_topk(
+        self, train_dataloader: Iterable, test_dataloader: Iterable, k: int
+    ) -> TopKResult:
+        """The ``k`` most helpful and most harmful training samples per test sample.
+
+        Scores are streamed block by block; memory is ``O(n_test * k)`` plus one block.
+
+        Args:
+            train_dataloader: training samples.
+            test_dataloader: test samples.
+            k: number of training samples per side.
+
+        Returns:
+            A :class:`~dattri.algorithm.topk.TopKResult` with ``(n_test, k)`` tensors.
+        """
+        acc = TopKAccumulator(k)
+        for row_start, block in self._iter_score_blocks(train_dataloader, test_dataloader):
+            acc.update(block, row_start)
+        return acc.result()
+
+    def self_attribute(self, train_dataloader: Iterable) -> Tensor:
+        """Score each training sample against itself.
+
+        The fallback computes ``attribute(batch, batch).diag()`` batch by batch.
+
+        Args:
+            train_dataloader: training samples.
+
+        Returns:
+            ``(n_train,)`` self-influence scores.
+        """
+        check_loader(train_dataloader, "train_dataloader")
+        out = []
+        for batch in iterate(train_dataloader, "self-attribution", self.verbose):
+            out.append(self.attribute([batch], [batch]).diagonal())
+        return torch.cat(out)
+
+
+class BaseInnerProductAttributor(BaseAttributor):
+    """Base of attributors whose score is an inner product of transformed gradients.
+
+    ``S[i, j] = sum_k w_k * <T_train,k(g_loss,k(z_i)), T_test,k(g_target,k(z_j))> / d_i``
+    where ``k`` runs over checkpoints with weights ``w_k`` (:meth:`checkpoint_weights`,
+    default: the mean), and ``d_i`` is the optional RelatIF denominator.
+
+    Subclasses override :meth:`cache` (calling ``super().cache``) and the hooks
+    :meth:`transform_train_rep` / :meth:`transform_test_rep` (identity by default),
+    and may override :meth:`generate_train_rep` / :meth:`generate_test_rep`.
+
+    Args:
+        task: the attribution task.
+        layer_name: None (all parameters), one parameter name or a list of names.
+        device: device for the computation.
+        verbose: show progress bars.
+    """
+
+    #: whether the user's loss sees a sample as ``(1, ...)`` (IF convention, upstream
+    #: ``in_dims=(None, 1)``) rather than un-batched (TRAK/TracIn convention).
+    keep_batch_dim: bool = True
+    #: if True, ``attribute`` before ``cache`` warns and caches on the train loader;
+    #: if False it raises.
+    cache_on_attribute: bool = True
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: str | Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+        verbose: bool = True,
+    ) -> None:
+        if not isinstance(task, AttributionTask):
+            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
+            raise TypeError(msg)
+        self.task = task
+        task.selected_param_names(layer_name)  # validates the names
+        self.layer_name = layer_name
+        self.device = torch.device(device)
+        self.verbose = verbose
+        self.full_train_dataloader: Iterable | None = None
+        self._cached = False
+
+    # ----------------------------------------------------------------- phases
+    @property
+    def num_checkpoints(self) -> int:
+        """Number of checkpoints of the task."""
+        return len(self.task.get_checkpoints())
+
+    def checkpoint_weights(self) -> list[float]:
+        """Weight of each checkpoint in the ensemble (default: the mean)."""
+        n = self.num_checkpoints
+        return [1.0 / n] * n
+
+    def cache(self, full_train_dataloader: Iterable) -> None:
+        """Keep the training loader and compute per-checkpoint train-side state.
+
+        Subclasses with train-side state implement :meth:`_cache_checkpoint`.
+
+        Args:
+            full_train_dataloader: the training data defining the Hessian/Fisher etc.
+        """
+        check_loader(full_train_dataloader, "full_train_dataloader")
+        self.full_train_dataloader = full_train_dataloader
+        for ckpt_idx in range(self.num_checkpoints):
+            self._cache_checkpoint(ckpt_idx, full_train_dataloader)
+        self._cached = True
+
+    def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
+        """Compute the train-side state of one checkpoint (default: nothing)."""
+
+    def _ensure_cached(self, train_dataloader: Iterable) -> None:
+        if self._cached:
+            return
+        if not self.cache_on_attribute:
+            msg = (
+                f"{type(self).__name__}.attribute was called before cache(): call "
+                "attributor.cache(full_train_dataloader) first."
+            )
+            raise ValueError(msg)
+        warnings.warn(
+            f"{type(self).__name__}: cache() was not called; caching on train_dataloader.",
+            UserWarning,
+            stacklevel=3,
+        )
+        self.cache(train_dataloader)
+
+    # ------------------------------------------------------------------ hooks
+    def generate_train_rep(self, ckpt_idx: int, data: Any) -> Tensor:
+        """Per-sample gradients of the loss, ``(B, p)``."""
+        return self.task.per_sample_grads(
+            data, ckpt_idx, self.layer_name, target=False, keep_batch_dim=self.keep_batch_dim
+        )
+
+    def generate_test_rep(self, ckpt_idx: int, data: Any) -> Tensor:
+        """Per-sample gradients of the target, ``(B, p)``."""
+        return self.task.per_sample_grads(
+            data, ckpt_idx, self.layer_name, target=True, keep_batch_dim=self.keep_batch_dim
+        )
+
+    def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
+        """Transform train representations ``(B, p) -> (B, d)`` (identity)."""
+        return train_rep
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """Transform test representations ``(B, p) -> (B, d)`` (identity)."""
+        return test_rep
+
+    def relatif_denominator(self, ckpt_idx: int, data: Any, relatif_method: str) -> Tensor:
+        """RelatIF normaliser of each training sample, ``(B,)``.
+
+        ``"l"``: ``sqrt(|g^T H^-1 g|)``; ``"theta"``: ``||H^-1 g||``, with ``g`` the
+        target gradient of the training sample and ``H^-1`` this attributor's inverse
+        (applied by :meth:`transform_test_rep`). Clamped at 1e-12.
+        """
+        g = self.generate_test_rep(ckpt_idx, data)
+        t = self.transform_test_rep(ckpt_idx, g)
+        if relatif_method == "l":
+            val = (self.transform_train_rep(ckpt_idx, g) * t).sum(dim=1).abs().sqrt()
+        else:
+            val = t.norm(dim=1)
+        return val.clamp_min(1e-12)
+
+    def _check_relatif(self, relatif_method: str | None) -> None:
+        if relatif_method is not None and relatif_method not in RELATIF_METHODS:
+            msg = f"relatif_method={relatif_method!r} is unknown; use None, 'l' or 'theta'."
+            raise ValueError(msg)
+
+    # ---------------------------------------------------------------- scoring
+    def _test_reps(self, test_dataloader: Iterable) -> list[Tensor]:
+        """Transformed test representations per checkpoint, each ``(n_test, d)``."""
+        reps: list[list[Tensor]] = [[] for _ in range(self.num_checkpoints)]
+        for batch in iterate(test_dataloader, "test gradients", self.verbose):
+            batch = move_to_device(batch, self.device)
+            for ckpt_idx in range(self.num_checkpoints):
+                g = self.generate_test_rep(ckpt_idx, batch)
+                reps[ckpt_idx].append(self.transform_test_rep(ckpt_idx, g))
+        return [torch.cat(r) for r in reps]
+
+    def _iter_score_blocks(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        relatif_method: str | None = None,
+    ) -> Iterator[tuple[int, Tensor]]:
+        self._check_relatif(relatif_method)
+        check_loader(train_dataloader, "train_dataloader")
+        check_loader(test_dataloader, "test_dataloader")
+        self._ensure_cached(train_dataloader)
+        test_reps = self._test_reps(test_dataloader)
+        weights = self.checkpoint_weights()
+        row = 0
+        for batch in iterate(train_dataloader, "attribute", self.verbose):
+            batch = move_to_device(batch, self.device)
+            block = None
+            for ckpt_idx, w in enumerate(weights):
+                rep = self.transform_train_rep(ckpt_idx, self.generate_train_rep(ckpt_idx, batch))
+                part = rep @ test_reps[ckpt_idx].T
+                if relatif_method is not None:
+                    denom = self.relatif_denominator(ckpt_idx, batch, relatif_method)
+                    part = part / denom.unsqueeze(1)
+                part = part * w
+                block = part if block is None else block + part
+            yield row, block
+            row += block.shape[0]
+
+    def attribute(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        relatif_method: str | None = None,
+    ) -> Tensor:
+        """Score every (train, test) pair.
+
+        Args:
+            train_dataloader: training samples (rows), not shuffled.
+            test_dataloader: test samples (columns), not shuffled.
+            relatif_method: None, ``"l"`` or ``"theta"`` (RelatIF normalisation).
+
+        Returns:
+            ``(n_train, n_test)`` scores on ``device``.
+        """
+        blocks = [
+            b for _, b in self._iter_score_blocks(train_dataloader, test_dataloader, relatif_method)
+        ]
+        return torch.cat(blocks, dim=0)
+
+    def attribute_topk(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        k: int,
+        relatif_method: str | None = None,
+    ) -> TopKResult:
+        """Per-test top-k helpful/harmful training samples, streamed (see base)."""
+        acc = TopKAccumulator(k)
+        for row_start, block in self._iter_score_blocks(
+            train_dataloader, test_dataloader, relatif_method
+        ):
+            acc.update(block, row_start)
+        return acc.result()
+
+    def self_attribute(
+        self, train_dataloader: Iterable, relatif_method: str | None = None
+    ) -> Tensor:
+        """Score each training sample against itself, for any number of batches.
+
+        Args:
+            train_dataloader: training samples.
+            relatif_method: None, ``"l"`` or ``"theta"``.
+
+        Returns:
+            ``(n_train,)``; equals ``attribute(train, train).diag()``.
+        """
+        self._check_relatif(relatif_method)
+        check_loader(train_dataloader, "train_dataloader")
+        self._ensure_cached(train_dataloader)
+        weights = self.checkpoint_weights()
+        out = []
+        for batch in iterate(train_dataloader, "self-attribution", self.verbose):
+            batch = move_to_device(batch, self.device)
+            total: Tensor | None = None
+            for ckpt_idx, w in enumerate(weights):
+                tr = self.transform_train_rep(ckpt_idx, self.generate_train_rep(ckpt_idx, batch))
+                te = self.transform_test_rep(ckpt_idx, self.generate_test_rep(ckpt_idx, batch))
+                val = (tr * te).sum(dim=1)
+                if relatif_method is not None:
+                    val = val / self.relatif_denominator(ckpt_idx, batch, relatif_method)
+                total = w * val if total is None else total + w * val
+            out.append(total)
+        return torch.cat(out)

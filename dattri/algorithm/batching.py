@@ -1,0 +1,138 @@
+"""Batch and loader helpers shared by the attributors.
+
+Batches may be a tensor, a tuple/list of tensors (``(x, y)``) or a dict of tensors
+(Hugging Face style ``{"input_ids": ..., "labels": ...}``); every tensor has the
+batch dimension first.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+__all__ = [
+    "batch_size_of",
+    "check_loader",
+    "iterate",
+    "move_to_device",
+    "unsqueeze_batch",
+]
+
+
+def move_to_device(batch: Any, device: str | torch.device) -> Any:
+    """Move every tensor of a batch to ``device`` (tuple/list/dict structure kept).
+
+    Args:
+        batch: a tensor, a tuple/list or a dict of tensors (non-tensors are kept).
+        device: target device.
+
+    Returns:
+        The batch on ``device``.
+    """
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [move_to_device(v, device) for v in batch]
+    if isinstance(batch, tuple):
+        return tuple(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def unsqueeze_batch(batch: Any, dim: int = 0) -> Any:
+    """Insert a dimension of size 1 in every tensor of a batch (upstream IF convention).
+
+    Args:
+        batch: a tensor, tuple/list or dict of tensors.
+        dim: where to insert the dimension.
+
+    Returns:
+        The batch with tensors of shape ``(1, B, ...)`` for ``dim=0``.
+    """
+    if isinstance(batch, Tensor):
+        return batch.unsqueeze(dim)
+    if isinstance(batch, Mapping):
+        return {k: unsqueeze_batch(v, dim) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return tuple(unsqueeze_batch(v, dim) for v in batch)
+    msg = f"Batches must be tensors, tuples/lists or dicts of tensors, got {type(batch)}."
+    raise TypeError(msg)
+
+
+def batch_size_of(batch: Any) -> int:
+    """Return the leading dimension of the first tensor in a batch.
+
+    Raises:
+        TypeError: if the batch holds no tensor.
+    """
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(values, Iterable):
+        for v in values:
+            if isinstance(v, Tensor):
+                return int(v.shape[0])
+    msg = (
+        "Could not find a tensor in the batch to read its size; batches must be tensors, "
+        f"tuples/lists or dicts of tensors, got {type(batch).__name__}."
+    )
+    raise TypeError(msg)
+
+
+def check_loader(loader: Any, name: str, order_matters: bool = True) -> None:
+    """Validate a data loader argument.
+
+    Args:
+        loader: the loader (any iterable of batches; a ``DataLoader`` is checked more).
+        name: the argument name, used in messages.
+        order_matters: warn when a ``DataLoader`` shuffles, since score rows/columns
+            follow the loader's iteration order.
+
+    Raises:
+        TypeError: if ``loader`` is not iterable.
+        ValueError: if the loader is empty.
+    """
+    if loader is None or not isinstance(loader, Iterable):
+        msg = f"{name} must be a DataLoader (or an iterable of batches), got {type(loader)}."
+        raise TypeError(msg)
+    if isinstance(loader, DataLoader):
+        if len(loader.dataset) == 0 or (hasattr(loader, "__len__") and len(loader) == 0):
+            msg = f"{name} is empty: it yields no batch."
+            raise ValueError(msg)
+        if order_matters and isinstance(loader.sampler, RandomSampler):
+            warnings.warn(
+                f"{name} shuffles (RandomSampler): score rows/columns follow the loader's "
+                "random order, not the dataset order. Use shuffle=False (or a "
+                "SequentialSampler / SubsetSampler) to get scores in dataset order.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def iterate(
+    loader: Iterable,
+    desc: str,
+    verbose: bool,
+    total: int | None = None,
+) -> Iterator[Any]:
+    """Iterate over a loader with an optional tqdm progress bar.
+
+    Args:
+        loader: the batches.
+        desc: progress-bar description.
+        verbose: show the bar.
+        total: number of batches if ``len(loader)`` is not available.
+
+    Yields:
+        The batches.
+    """
+    if total is None and hasattr(loader, "__len__"):
+        total = len(loader)
+    yield from tqdm(loader, desc=desc, total=total, disable=not verbose, leave=False)

@@ -1,0 +1,377 @@
+"""Per-sample gradients of common layers from captured layer factors.
+
+A layer's per-sample gradient can be written with two captured factors: the layer
+input ``a`` and the gradient of the per-sample loss with respect to the layer output
+``ds``. This module turns the raw captures into a canonical *linearised* form and
+computes, from it,
+
+- exact per-sample gradients of the layer parameters (:func:`factor_grads`),
+- Kronecker-factored projections ``P_out G P_in^T`` of the per-sample weight
+  gradient ``G`` without forming ``G`` (:func:`kron_project`),
+- the linearised factors themselves (:func:`linear_factors`).
+
+Supported layers (exact type match, subclasses are not assumed to share the forward):
+``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` (without ``max_norm`` or
+``scale_grad_by_freq``) and ``nn.LayerNorm``.
+
+Shapes: ``B`` is the number of samples; the captured per-sample tensors may carry any
+number of leading dimensions (a sequence axis, a kept batch axis of size 1, ...),
+which are flattened into one axis ``T`` and summed over, exactly as autograd does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+__all__ = [
+    "factor_grads",
+    "kron_project",
+    "layer_kind",
+    "linear_factors",
+    "matrix_shape",
+]
+
+_KINDS: dict[type, str] = {
+    nn.Linear: "linear",
+    nn.Conv2d: "conv2d",
+    nn.Embedding: "embedding",
+    nn.LayerNorm: "layernorm",
+}
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """Return the factor kind of a module, or ``None`` if hooks cannot handle it.
+
+    Args:
+        module: Any module.
+
+    Returns:
+        One of ``"linear"``, ``"conv2d"``, ``"embedding"``, ``"layernorm"``, or
+        ``None`` when the module type is not supported (subclasses included) or its
+        configuration changes the gradient (``Embedding`` with ``max_norm`` or
+        ``scale_grad_by_freq``).
+    """
+    kind = _KINDS.get(type(module))
+    if kind == "embedding" and (
+        module.max_norm is not None or module.scale_grad_by_freq
+    ):
+        return None
+    return kind
+
+
+def matrix_shape(module: nn.Module, with_bias: bool) -> tuple[int, int]:
+    """Shape ``(d_out, d_in)`` of the gradient matrix a Kronecker projection acts on.
+
+    ``Linear``: ``(out_features, in_features [+1])``; ``Conv2d``:
+    ``(out_channels, in_channels / groups * kh * kw [+1])``; ``Embedding``:
+    ``(num_embeddings, embedding_dim)``. The ``+1`` is the bias column (appended
+    last) when ``with_bias`` is true and the layer has a bias.
+
+    Args:
+        module: A supported ``Linear``, ``Conv2d`` or ``Embedding`` module.
+        with_bias: Whether the bias is appended as an extra input column.
+
+    Returns:
+        ``(d_out, d_in)``.
+
+    Raises:
+        ValueError: If the module kind has no matrix form (``LayerNorm``, others).
+    """
+    kind = layer_kind(module)
+    extra = int(with_bias and getattr(module, "bias", None) is not None)
+    if kind == "linear":
+        return module.out_features, module.in_features + extra
+    if kind == "conv2d":
+        d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+        return module.out_channels, d_in + extra
+    if kind == "embedding":
+        return module.num_embeddings, module.embedding_dim
+    msg = (
+        f"{type(module).__name__} has no Kronecker (matrix) form; supported are "
+        "nn.Linear, nn.Conv2d and nn.Embedding. Project its gradient with "
+        "per_sample_grad_dict and a random projector instead."
+    )
+    raise ValueError(msg)
+
+
+def _conv_pad(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """Explicit ``F.pad`` tuple ``(w_left, w_right, h_left, h_right)`` of a Conv2d.
+
+    Args:
+        module: The convolution.
+
+    Returns:
+        The padding that ``module`` applies to its input.
+    """
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0, 0, 0)
+        pads: list[int] = []
+        for k, d in zip(
+            reversed(module.kernel_size), reversed(module.dilation), strict=True
+        ):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)  # type: ignore[return-value]
+    ph, pw = module.padding
+    return (pw, pw, ph, ph)
+
+
+def _grouped(module: nn.Module, kind: str, a: Tensor, ds: Tensor) -> tuple[Tensor, ...]:
+    """Canonical grouped form of Linear/Conv2d captures.
+
+    Args:
+        module: The ``Linear`` or ``Conv2d`` module.
+        kind: ``"linear"`` or ``"conv2d"``.
+        a: Captured input, ``(B, *lead, d_in)`` or ``(B, *lead, C, H, W)``.
+        ds: Output gradient, ``(B, *lead, d_out)`` or ``(B, *lead, C_out, Ho, Wo)``.
+
+    Returns:
+        ``(A, S)`` with ``A`` of shape ``(B, T, G, d_in / G)`` and ``S`` of shape
+        ``(B, T, G, d_out / G)`` (``G`` = groups, 1 for Linear). ``A`` holds
+        unfolded patches for convolutions (channel-major, then kernel rows/cols,
+        matching ``weight.view(C_out, -1)``).
+    """
+    n = a.shape[0]
+    if kind == "linear":
+        a2 = a.reshape(n, -1, 1, a.shape[-1])
+        s2 = ds.reshape(n, -1, 1, ds.shape[-1])
+        return a2, s2
+    c, h, w = a.shape[-3:]
+    x = a.reshape(-1, c, h, w)
+    pad = _conv_pad(module)
+    if module.padding_mode != "zeros":
+        x = F.pad(x, pad, mode=module.padding_mode)
+        pad_arg: tuple[int, int] | int = 0
+    elif pad[0] == pad[1] and pad[2] == pad[3]:
+        pad_arg = (pad[2], pad[0])
+    else:
+        x = F.pad(x, pad)
+        pad_arg = 0
+    cols = F.unfold(
+        x,
+        module.kernel_size,
+        dilation=module.dilation,
+        padding=pad_arg,
+        stride=module.stride,
+    )  # (B * N, C * kh * kw, L)
+    g = module.groups
+    a2 = cols.reshape(n, -1, cols.shape[1], cols.shape[2]).transpose(2, 3)
+    a2 = a2.reshape(n, -1, g, cols.shape[1] // g)
+    c_out = ds.shape[-3]
+    s2 = ds.reshape(n, -1, c_out, ds.shape[-2] * ds.shape[-1]).transpose(2, 3)
+    s2 = s2.reshape(n, -1, g, c_out // g)
+    return a2, s2
+
+
+def _masked_embedding_grad(module: nn.Embedding, a: Tensor, ds: Tensor) -> tuple:
+    """Flatten embedding captures and zero output gradients at ``padding_idx``.
+
+    Args:
+        module: The embedding.
+        a: Indices ``(B, *lead)``.
+        ds: Output gradient ``(B, *lead, D)``.
+
+    Returns:
+        ``(idx, S)`` of shapes ``(B, T)`` and ``(B, T, D)``.
+    """
+    n = a.shape[0]
+    idx = a.reshape(n, -1)
+    s = ds.reshape(n, idx.shape[1], ds.shape[-1])
+    if module.padding_idx is not None:
+        s = s.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0)
+    return idx, s
+
+
+def _layernorm_xhat(module: nn.LayerNorm, a: Tensor, ds: Tensor) -> tuple:
+    """Normalised LayerNorm input and output gradient, flattened.
+
+    Args:
+        module: The layer norm.
+        a: Input ``(B, *lead, *normalized_shape)``.
+        ds: Output gradient, same shape as ``a``.
+
+    Returns:
+        ``(xhat, S)`` each of shape ``(B, T, prod(normalized_shape))``.
+    """
+    n = a.shape[0]
+    width = math.prod(module.normalized_shape)
+    x = a.reshape(n, -1, width)
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+    xhat = (x - mean) * torch.rsqrt(var + module.eps)
+    return xhat, ds.reshape(n, -1, width)
+
+
+def factor_grads(
+    module: nn.Module, a: Tensor, ds: Tensor, attrs: list[str]
+) -> dict[str, Tensor]:
+    """Exact per-sample gradients of a layer's parameters from its factors.
+
+    Args:
+        module: A supported module (see :func:`layer_kind`).
+        a: Captured layer input ``(B, *per_sample_input_shape)`` (indices for
+            embeddings).
+        ds: Gradient of each sample's loss with respect to that sample's layer
+            output, ``(B, *per_sample_output_shape)``.
+        attrs: Parameter attributes wanted, a subset of ``["weight", "bias"]``.
+
+    Returns:
+        ``{attr: (B, *param.shape)}`` in the dtype of ``ds``.
+
+    Raises:
+        ValueError: If the module is not supported.
+    """
+    kind = layer_kind(module)
+    n = a.shape[0]
+    out: dict[str, Tensor] = {}
+    if kind in ("linear", "conv2d"):
+        a2, s2 = _grouped(module, kind, a.to(ds.dtype), ds)
+        if "weight" in attrs:
+            gw = torch.einsum("btgo,btgi->bgoi", s2, a2)
+            out["weight"] = gw.reshape(n, *module.weight.shape)
+        if "bias" in attrs:
+            out["bias"] = s2.sum(1).reshape(n, -1)
+    elif kind == "embedding":
+        idx, s = _masked_embedding_grad(module, a, ds)
+        if "weight" in attrs:
+            v, d = module.num_embeddings, module.embedding_dim
+            rows = (idx + v * torch.arange(n, device=idx.device).unsqueeze(1)).flatten()
+            gw = torch.zeros(n * v, d, dtype=ds.dtype, device=ds.device)
+            gw.index_add_(0, rows, s.reshape(-1, d))
+            out["weight"] = gw.view(n, v, d)
+    elif kind == "layernorm":
+        xhat, s = _layernorm_xhat(module, a.to(ds.dtype), ds)
+        shape = tuple(module.normalized_shape)
+        if "weight" in attrs:
+            out["weight"] = (s * xhat).sum(1).reshape(n, *shape)
+        if "bias" in attrs:
+            out["bias"] = s.sum(1).reshape(n, *shape)
+    else:
+        msg = f"No factor gradient rule for {type(module).__name__}."
+        raise ValueError(msg)
+    return out
+
+
+def _append_ones(x: Tensor) -> Tensor:
+    """Append a column of ones along the last axis.
+
+    Args:
+        x: Any tensor ``(..., d)``.
+
+    Returns:
+        ``(..., d + 1)``.
+    """
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+def linear_factors(
+    module: nn.Module, a: Tensor, ds: Tensor, bias_column: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Linearised per-sample factors ``(A, S)`` of a layer.
+
+    The per-sample weight gradient is ``sum_t S[b, t] A[b, t]^T`` (Linear/Conv2d),
+    ``sum_t S[b, t] * A[b, t]`` (LayerNorm weight) or a scatter of ``S`` into the
+    rows ``A`` (Embedding).
+
+    - ``Linear``: ``A`` ``(B, T, d_in [+1])``, ``S`` ``(B, T, d_out)``.
+    - ``Conv2d`` (groups = 1): ``A`` ``(B, T, C_in * kh * kw [+1])`` unfolded patches,
+      ``T`` = output positions; ``S`` ``(B, T, C_out)``.
+    - ``Embedding``: ``A`` token indices ``(B, T)`` (long), ``S`` ``(B, T, D)`` with
+      rows at ``padding_idx`` zeroed.
+    - ``LayerNorm``: ``A`` the normalised input ``(B, T, n)``, ``S`` ``(B, T, n)``.
+
+    ``[+1]``: a trailing column of ones when ``bias_column`` is true and the layer has
+    a bias, so that ``[grad_W | grad_b] = sum_t S_t A_t^T``.
+
+    Args:
+        module: A supported module.
+        a: Captured input ``(B, *per_sample_input_shape)``.
+        ds: Captured output gradient ``(B, *per_sample_output_shape)``.
+        bias_column: Append the ones column for layers with a bias.
+
+    Returns:
+        ``(A, S)`` as above.
+
+    Raises:
+        NotImplementedError: For grouped convolutions (block-diagonal factors).
+        ValueError: For unsupported modules.
+    """
+    kind = layer_kind(module)
+    if kind in ("linear", "conv2d"):
+        if kind == "conv2d" and module.groups != 1:
+            msg = (
+                "Linearised factors of a grouped Conv2d are block-diagonal and are "
+                "not returned; use per_sample_grad_dict or per_sample_kron_projected."
+            )
+            raise NotImplementedError(msg)
+        a2, s2 = _grouped(module, kind, a.to(ds.dtype), ds)
+        a2, s2 = a2.squeeze(2), s2.squeeze(2)
+        if bias_column and module.bias is not None:
+            a2 = _append_ones(a2)
+        return a2, s2
+    if kind == "embedding":
+        return _masked_embedding_grad(module, a, ds)
+    if kind == "layernorm":
+        return _layernorm_xhat(module, a.to(ds.dtype), ds)
+    msg = f"No factor rule for {type(module).__name__}."
+    raise ValueError(msg)
+
+
+def kron_project(
+    module: nn.Module, a: Tensor, ds: Tensor, proj_in: Tensor, proj_out: Tensor
+) -> Tensor:
+    """Per-sample ``P_out G P_in^T`` without forming the per-sample gradient ``G``.
+
+    ``G`` is the per-sample gradient in matrix form (see :func:`matrix_shape`); when
+    ``proj_in`` has ``d_in + 1`` columns and the layer has a bias, ``G`` is
+    ``[grad_W | grad_b]`` (bias as last column), with ``d_in`` columns the bias is
+    left out. Inputs and output gradients are projected first and their outer
+    products summed over positions ``T``.
+
+    Args:
+        module: ``nn.Linear``, ``nn.Conv2d`` or ``nn.Embedding``.
+        a: Captured input ``(B, *per_sample_input_shape)``.
+        ds: Captured output gradient ``(B, *per_sample_output_shape)``.
+        proj_in: ``(k_in, d_in)`` or ``(k_in, d_in + 1)``.
+        proj_out: ``(k_out, d_out)``.
+
+    Returns:
+        ``(B, k_out * k_in)``, row-major flattening of ``(B, k_out, k_in)``, i.e.
+        ``(P_out ⊗ P_in) vec(G)`` with ``vec`` the row-major flattening of ``G``.
+
+    Raises:
+        ValueError: If projector shapes do not match the layer.
+    """
+    kind = layer_kind(module)
+    d_out, d_in = matrix_shape(module, with_bias=False)
+    with_bias = kind != "embedding" and module.bias is not None
+    if proj_in.ndim != 2 or proj_in.shape[1] not in (
+        (d_in, d_in + 1) if with_bias else (d_in,)
+    ):
+        want = f"(k_in, {d_in})" + (f" or (k_in, {d_in + 1})" if with_bias else "")
+        msg = f"proj_in has shape {tuple(proj_in.shape)}; expected {want}."
+        raise ValueError(msg)
+    if proj_out.ndim != 2 or proj_out.shape[1] != d_out:
+        msg = f"proj_out has shape {tuple(proj_out.shape)}; expected (k_out, {d_out})."
+        raise ValueError(msg)
+    dt, dev = ds.dtype, ds.device
+    p_in = proj_in.to(device=dev, dtype=dt)
+    p_out = proj_out.to(device=dev, dtype=dt)
+    n, k_out, k_in = a.shape[0], p_out.shape[0], p_in.shape[0]
+    if kind == "embedding":
+        idx, s = _masked_embedding_grad(module, a, ds)
+        pu = p_out.t()[idx]  # (B, T, k_out); rows of the weight are tokens
+        pv = s @ p_in.t()  # (B, T, k_in); zero at padding_idx tokens
+        return torch.einsum("btk,btl->bkl", pu, pv).reshape(n, k_out * k_in)
+    a2, s2 = _grouped(module, kind, a.to(dt), ds)
+    g = a2.shape[2]
+    if p_in.shape[1] == d_in + 1:
+        a2 = _append_ones(a2)
+    pa = a2 @ p_in.t()  # (B, T, G, k_in)
+    ps = torch.einsum("btgo,kgo->btgk", s2, p_out.view(k_out, g, d_out // g))
+    res = torch.einsum("btgk,btgl->bkl", ps, pa)
+    return res.reshape(n, k_out * k_in)
