@@ -16,10 +16,7 @@ LabelT = TypeVar("LabelT", torch.Tensor, np.ndarray, list)
 
 def _labels_to_numpy(label: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
     """Return a 1-D integer numpy copy of ``label`` (any supported container)."""
-    if isinstance(label, torch.Tensor):
-        arr = label.detach().cpu().numpy()
-    else:
-        arr = np.asarray(label)
+    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
     if arr.ndim != 1:
         msg = f"`label` must be 1-D, got shape {tuple(arr.shape)}; pass a flat vector."
         raise ValueError(msg)
@@ -88,8 +85,7 @@ def flip_label(
     n_flip = int(p * n)
     if n_flip > 0 and space.size < 2:
         msg = (
-            "`label_space` must contain at least two classes to flip labels, got "
-            f"{space.tolist()}."
+            f"`label_space` must contain at least two classes to flip labels, got {space.tolist()}."
         )
         raise ValueError(msg)
 

@@ -135,9 +135,7 @@ def _hooks(modules: Mapping[str, nn.Module], state: _HookState) -> Iterator[None
     handles = []
     try:
         for name, module in modules.items():
-            handles.append(
-                module.register_forward_hook(_make_hook(state, name), with_kwargs=True)
-            )
+            handles.append(module.register_forward_hook(_make_hook(state, name), with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -194,9 +192,7 @@ def probe(
     Returns:
         The :class:`Capture` plan and failures.
     """
-    cuda = sorted(
-        {t.device.index or 0 for t in params.values() if t.device.type == "cuda"}
-    )
+    cuda = sorted({t.device.index or 0 for t in params.values() if t.device.type == "cuda"})
     state = _HookState(probe=True, zs={})
     state.reset({name: [] for name in modules})
     p = {k: v.detach() for k, v in params.items()}
@@ -278,8 +274,7 @@ def capture_batch(
         for name, calls in plan.items()
     }
     expanded = {
-        k: base[k].expand(batch_size, *base[k].shape).requires_grad_()
-        for k in per_sample_params
+        k: base[k].expand(batch_size, *base[k].shape).requires_grad_() for k in per_sample_params
     }
     state = _HookState(probe=False, zs={})
 
@@ -298,15 +293,14 @@ def capture_batch(
                 raise RuntimeError(msg)
         return loss, state.inputs
 
-    with torch.enable_grad(), _hooks(modules, state):
-        losses, inputs = torch.func.vmap(one, randomness="different")(
-            zs, expanded, data
-        )
     flat_z = [z for name in plan for z in zs[name]]
     wrt = flat_z + list(expanded.values())
     grads: list[Tensor | None] = [None] * len(wrt)
-    if wrt and losses.requires_grad:
-        grads = list(torch.autograd.grad(losses.sum(), wrt, allow_unused=True))
+    with torch.enable_grad():
+        with _hooks(modules, state):
+            losses, inputs = torch.func.vmap(one, randomness="different")(zs, expanded, data)
+        if wrt and losses.requires_grad:
+            grads = list(torch.autograd.grad(losses.sum(), wrt, allow_unused=True))
     it = iter(grads[: len(flat_z)])
     factors = {}
     for name in plan:

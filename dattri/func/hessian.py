@@ -23,6 +23,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -353,7 +354,7 @@ def ihvp_explicit(
     """
     _check_nonneg(regularization, "regularization")
     get = _cached_builder(
-        lambda *x: ihvp_at_x_explicit(func, *x, argnums=argnums, regularization=regularization)
+        partial(ihvp_at_x_explicit, func, argnums=argnums, regularization=regularization)
     )
     return lambda x, v: get(x)(v)
 
@@ -465,9 +466,9 @@ def ihvp_cg(
     """
     _check_mode(mode)
     get = _cached_builder(
-        lambda *x: ihvp_at_x_cg(
+        partial(
+            ihvp_at_x_cg,
             func,
-            *x,
             argnums=argnums,
             max_iter=max_iter,
             tol=tol,
@@ -553,23 +554,21 @@ def ihvp_lissa(
     See :func:`ihvp_at_x_lissa` for the arguments and the algorithm.
     """
     _check_mode(mode)
+    kwargs = dict(
+        argnums=argnums,
+        batch_size=batch_size,
+        num_repeat=num_repeat,
+        recursion_depth=recursion_depth,
+        damping=damping,
+        scaling=scaling,
+        collate_fn=collate_fn,
+        mode=mode,
+        seed=seed,
+        verbose=verbose,
+    )
 
     def _ihvp(x: tuple, v: Tensor, in_dims: tuple | None = None) -> Tensor:
-        return ihvp_at_x_lissa(
-            func,
-            *_as_tuple(x),
-            in_dims=in_dims,
-            argnums=argnums,
-            batch_size=batch_size,
-            num_repeat=num_repeat,
-            recursion_depth=recursion_depth,
-            damping=damping,
-            scaling=scaling,
-            collate_fn=collate_fn,
-            mode=mode,
-            seed=seed,
-            verbose=verbose,
-        )(v)
+        return ihvp_at_x_lissa(func, *_as_tuple(x), in_dims=in_dims, **kwargs)(v)
 
     return _ihvp
 
@@ -722,9 +721,9 @@ def ihvp_arnoldi(
     """
     _check_mode(mode)
     get = _cached_builder(
-        lambda *x: ihvp_at_x_arnoldi(
+        partial(
+            ihvp_at_x_arnoldi,
             func,
-            *x,
             argnums=argnums,
             max_iter=max_iter,
             top_k=top_k,
@@ -740,36 +739,48 @@ def ihvp_arnoldi(
 
 def _arnoldi(
     op: Callable[[Tensor], Tensor],
-    start: Tensor,
+    gen: torch.Generator,
+    ref: Tensor,
     n_steps: int,
     tol: float,
     verbose: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Arnoldi with full re-orthogonalisation; returns Ritz values and vectors ``(m, p)``.
+    """Symmetric Arnoldi (Lanczos with full re-orthogonalisation) for ``n_steps`` steps.
 
-    Stops early when the new residual norm is ``<= tol`` times the largest Hessenberg
-    entry (the Krylov space is then invariant).
+    Start vectors are standard normal draws from ``gen`` (on CPU, then moved to ``ref``'s
+    device/dtype). When the new residual norm is ``<= tol`` times the largest Hessenberg
+    entry the Krylov space is invariant; the iteration then restarts from a fresh random
+    vector orthogonal to the basis (so ``n_steps = p`` always spans ``R^p``, even with
+    repeated eigenvalues). Returns Ritz values ``(m,)`` and vectors ``(m, p)``.
     """
-    p = start.numel()
-    basis = torch.zeros(n_steps + 1, p, dtype=start.dtype, device=start.device)
-    hess = torch.zeros(n_steps + 1, n_steps, dtype=start.dtype, device=start.device)
-    basis[0] = start / start.norm()
-    m = n_steps
+    p = ref.numel()
+
+    def draw() -> Tensor:
+        z = torch.randn(p, generator=gen, dtype=torch.float64)
+        return z.to(device=ref.device, dtype=ref.dtype)
+
+    basis = torch.zeros(n_steps, p, dtype=ref.dtype, device=ref.device)
+    hess = torch.zeros(n_steps, n_steps, dtype=ref.dtype, device=ref.device)
+    basis[0] = (z := draw()) / z.norm()
     for j in tqdm(range(n_steps), disable=not verbose, desc="Arnoldi"):
         w = op(basis[j : j + 1])[0]
         for _ in range(2):  # classical Gram-Schmidt, twice, for stability
             coef = basis[: j + 1] @ w
             w = w - coef @ basis[: j + 1]
             hess[: j + 1, j] += coef
-        beta = w.norm()
-        hess[j + 1, j] = beta
-        if beta <= tol * hess[: j + 2, : j + 1].abs().max() or beta == 0:
-            m = j + 1
+        if j + 1 == n_steps:
             break
+        beta = w.norm()
+        if beta <= tol * hess[: j + 1, : j + 1].abs().max() or beta == 0:
+            w = draw()  # invariant subspace found: restart orthogonally to the basis
+            for _ in range(2):
+                w = w - (basis[: j + 1] @ w) @ basis[: j + 1]
+            beta = w.norm()
+        else:
+            hess[j + 1, j] = beta
         basis[j + 1] = w / beta
-    tri = hess[:m, :m]
-    evals, evecs = torch.linalg.eigh(0.5 * (tri + tri.T))
-    return evals, evecs.T @ basis[:m]
+    evals, evecs = torch.linalg.eigh(0.5 * (hess + hess.T))
+    return evals, evecs.T @ basis
 
 
 def ihvp_at_x_arnoldi(
@@ -791,10 +802,12 @@ def ihvp_at_x_arnoldi(
     norm_constant`` (``norm_constant`` only rescales the iteration; Ritz values are scaled
     back, so the result does not depend on it) from a start vector drawn from a local
     ``torch.Generator`` seeded with ``seed`` (on CPU, then moved to ``x``'s device/dtype:
-    same seed, same result on any device; the global RNG is untouched). The Hessenberg
+    same seed, same result on any device; the global RNG is untouched). If the Krylov space
+    becomes invariant (residual ``<= tol`` relative to the largest Hessenberg entry) the
+    iteration restarts from a new random vector orthogonal to the basis. The Hessenberg
     matrix is symmetrised and diagonalised; the ``top_k`` Ritz pairs ``(λ_i, u_i)`` with
-    the largest ``|λ_i|`` give ``f(v) = Σ_i u_i (u_iᵀ v) / λ_i``. Exact when the Krylov
-    space spans ``R^p`` (``max_iter >= p`` and ``top_k >= p``). Ritz values that are
+    the largest ``|λ_i|`` give ``f(v) = Σ_i u_i (u_iᵀ v) / λ_i``. Exact when the basis
+    spans ``R^p`` (``max_iter >= p`` and ``top_k >= p``). Ritz values that are
     numerically zero are dropped with a warning.
 
     Args:
@@ -827,9 +840,9 @@ def ihvp_at_x_arnoldi(
     p = ref.numel()
     op = _regularized_matvec(func, x, argnums, mode, regularization)
     gen = torch.Generator().manual_seed(seed)
-    start = torch.randn(p, generator=gen, dtype=torch.float64)
-    start = start.to(device=ref.device, dtype=ref.dtype)
-    evals, evecs = _arnoldi(lambda m: op(m) / norm_constant, start, min(max_iter, p), tol, verbose)
+    evals, evecs = _arnoldi(
+        lambda m: op(m) / norm_constant, gen, ref, min(max_iter, p), tol, verbose
+    )
     evals = evals * norm_constant
     order = evals.abs().argsort(descending=True)[:top_k]
     evals, evecs = evals[order], evecs[order]

@@ -24,10 +24,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "check_kron_shapes",
     "factor_grads",
     "kron_project",
     "layer_kind",
@@ -56,9 +57,7 @@ def layer_kind(module: nn.Module) -> str | None:
         ``scale_grad_by_freq``).
     """
     kind = _KINDS.get(type(module))
-    if kind == "embedding" and (
-        module.max_norm is not None or module.scale_grad_by_freq
-    ):
+    if kind == "embedding" and (module.max_norm is not None or module.scale_grad_by_freq):
         return None
     return kind
 
@@ -111,14 +110,33 @@ def _conv_pad(module: nn.Conv2d) -> tuple[int, int, int, int]:
         if module.padding == "valid":
             return (0, 0, 0, 0)
         pads: list[int] = []
-        for k, d in zip(
-            reversed(module.kernel_size), reversed(module.dilation), strict=True
-        ):
+        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation), strict=True):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
         return tuple(pads)  # type: ignore[return-value]
     ph, pw = module.padding
     return (pw, pw, ph, ph)
+
+
+def _conv_input(module: nn.Conv2d, a: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Conv2d input as a 4-D batch, pre-padded where ``padding`` cannot express it.
+
+    Args:
+        module: The convolution.
+        a: Captured input ``(B, *lead, C, H, W)``.
+
+    Returns:
+        ``(x, padding)``: ``x`` of shape ``(B * N, C, H', W')`` and the symmetric
+        padding still to apply in the convolution/unfold.
+    """
+    c, h, w = a.shape[-3:]
+    x = a.reshape(-1, c, h, w)
+    pad = _conv_pad(module)
+    if module.padding_mode != "zeros":
+        return F.pad(x, pad, mode=module.padding_mode), (0, 0)
+    if pad[0] == pad[1] and pad[2] == pad[3]:
+        return x, (pad[2], pad[0])
+    return F.pad(x, pad), (0, 0)
 
 
 def _grouped(module: nn.Module, kind: str, a: Tensor, ds: Tensor) -> tuple[Tensor, ...]:
@@ -141,17 +159,7 @@ def _grouped(module: nn.Module, kind: str, a: Tensor, ds: Tensor) -> tuple[Tenso
         a2 = a.reshape(n, -1, 1, a.shape[-1])
         s2 = ds.reshape(n, -1, 1, ds.shape[-1])
         return a2, s2
-    c, h, w = a.shape[-3:]
-    x = a.reshape(-1, c, h, w)
-    pad = _conv_pad(module)
-    if module.padding_mode != "zeros":
-        x = F.pad(x, pad, mode=module.padding_mode)
-        pad_arg: tuple[int, int] | int = 0
-    elif pad[0] == pad[1] and pad[2] == pad[3]:
-        pad_arg = (pad[2], pad[0])
-    else:
-        x = F.pad(x, pad)
-        pad_arg = 0
+    x, pad_arg = _conv_input(module, a)
     cols = F.unfold(
         x,
         module.kernel_size,
@@ -206,8 +214,32 @@ def _layernorm_xhat(module: nn.LayerNorm, a: Tensor, ds: Tensor) -> tuple:
     return xhat, ds.reshape(n, -1, width)
 
 
+def _emit(val: Tensor, dst: Tensor | None, accumulate: bool) -> Tensor:
+    """Return ``val`` or write/add it into ``dst``.
+
+    Args:
+        val: Computed values.
+        dst: Optional destination of the same number of elements per sample.
+        accumulate: Add into ``dst`` instead of overwriting it.
+
+    Returns:
+        ``dst`` if given, else ``val``.
+    """
+    if dst is None:
+        return val
+    val = val.reshape(dst.shape)
+    if accumulate:
+        return dst.add_(val)
+    return dst.copy_(val)
+
+
 def factor_grads(
-    module: nn.Module, a: Tensor, ds: Tensor, attrs: list[str]
+    module: nn.Module,
+    a: Tensor,
+    ds: Tensor,
+    attrs: list[str],
+    out: dict[str, Tensor] | None = None,
+    accumulate: bool = False,
 ) -> dict[str, Tensor]:
     """Exact per-sample gradients of a layer's parameters from its factors.
 
@@ -218,23 +250,39 @@ def factor_grads(
         ds: Gradient of each sample's loss with respect to that sample's layer
             output, ``(B, *per_sample_output_shape)``.
         attrs: Parameter attributes wanted, a subset of ``["weight", "bias"]``.
+        out: Optional ``{attr: (B, *param.shape)}`` destinations (may be strided
+            views into a larger buffer); results are written into them directly.
+        accumulate: Add into ``out`` instead of overwriting (repeated layer calls).
 
     Returns:
-        ``{attr: (B, *param.shape)}`` in the dtype of ``ds``.
+        ``{attr: (B, *param.shape)}`` (the ``out`` tensors when given), in the
+        dtype of ``ds`` otherwise.
 
     Raises:
         ValueError: If the module is not supported.
     """
     kind = layer_kind(module)
     n = a.shape[0]
-    out: dict[str, Tensor] = {}
+    dst = out or {}
+    res: dict[str, Tensor] = {}
     if kind in ("linear", "conv2d"):
         a2, s2 = _grouped(module, kind, a.to(ds.dtype), ds)
-        if "weight" in attrs:
-            gw = torch.einsum("btgo,btgi->bgoi", s2, a2)
-            out["weight"] = gw.reshape(n, *module.weight.shape)
+        w_dst = dst.get("weight")
+        if "weight" in attrs and a2.shape[1] == 1 and a2.shape[2] == 1:
+            # one position, one group: a per-sample outer product
+            s3, a3 = s2.reshape(n, -1, 1), a2.reshape(n, 1, -1)
+            if w_dst is not None and not accumulate and w_dst.dtype == ds.dtype:
+                res["weight"] = w_dst
+                torch.mul(s3, a3, out=w_dst.view(n, s3.shape[1], a3.shape[2]))
+            else:
+                gw = (s3 * a3).reshape(n, *module.weight.shape)
+                res["weight"] = _emit(gw, w_dst, accumulate)
+        elif "weight" in attrs:
+            # (B, G, O, T) @ (B, G, T, I): one batched GEMM contracting positions
+            gw = torch.matmul(s2.permute(0, 2, 3, 1), a2.transpose(1, 2))
+            res["weight"] = _emit(gw.reshape(n, *module.weight.shape), w_dst, accumulate)
         if "bias" in attrs:
-            out["bias"] = s2.sum(1).reshape(n, -1)
+            res["bias"] = _emit(s2.sum(1).reshape(n, -1), dst.get("bias"), accumulate)
     elif kind == "embedding":
         idx, s = _masked_embedding_grad(module, a, ds)
         if "weight" in attrs:
@@ -242,18 +290,20 @@ def factor_grads(
             rows = (idx + v * torch.arange(n, device=idx.device).unsqueeze(1)).flatten()
             gw = torch.zeros(n * v, d, dtype=ds.dtype, device=ds.device)
             gw.index_add_(0, rows, s.reshape(-1, d))
-            out["weight"] = gw.view(n, v, d)
+            res["weight"] = _emit(gw.view(n, v, d), dst.get("weight"), accumulate)
     elif kind == "layernorm":
         xhat, s = _layernorm_xhat(module, a.to(ds.dtype), ds)
         shape = tuple(module.normalized_shape)
         if "weight" in attrs:
-            out["weight"] = (s * xhat).sum(1).reshape(n, *shape)
+            gw = (s * xhat).sum(1).reshape(n, *shape)
+            res["weight"] = _emit(gw, dst.get("weight"), accumulate)
         if "bias" in attrs:
-            out["bias"] = s.sum(1).reshape(n, *shape)
+            gb = s.sum(1).reshape(n, *shape)
+            res["bias"] = _emit(gb, dst.get("bias"), accumulate)
     else:
         msg = f"No factor gradient rule for {type(module).__name__}."
         raise ValueError(msg)
-    return out
+    return res
 
 
 def _append_ones(x: Tensor) -> Tensor:
@@ -321,6 +371,41 @@ def linear_factors(
     raise ValueError(msg)
 
 
+def check_kron_shapes(module: nn.Module, proj_in: Tensor, proj_out: Tensor) -> None:
+    """Validate Kronecker projector shapes for a layer.
+
+    Args:
+        module: ``nn.Linear``, ``nn.Conv2d`` or ``nn.Embedding``.
+        proj_in: Expected ``(k_in, d_in)`` or, for layers with a bias,
+            ``(k_in, d_in + 1)``.
+        proj_out: Expected ``(k_out, d_out)``.
+
+    Raises:
+        TypeError: If a projector is not a tensor.
+        ValueError: If a shape does not match the layer.
+    """
+    d_out, d_in = matrix_shape(module, with_bias=False)
+    with_bias = layer_kind(module) != "embedding" and module.bias is not None
+    for mat, what in ((proj_in, "proj_in"), (proj_out, "proj_out")):
+        if not isinstance(mat, Tensor):
+            msg = f"{what} must be a Tensor, got {type(mat).__name__}."
+            raise TypeError(msg)
+    ok_in = (d_in, d_in + 1) if with_bias else (d_in,)
+    if proj_in.ndim != 2 or proj_in.shape[1] not in ok_in:
+        want = f"(k_in, {d_in})" + (f" or (k_in, {d_in + 1})" if with_bias else "")
+        msg = (
+            f"proj_in has shape {tuple(proj_in.shape)} for {type(module).__name__} "
+            f"with gradient matrix ({d_out}, {d_in}); expected {want}."
+        )
+        raise ValueError(msg)
+    if proj_out.ndim != 2 or proj_out.shape[1] != d_out:
+        msg = (
+            f"proj_out has shape {tuple(proj_out.shape)} for "
+            f"{type(module).__name__}; expected (k_out, {d_out})."
+        )
+        raise ValueError(msg)
+
+
 def kron_project(
     module: nn.Module, a: Tensor, ds: Tensor, proj_in: Tensor, proj_out: Tensor
 ) -> Tensor:
@@ -347,17 +432,8 @@ def kron_project(
         ValueError: If projector shapes do not match the layer.
     """
     kind = layer_kind(module)
-    d_out, d_in = matrix_shape(module, with_bias=False)
-    with_bias = kind != "embedding" and module.bias is not None
-    if proj_in.ndim != 2 or proj_in.shape[1] not in (
-        (d_in, d_in + 1) if with_bias else (d_in,)
-    ):
-        want = f"(k_in, {d_in})" + (f" or (k_in, {d_in + 1})" if with_bias else "")
-        msg = f"proj_in has shape {tuple(proj_in.shape)}; expected {want}."
-        raise ValueError(msg)
-    if proj_out.ndim != 2 or proj_out.shape[1] != d_out:
-        msg = f"proj_out has shape {tuple(proj_out.shape)}; expected (k_out, {d_out})."
-        raise ValueError(msg)
+    check_kron_shapes(module, proj_in, proj_out)
+    d_in = matrix_shape(module, with_bias=False)[1]
     dt, dev = ds.dtype, ds.device
     p_in = proj_in.to(device=dev, dtype=dt)
     p_out = proj_out.to(device=dev, dtype=dt)
@@ -367,11 +443,46 @@ def kron_project(
         pu = p_out.t()[idx]  # (B, T, k_out); rows of the weight are tokens
         pv = s @ p_in.t()  # (B, T, k_in); zero at padding_idx tokens
         return torch.einsum("btk,btl->bkl", pu, pv).reshape(n, k_out * k_in)
+    if kind == "conv2d":
+        return _conv_kron(module, a.to(dt), ds, p_in, p_out, d_in)
     a2, s2 = _grouped(module, kind, a.to(dt), ds)
-    g = a2.shape[2]
     if p_in.shape[1] == d_in + 1:
         a2 = _append_ones(a2)
-    pa = a2 @ p_in.t()  # (B, T, G, k_in)
-    ps = torch.einsum("btgo,kgo->btgk", s2, p_out.view(k_out, g, d_out // g))
+    pa = a2 @ p_in.t()  # (B, T, 1, k_in)
+    ps = s2 @ p_out.t()  # (B, T, 1, k_out)
     res = torch.einsum("btgk,btgl->bkl", ps, pa)
+    return res.reshape(n, k_out * k_in)
+
+
+def _conv_kron(
+    module: nn.Conv2d, a: Tensor, ds: Tensor, p_in: Tensor, p_out: Tensor, d_in: int
+) -> Tensor:
+    """Kronecker projection for Conv2d without unfolding the input.
+
+    Projecting every input patch with ``P_in`` is itself a convolution of the input
+    with ``P_in`` reshaped to a ``(k_in, C_in / G, kh, kw)`` kernel (bias column as
+    the convolution bias), so ``P_in A`` costs one small convolution.
+
+    Args:
+        module: The convolution.
+        a: Input ``(B, *lead, C, H, W)``.
+        ds: Output gradient ``(B, *lead, C_out, Ho, Wo)``.
+        p_in: ``(k_in, d_in [+1])`` in the dtype/device of ``ds``.
+        p_out: ``(k_out, C_out)``.
+        d_in: ``C_in / G * kh * kw``.
+
+    Returns:
+        ``(B, k_out * k_in)``.
+    """
+    n, g = a.shape[0], module.groups
+    k_in, k_out = p_in.shape[0], p_out.shape[0]
+    x, pad = _conv_input(module, a)
+    kernel = p_in[:, :d_in].reshape(k_in, -1, *module.kernel_size).repeat(g, 1, 1, 1)
+    bias = p_in[:, d_in].repeat(g) if p_in.shape[1] == d_in + 1 else None
+    pa = F.conv2d(x, kernel, bias, module.stride, pad, module.dilation, g)
+    pa = pa.reshape(n, -1, g, k_in, pa.shape[-2] * pa.shape[-1])  # (B, N, G, k, L)
+    c_out = ds.shape[-3]
+    s2 = ds.reshape(n, -1, g, c_out // g, ds.shape[-2] * ds.shape[-1])
+    ps = torch.einsum("bngol,kgo->bngkl", s2, p_out.view(k_out, g, c_out // g))
+    res = torch.einsum("bngkl,bngjl->bkj", ps, pa)
     return res.reshape(n, k_out * k_in)

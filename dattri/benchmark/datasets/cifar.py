@@ -22,11 +22,11 @@ from dattri.benchmark.datasets.download import (
 )
 
 __all__ = [
+    "CIFAR2_CLASSES",
     "CIFAR10_ARCHIVE",
     "CIFAR10_BATCH_MD5",
     "CIFAR10_CLASSES",
     "CIFAR10_URL",
-    "CIFAR2_CLASSES",
     "create_cifar2_dataset",
     "create_cifar_dataset",
     "download_cifar10",
@@ -71,8 +71,9 @@ _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_BATCHES = ("test_batch",)
 _SIDE = 32
 
-# Globals a CIFAR batch pickle may reference (numpy array reconstruction only).
+# Globals a CIFAR batch pickle may reference: numpy array reconstruction only.
 _ALLOWED_GLOBALS = {
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     *(
@@ -161,9 +162,7 @@ def _batches_from_folder(
     return np.concatenate(images), np.concatenate(labels)
 
 
-def _batches_from_tar(
-    archive: Path, names: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray]:
+def _batches_from_tar(archive: Path, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     with tarfile.open(archive, "r:*") as tar:
         for name in names:

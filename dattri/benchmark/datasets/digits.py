@@ -55,9 +55,7 @@ def _split(
         x_test = (x_test - mean) / std
     else:
         x_train, x_test = x_train / 16.0, x_test / 16.0
-    train = TensorDataset(
-        torch.as_tensor(x_train, dtype=dtype), torch.as_tensor(y[train_idx])
-    )
+    train = TensorDataset(torch.as_tensor(x_train, dtype=dtype), torch.as_tensor(y[train_idx]))
     test = TensorDataset(torch.as_tensor(x_test, dtype=dtype), torch.as_tensor(y[test_idx]))
     return train, test
 
@@ -125,9 +123,7 @@ def load_digits_binary_dataset(
     if classes is None:
         y = y % 2
     else:
-        if len(classes) != 2 or classes[0] == classes[1] or not set(classes) <= set(
-            range(10)
-        ):
+        if len(classes) != 2 or classes[0] == classes[1] or not set(classes) <= set(range(10)):
             msg = f"`classes` must be two distinct digits in 0..9, got {classes}."
             raise ValueError(msg)
         keep = np.isin(y, classes)

@@ -164,7 +164,7 @@ def download_file(
     for url in url_list:
         try:
             request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 total = response.headers.get("Content-Length")
                 with (
                     part.open("wb") as out,

@@ -263,10 +263,6 @@ def create_mnist_dataset(
         msg = f"`dtype` must be a floating dtype, got {dtype}."
         raise TypeError(msg)
     arrays = load_mnist_arrays(path, download=download, verify=verify, verbose=verbose)
-    train = _to_dataset(
-        arrays["train_images"], arrays["train_labels"], flatten, normalize, dtype
-    )
-    test = _to_dataset(
-        arrays["test_images"], arrays["test_labels"], flatten, normalize, dtype
-    )
+    train = _to_dataset(arrays["train_images"], arrays["train_labels"], flatten, normalize, dtype)
+    test = _to_dataset(arrays["test_images"], arrays["test_labels"], flatten, normalize, dtype)
     return train, test

@@ -25,8 +25,7 @@ __all__ = [
 
 #: Karpathy's tinyshakespeare (about 1.1 MB of public-domain Shakespeare).
 SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-    "tinyshakespeare/input.txt"
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 #: Size in bytes of the official ``input.txt`` (1,115,394 ASCII characters).
 SHAKESPEARE_SIZE = 1115394

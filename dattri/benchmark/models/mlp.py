@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +50,7 @@ class MLP(nn.Module):
         self.in_dim = in_dim
         self.n_classes = n_classes
         self.n_hidden = len(hidden)
-        for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
             self.add_module(f"fc{i + 1}", nn.Linear(int(w_in), int(w_out)))
             if i < self.n_hidden:
                 self.add_module(f"dropout{i + 1}", nn.Dropout(dropout))

@@ -1,0 +1,161 @@
+"""Arnoldi influence functions (Schioppa et al., 2022; upstream ``IFAttributorArnoldi``).
+
+``cache`` runs Arnoldi iteration (full re-orthogonalisation) on the HVP of the mean
+training loss over the first ``ceil(len(loader) * precompute_data_ratio)`` cached batches
+(evaluated batch by batch), keeps the ``proj_dim`` Ritz pairs ``(lambda_r, u_r)`` of
+largest ``|lambda_r|`` and scores
+
+    S_ij = sum_r (u_r^T g_i)(u_r^T g_j) / lambda_r,
+
+by transforming both sides: train ``g -> sign(lambda) U g / sqrt|lambda|``, test
+``g -> U g / sqrt|lambda|`` (exact also for an indefinite Hessian).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dattri.algorithm.if_base import IFBase
+from dattri.func.hessian import _arnoldi
+from dattri.task import AttributionTask
+
+__all__ = ["IFAttributorArnoldi"]
+
+
+class IFAttributorArnoldi(IFBase):
+    """Influence functions restricted to the top eigenspace of the Hessian (Arnoldi).
+
+    Args:
+        task: the attribution task.
+        layer_name: None (all parameters), one parameter name or a list of names.
+        device: device for the computation.
+        precompute_data_ratio: fraction of the cached loader's batches (the first ones)
+            defining the Hessian, in ``(0, 1]``.
+        proj_dim: number of Ritz pairs kept (the projection dimension).
+        max_iter: Arnoldi steps (Krylov dimension, capped at ``p``); use
+            ``max_iter >= 2 * proj_dim`` for accurate small Ritz values.
+        norm_constant: ``> 0``; the HVP is divided by it during the iteration (for
+            numerical range only; the result does not depend on it).
+        tol: relative breakdown tolerance of the iteration.
+        regularization: ``lambda >= 0``; Arnoldi runs on ``H + lambda I``.
+        seed: seed of the start vector.
+        verbose: show progress bars.
+    """
+
+    cache_on_attribute = False
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: str | Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+        precompute_data_ratio: float = 1.0,
+        proj_dim: int = 100,
+        max_iter: int = 100,
+        norm_constant: float = 1.0,
+        tol: float = 1e-7,
+        regularization: float = 0.0,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        if not (isinstance(precompute_data_ratio, (int, float)) and 0 < precompute_data_ratio <= 1):
+            msg = f"precompute_data_ratio must be in (0, 1], got {precompute_data_ratio!r}."
+            raise ValueError(msg)
+        for name, val in (("proj_dim", proj_dim), ("max_iter", max_iter)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                msg = f"{name} must be a positive integer, got {val!r}."
+                raise ValueError(msg)
+        for name, val in (("tol", tol), ("regularization", regularization)):
+            if not (isinstance(val, (int, float)) and val >= 0):
+                msg = f"{name} must be a number >= 0, got {val!r}."
+                raise ValueError(msg)
+        if not (isinstance(norm_constant, (int, float)) and norm_constant > 0):
+            msg = f"norm_constant must be > 0, got {norm_constant!r}."
+            raise ValueError(msg)
+        self.precompute_data_ratio = precompute_data_ratio
+        self.proj_dim = proj_dim
+        self.max_iter = max_iter
+        self.norm_constant = float(norm_constant)
+        self.tol = float(tol)
+        self.regularization = float(regularization)
+        self.seed = seed
+        #: per checkpoint: Ritz values ``(k,)`` and orthonormal Ritz vectors ``(k, p)``.
+        self.eigenvalues: dict[int, Tensor] = {}
+        self.eigenvectors: dict[int, Tensor] = {}
+
+    def cache(self, full_train_dataloader: Iterable) -> None:
+        """Compute the top Ritz pairs of the mean-loss Hessian for every checkpoint.
+
+        Args:
+            full_train_dataloader: the training data defining the Hessian (not shuffled).
+        """
+        self._cache_batches(full_train_dataloader, self.precompute_data_ratio)
+        super().cache(full_train_dataloader)
+
+    def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
+        func, params = self._loss_and_params(ckpt_idx)
+        self._check_loss(func, params)
+        p = params.numel()
+        op = self.mean_hvp_operator(ckpt_idx, "rev-rev", self.regularization)
+        gen = torch.Generator().manual_seed(self.seed)
+        nc = self.norm_constant
+        evals, evecs = _arnoldi(
+            lambda m: op(m) / nc, gen, params, min(self.max_iter, p), self.tol, self.verbose
+        )
+        evals = evals * nc
+        order = evals.abs().argsort(descending=True)[: self.proj_dim]
+        evals, evecs = evals[order], evecs[order]
+        keep = evals.abs() > p * torch.finfo(params.dtype).eps * evals.abs().max()
+        if not bool(keep.all()):
+            warnings.warn(
+                f"IFAttributorArnoldi dropped {int((~keep).sum())} numerically zero Ritz "
+                "value(s); pass regularization > 0 or a smaller proj_dim.",
+                UserWarning,
+                stacklevel=3,
+            )
+            evals, evecs = evals[keep], evecs[keep]
+        if evals.numel() == 0:
+            msg = "The training-loss Hessian is numerically zero; Arnoldi cannot invert it."
+            raise ValueError(msg)
+        self.eigenvalues[ckpt_idx] = evals
+        self.eigenvectors[ckpt_idx] = evecs
+
+    def _ensure_cached(self, train_dataloader: Iterable) -> None:
+        if not self._cached:
+            msg = (
+                "The Arnoldi projector has not been cached. Call "
+                "attributor.cache(full_train_dataloader) before attribute/self_attribute."
+            )
+            raise ValueError(msg)
+
+    def _project(self, ckpt_idx: int, rep: Tensor) -> Tensor:
+        evecs = self.eigenvectors[ckpt_idx]
+        scale = self.eigenvalues[ckpt_idx].abs().rsqrt()
+        return (rep.to(evecs.dtype) @ evecs.T) * scale
+
+    def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
+        """``sign(lambda) U g / sqrt|lambda|``, ``(B, p) -> (B, k)``."""
+        return self._project(ckpt_idx, train_rep) * self.eigenvalues[ckpt_idx].sign()
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """``U g / sqrt|lambda|``, ``(B, p) -> (B, k)``."""
+        return self._project(ckpt_idx, test_rep)
+
+    def relatif_denominator(self, ckpt_idx: int, data: Any, relatif_method: str) -> Tensor:
+        """RelatIF normaliser ``(B,)`` within the Arnoldi subspace.
+
+        ``"l"``: ``sqrt(|g^T H^-1 g|)``; ``"theta"``: ``||H^-1 g|| = ||Lambda^-1 U g||``.
+        """
+        g = self.generate_test_rep(ckpt_idx, data)
+        t = self.transform_test_rep(ckpt_idx, g)
+        if relatif_method == "l":
+            val = (self.transform_train_rep(ckpt_idx, g) * t).sum(dim=1).abs().sqrt()
+        else:
+            val = (t * self.eigenvalues[ckpt_idx].abs().rsqrt()).norm(dim=1)
+        return val.clamp_min(1e-12)

@@ -1,0 +1,223 @@
+"""Shared machinery of the influence-function attributors.
+
+Every IF attributor needs, per checkpoint, the training loss as a function of the
+selected (flat) parameters and the Hessian-vector product of the **mean** training
+loss over the whole cached loader::
+
+    H v = sum_b (B_b / n) * H_b v,      H_b = Hessian of loss_func(params, batch_b)
+
+where ``loss_func`` called on a whole batch ``(B_b, ...)`` returns the mean loss of that
+batch (the upstream IF convention). The cached batches are kept on ``device`` so that
+HVPs can be re-evaluated batch by batch (memory: one batch of activations at a time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dattri.algorithm.base import BaseInnerProductAttributor
+from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move_to_device
+from dattri.func.hessian import hvp_at_x
+from dattri.task import AttributionTask
+
+__all__ = ["IFBase", "check_finite_rep", "materialize_batches"]
+
+
+def materialize_batches(
+    loader: Iterable,
+    device: str | torch.device,
+    ratio: float = 1.0,
+    verbose: bool = False,
+    name: str = "full_train_dataloader",
+) -> tuple[list[Any], list[int]]:
+    """Collect (the first ``ceil(len * ratio)``) batches of a loader on ``device``.
+
+    Args:
+        loader: the batches (tensors, tuples/lists or dicts of tensors).
+        device: where to keep them.
+        ratio: fraction of the batches to keep, in ``(0, 1]``.
+        verbose: show a progress bar.
+        name: argument name used in error messages.
+
+    Returns:
+        ``(batches, sizes)``: the batches on ``device`` and their sizes.
+
+    Raises:
+        ValueError: if ``ratio`` is not in ``(0, 1]`` or the loader is empty.
+    """
+    if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        msg = f"The data ratio must be in (0, 1], got {ratio!r}."
+        raise ValueError(msg)
+    limit = None
+    if ratio < 1:
+        if not hasattr(loader, "__len__"):
+            msg = f"A data ratio < 1 needs {name} to have a length (len(loader))."
+            raise ValueError(msg)
+        limit = max(1, math.ceil(len(loader) * ratio))
+    batches: list[Any] = []
+    sizes: list[int] = []
+    for batch in iterate(loader, "caching training batches", verbose, total=limit):
+        if limit is not None and len(batches) >= limit:
+            break
+        batches.append(move_to_device(batch, device))
+        sizes.append(batch_size_of(batch))
+    if not batches:
+        msg = f"{name} yielded no batch."
+        raise ValueError(msg)
+    return batches, sizes
+
+
+def check_finite_rep(rep: Tensor, what: str) -> Tensor:
+    """Raise a clear ValueError if a gradient representation is not finite.
+
+    Args:
+        rep: ``(B, p)`` gradients.
+        what: description used in the message (e.g. ``"training-loss gradients"``).
+
+    Returns:
+        ``rep`` unchanged.
+    """
+    if not bool(torch.isfinite(rep).all()):
+        msg = (
+            f"The {what} contain NaN or inf: check loss_func/target_func, the data and "
+            "the checkpoint (a loss that is not finite, or log(0), gives NaN gradients)."
+        )
+        raise ValueError(msg)
+    return rep
+
+
+class IFBase(BaseInnerProductAttributor):
+    """Base of the influence-function attributors (IF convention, ``keep_batch_dim``).
+
+    Provides the cached training batches, the selected loss function and parameters of
+    each checkpoint, the mean-loss HVP operator, and finiteness checks on gradients.
+
+    Args:
+        task: the attribution task.
+        layer_name: None (all parameters), one parameter name or a list of names.
+        device: device for the computation.
+        verbose: show progress bars.
+    """
+
+    keep_batch_dim = True
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: str | Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        self._batches: list[Any] = []
+        self._sizes: list[int] = []
+
+    # ------------------------------------------------------------ train data
+    def _cache_batches(self, full_train_dataloader: Iterable, ratio: float = 1.0) -> None:
+        check_loader(full_train_dataloader, "full_train_dataloader")
+        self._batches, self._sizes = materialize_batches(
+            full_train_dataloader, self.device, ratio, self.verbose
+        )
+
+    @property
+    def n_cached(self) -> int:
+        """Number of cached training samples defining the Hessian."""
+        return sum(self._sizes)
+
+    def _loss_and_params(self, ckpt_idx: int) -> tuple[Callable, Tensor]:
+        """The loss of the selected flat parameters and their value at ``ckpt_idx``."""
+        func = self.task.get_loss_func(layer_name=self.layer_name, ckpt_idx=ckpt_idx)
+        params, _ = self.task.get_param(ckpt_idx, self.layer_name)
+        return func, params
+
+    def _check_loss(self, func: Callable, params: Tensor) -> None:
+        """Check that the loss of the first cached batch is a finite scalar."""
+        loss = func(params, self._batches[0])
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            msg = (
+                f"loss_func must return a scalar tensor (the mean loss of the batch), got "
+                f"{shape}. Reduce the loss with .mean() (e.g. cross_entropy with the "
+                "default reduction='mean')."
+            )
+            raise ValueError(msg)
+        if not bool(torch.isfinite(loss)):
+            msg = (
+                "loss_func returned a non-finite loss on the first cached training batch; "
+                "check the data, the checkpoint and the loss."
+            )
+            raise ValueError(msg)
+
+    def mean_hvp_operator(
+        self,
+        ckpt_idx: int,
+        mode: str = "rev-rev",
+        regularization: float = 0.0,
+    ) -> Callable[[Tensor], Tensor]:
+        """Batched HVP of the mean training loss over the cached batches.
+
+        Args:
+            ckpt_idx: checkpoint index.
+            mode: ``"rev-rev"`` or ``"rev-fwd"``.
+            regularization: ``lambda >= 0``; the operator is ``H + lambda I``.
+
+        Returns:
+            ``op(mat)`` mapping ``(k, p)`` to ``(k, p)``.
+        """
+        func, params = self._loss_and_params(ckpt_idx)
+        n = self.n_cached
+        batches = list(zip(self._batches, self._sizes))
+
+        def op(mat: Tensor) -> Tensor:
+            out = regularization * mat if regularization else torch.zeros_like(mat)
+            for batch, size in batches:
+                out = out + (size / n) * hvp_at_x(func, (params, batch), 0, mode)(mat)
+            return out
+
+        return op
+
+    # ------------------------------------------------------- representations
+    def generate_train_rep(self, ckpt_idx: int, data: Any) -> Tensor:
+        """Per-sample training-loss gradients ``(B, p)`` (checked to be finite)."""
+        return check_finite_rep(
+            super().generate_train_rep(ckpt_idx, data), "training-loss gradients"
+        )
+
+    def generate_test_rep(self, ckpt_idx: int, data: Any) -> Tensor:
+        """Per-sample target gradients ``(B, p)`` (checked to be finite)."""
+        return check_finite_rep(super().generate_test_rep(ckpt_idx, data), "target gradients")
+
+
+def dict_or_tuple_fields(batch: Any) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any]]:
+    """Split a batch into its tensors and a function that rebuilds the structure.
+
+    Args:
+        batch: a tensor, a tuple/list or a dict of tensors.
+
+    Returns:
+        ``(fields, rebuild)`` with ``rebuild(fields)`` giving a batch of the same kind.
+
+    Raises:
+        TypeError: for other batch types or non-tensor fields.
+    """
+    if isinstance(batch, Tensor):
+        return [batch], lambda f: f[0]
+    if isinstance(batch, Mapping):
+        keys = list(batch.keys())
+        values = [batch[k] for k in keys]
+        rebuild: Callable[[Sequence[Tensor]], Any] = lambda f: dict(zip(keys, f))  # noqa: E731
+    elif isinstance(batch, (tuple, list)):
+        values = list(batch)
+        rebuild = lambda f: tuple(f)  # noqa: E731
+    else:
+        msg = f"Batches must be tensors, tuples/lists or dicts of tensors, got {type(batch)}."
+        raise TypeError(msg)
+    if not all(isinstance(v, Tensor) for v in values):
+        msg = "Every field of a training batch must be a tensor with the batch dimension first."
+        raise TypeError(msg)
+    return values, rebuild

@@ -1,0 +1,275 @@
+r"""Influence-function attributors (Koh & Liang, 2017) and their approximations.
+
+Formulas
+--------
+Every class scores a training sample ``z_i`` against a test sample ``z_j`` by
+
+.. math::
+
+    S_{ij} = \frac{1}{K} \sum_{k=1}^{K} \nabla_\theta L(z_i; \theta_k)^\top
+             (H_k + \lambda I)^{-1} \nabla_\theta f(z_j; \theta_k)
+
+(no minus sign, no ``1/n``: larger = removing ``z_i`` would increase the test loss),
+where ``L`` is ``task.loss_func`` on the single sample (seen as a batch of one,
+``(1, ...)``), ``f`` is ``task.target_func``, ``k`` runs over the checkpoints (plain mean)
+and ``H_k`` is the Hessian of the **mean** training loss over the whole cached loader,
+
+.. math::
+
+    H = \sum_b \frac{B_b}{n} \nabla^2_\theta\, \mathrm{loss\_func}(\theta, \mathrm{batch}_b),
+
+i.e. ``loss_func`` called on a whole batch must return the batch's mean loss. For a model
+trained to the minimum of the mean loss, leaving ``z_i`` out changes the test loss by
+about ``S_ij / (n - 1)``. The classes differ in how ``(H + lambda I)^{-1}`` is applied:
+
+* :class:`IFAttributorExplicit`: dense ``(p, p)`` Hessian, factorised once in ``cache``.
+* :class:`IFAttributorCG`: batched conjugate gradient on the mean-loss HVP (stops at the
+  relative residual ``tol`` or after ``max_iter`` iterations).
+* :class:`IFAttributorLiSSA`: the stochastic recursion
+  ``u <- v + (1 - d) u - H_batch u / s`` whose fixed point gives
+  ``u / s = (H + d s I)^{-1} v`` (``d`` = damping, ``s`` = scaling, optionally
+  ``scaling="auto"`` from a power-iteration estimate of the largest eigenvalue).
+* :class:`IFAttributorArnoldi`: top-``proj_dim`` Ritz pairs ``(lambda_r, u_r)`` of the
+  mean-loss Hessian; both sides are projected, ``S = sum_r (u_r^T g_i)(u_r^T g_j) /
+  lambda_r`` (Schioppa et al., 2022).
+* :class:`IFAttributorDataInf`: layer-wise
+  ``H_l^{-1} ~ (1/n) sum_i (g_il g_il^T + r_l I)^{-1}`` by Sherman–Morrison (Kwon et al.,
+  2024), default ``r_l = 0.1 * mean_i ||g_il||^2 / p_l``.
+* :class:`IFAttributorEKFAC`: per ``nn.Linear`` module, the eigenvalue-corrected
+  Kronecker-factored Fisher ``(Q_S ⊗ Q_A) diag(Lambda) (Q_S ⊗ Q_A)^T`` with
+  ``Lambda`` fitted to the squared rotated per-sample gradients (George et al., 2018;
+  Grosse et al., 2023), inverted with a damping (default ``0.1 * mean(Lambda)``).
+
+RelatIF (Barshan et al., 2020), ``relatif_method``: ``"l"`` divides row ``i`` by
+``sqrt(|g_i^T H^{-1} g_i|)``, ``"theta"`` by ``||H^{-1} g_i||`` (``g_i`` = target
+gradient of the training sample).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from dattri.algorithm.batching import iterate
+from dattri.algorithm.if_arnoldi import IFAttributorArnoldi
+from dattri.algorithm.if_base import IFBase
+from dattri.algorithm.if_datainf import IFAttributorDataInf
+from dattri.algorithm.if_ekfac import IFAttributorEKFAC
+from dattri.algorithm.if_lissa import IFAttributorLiSSA
+from dattri.func.hessian import _batched_cg
+from dattri.task import AttributionTask
+
+__all__ = [
+    "IFAttributorArnoldi",
+    "IFAttributorCG",
+    "IFAttributorDataInf",
+    "IFAttributorEKFAC",
+    "IFAttributorExplicit",
+    "IFAttributorLiSSA",
+]
+
+_MODES = ("rev-rev", "rev-fwd")
+_LARGE_P = 20_000
+
+
+def _check_reg(value: float, name: str = "regularization") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        msg = f"{name} must be a number >= 0, got {value!r}."
+        raise ValueError(msg)
+    return float(value)
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in _MODES:
+        msg = f"mode={mode!r} is unknown; use one of {_MODES}."
+        raise ValueError(msg)
+    return mode
+
+
+class _Factorization:
+    """Factorise a symmetric ``(p, p)`` matrix once and solve many right-hand sides.
+
+    Cholesky when positive definite; otherwise an eigendecomposition (an indefinite but
+    non-singular matrix is still inverted exactly). A singular matrix raises.
+    """
+
+    def __init__(self, mat: Tensor) -> None:
+        mat = 0.5 * (mat + mat.T)
+        if not bool(torch.isfinite(mat).all()):
+            msg = "The Hessian contains NaN or inf; check the loss, data and checkpoint."
+            raise ValueError(msg)
+        chol, info = torch.linalg.cholesky_ex(mat)
+        self.chol: Tensor | None = chol if int(info) == 0 else None
+        if self.chol is not None:
+            return
+        evals, evecs = torch.linalg.eigh(mat)
+        scale = evals.abs().max()
+        cutoff = mat.shape[0] * torch.finfo(mat.dtype).eps * scale
+        if scale == 0 or bool((evals.abs() <= cutoff).any()):
+            msg = (
+                "The Hessian + regularization * I is singular (smallest |eigenvalue| "
+                f"{float(evals.abs().min()):.3g}); pass regularization > 0 (e.g. 1e-3 times "
+                "the mean Hessian diagonal)."
+            )
+            raise ValueError(msg)
+        self.evecs, self.inv_evals = evecs, 1.0 / evals
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """Solve for the rows of ``rhs`` ``(k, p)``; returns ``(k, p)``."""
+        if self.chol is not None:
+            return torch.cholesky_solve(rhs.T, self.chol).T
+        return ((rhs @ self.evecs) * self.inv_evals) @ self.evecs.T
+
+
+class IFAttributorExplicit(IFBase):
+    """Influence functions with the explicit, factorised Hessian of the mean loss.
+
+    ``cache`` builds the ``(p, p)`` Hessian of the mean training loss over every cached
+    batch (batched HVPs of identity rows, batch-size weighted), adds ``regularization *
+    I`` and factorises it once per checkpoint; each test batch is then one solve. Only
+    practical for ``p`` up to a few thousand (select parameters with ``layer_name``).
+
+    Args:
+        task: the attribution task.
+        layer_name: None (all parameters), one parameter name or a list of names.
+        device: device for the computation.
+        regularization: ``lambda >= 0`` added to the Hessian diagonal.
+        verbose: show progress bars.
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: str | Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+        regularization: float = 0.0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        self.regularization = _check_reg(regularization)
+        self._factors: dict[int, _Factorization] = {}
+
+    def cache(self, full_train_dataloader: Iterable) -> None:
+        """Build and factorise ``H + regularization * I`` for every checkpoint.
+
+        Args:
+            full_train_dataloader: the training data defining the Hessian (not shuffled).
+        """
+        self._cache_batches(full_train_dataloader)
+        super().cache(full_train_dataloader)
+
+    def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
+        self._factors[ckpt_idx] = _Factorization(self.hessian(ckpt_idx))
+
+    def hessian(self, ckpt_idx: int = 0) -> Tensor:
+        """Dense ``H + regularization * I`` of the mean cached training loss, ``(p, p)``.
+
+        Args:
+            ckpt_idx: checkpoint index.
+
+        Returns:
+            The ``(p, p)`` matrix.
+        """
+        if not self._batches:
+            msg = "Call cache(full_train_dataloader) before hessian()."
+            raise ValueError(msg)
+        func, params = self._loss_and_params(ckpt_idx)
+        self._check_loss(func, params)
+        p = params.numel()
+        if p > _LARGE_P:
+            warnings.warn(
+                f"IFAttributorExplicit builds a dense {p} x {p} Hessian; select parameters "
+                "with layer_name or use IFAttributorCG / IFAttributorArnoldi.",
+                UserWarning,
+                stacklevel=3,
+            )
+        op = self.mean_hvp_operator(ckpt_idx, "rev-rev", self.regularization)
+        chunk = max(1, min(p, 2**22 // p))
+        eye = torch.eye(p, dtype=params.dtype, device=params.device)
+        starts = range(0, p, chunk)
+        rows = [op(eye[s : s + chunk]) for s in iterate(starts, "Hessian rows", self.verbose)]
+        return torch.cat(rows)
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """``(H + lambda I)^{-1} g`` for every row, ``(B, p) -> (B, p)``."""
+        fact = self._factors[ckpt_idx]
+        dtype = fact.chol.dtype if fact.chol is not None else fact.evecs.dtype
+        return fact.solve(test_rep.to(dtype)).to(test_rep.dtype)
+
+
+class IFAttributorCG(IFBase):
+    """Influence functions with batched conjugate gradient on the mean-loss HVP.
+
+    For each test batch, all ``B`` systems ``(H + lambda I) x = g_j`` are solved together
+    (one batched HVP over the cached loader per iteration, per-row step sizes), starting
+    from 0; a row stops when ``||g_j - (H + lambda I) x|| <= tol * ||g_j||``, the solve
+    after ``max_iter`` iterations. ``H + lambda I`` must be positive definite. Convergence
+    of the last solve is in :attr:`last_cg_info`; a warning names rows that did not
+    converge (raise ``max_iter``: CG needs about ``sqrt(cond(H))`` iterations per digit).
+
+    Args:
+        task: the attribution task.
+        layer_name: None (all parameters), one parameter name or a list of names.
+        device: device for the computation.
+        max_iter: maximum CG iterations.
+        tol: relative-residual tolerance.
+        mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
+        regularization: ``lambda >= 0``.
+        verbose: show progress bars.
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: str | Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+        max_iter: int = 10,
+        tol: float = 1e-7,
+        mode: str = "rev-rev",
+        regularization: float = 0.0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            msg = f"max_iter must be a positive integer, got {max_iter!r}."
+            raise ValueError(msg)
+        self.max_iter = max_iter
+        self.tol = _check_reg(tol, "tol")
+        self.mode = _check_mode(mode)
+        self.regularization = _check_reg(regularization)
+        self._ops: dict[int, Callable[[Tensor], Tensor]] = {}
+        self.last_cg_info = None
+
+    def cache(self, full_train_dataloader: Iterable) -> None:
+        """Keep the training batches on ``device`` and build the HVP operators.
+
+        Args:
+            full_train_dataloader: the training data defining the Hessian (not shuffled).
+        """
+        self._cache_batches(full_train_dataloader)
+        super().cache(full_train_dataloader)
+
+    def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
+        func, params = self._loss_and_params(ckpt_idx)
+        self._check_loss(func, params)
+        self._ops[ckpt_idx] = self.mean_hvp_operator(ckpt_idx, self.mode, self.regularization)
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """Batched CG solve of ``(H + lambda I) x = g`` for every row, ``(B, p)``."""
+        _, params = self._loss_and_params(ckpt_idx)
+        rhs = test_rep.to(params.dtype)
+        sol, info = _batched_cg(self._ops[ckpt_idx], rhs, self.max_iter, self.tol)
+        self.last_cg_info = info
+        if not bool(info.converged.all()):
+            warnings.warn(
+                f"IFAttributorCG: {int((~info.converged).sum())} of {rhs.shape[0]} solves did "
+                f"not reach tol={self.tol:g} in max_iter={self.max_iter} iterations (largest "
+                f"relative residual {float(info.residuals.max()):.2e}); increase max_iter "
+                "or regularization.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return sol.to(test_rep.dtype)

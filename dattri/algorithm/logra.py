@@ -1,0 +1,134 @@
+"""LoGra: influence functions on Kronecker-factored low-rank gradient projections.
+
+Choe et al. (2024), "What is Your Data Worth to GPT?". Each layer gradient ``G``
+(``(d_out, d_in)``, bias as an extra input column) is compressed to
+``P_out G P_in^T`` with Gaussian factors of ``k = sqrt(proj_dim_per_layer)`` rows each
+(so ``proj_dim_per_layer`` coordinates per layer), computed from layer activations and
+output gradients without forming ``G``. Scores use the per-layer empirical Fisher of
+the compressed gradients (see :class:`BlockProjectedIFAttributor`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dattri.algorithm.block_projected_compress import FACTOR_TYPES, read_params
+from dattri.algorithm.block_projected_if import BlockProjectedIFAttributor
+from dattri.task import AttributionTask
+
+__all__ = ["LoGraAttributor"]
+
+_DEFAULTS = {
+    "proj_dim_per_layer": 4096,
+    "proj_type": "normal",
+    "proj_seed": 0,
+    "proj_max_batch_size": 64,
+}
+
+
+def _default_params() -> Any:
+    from dattri.params.projection import LoGraProjectionParams
+
+    return LoGraProjectionParams()
+
+
+def perfect_square_root(value: Any, what: str) -> int:
+    """Integer square root of a positive perfect square.
+
+    Args:
+        value: the number.
+        what: text naming the value in errors.
+
+    Returns:
+        ``sqrt(value)``.
+
+    Raises:
+        ValueError: If ``value`` is not a positive int or not a perfect square.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"{what} must be a positive int, got {value!r}."
+        raise ValueError(msg)
+    root = math.isqrt(value)
+    if root * root != value:
+        msg = (
+            f"{what} = {value} must be a perfect square (k_out = k_in = sqrt of it), "
+            f"e.g. {root * root} or {(root + 1) ** 2}."
+        )
+        raise ValueError(msg)
+    return root
+
+
+class LoGraAttributor(BlockProjectedIFAttributor):
+    """LoGra attributor.
+
+    Args:
+        task: the attribution task (eager ``loss(model, batch, device)`` or functional
+            ``loss(params, data)``; see :class:`BlockProjectedIFAttributor`).
+        layer_names: ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` module names; None =
+            every ``nn.Linear``.
+        hessian: ``"eFIM"`` or ``"Identity"``.
+        damping: relative damping (None = 0.1, see
+            :data:`~dattri.algorithm.block_projected_if.DEFAULT_DAMPING`).
+        device: compute device.
+        proj_params: ``LoGraProjectionParams`` (or a dict): ``proj_dim_per_layer``
+            (perfect square, default 4096 -> 64 x 64 factors), ``proj_seed``,
+            ``proj_type`` of the factors (``"normal"`` default, ``"rademacher"``,
+            ``"random_mask"``, or ``"identity"`` = exact full layer gradients, for
+            which ``proj_dim_per_layer`` is not used).
+        offload: ``"none"``, ``"cpu"`` or ``"disk"``.
+        cache_dir: folder for ``offload="disk"``.
+        chunk_size: training batches streamed together from the store.
+        verbose: show progress bars.
+
+    Raises:
+        ValueError: if ``proj_dim_per_layer`` is not a perfect square.
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_names: str | Sequence[str] | None = None,
+        hessian: str = "eFIM",
+        damping: float | None = None,
+        device: str | torch.device = "cpu",
+        proj_params: Any = None,
+        offload: str = "cpu",
+        cache_dir: str | Path | None = None,
+        chunk_size: int = 16,
+        verbose: bool = True,
+    ) -> None:
+        self.proj_params = proj_params if proj_params is not None else _default_params()
+        p = read_params(self.proj_params, _DEFAULTS, "proj_params")
+        if p["proj_type"] not in FACTOR_TYPES:
+            msg = (
+                f"LoGra projects with Kronecker factors; proj_type must be one of "
+                f"{FACTOR_TYPES}, got {p['proj_type']!r}."
+            )
+            raise ValueError(msg)
+        k = (
+            None
+            if p["proj_type"] == "identity"
+            else perfect_square_root(p["proj_dim_per_layer"], "proj_dim_per_layer")
+        )
+        super().__init__(
+            task,
+            layer_names=layer_names,
+            hessian=hessian,
+            damping=damping,
+            device=device,
+            sparsifier_params={
+                "proj_dim": k,
+                "proj_type": p["proj_type"],
+                "proj_seed": p["proj_seed"],
+            },
+            projector_params=None,
+            offload=offload,
+            cache_dir=cache_dir,
+            chunk_size=chunk_size,
+            verbose=verbose,
+        )

@@ -1,0 +1,268 @@
+"""Projected per-sample gradients, per checkpoint, shared by TracIn and TRAK.
+
+:class:`GradientFeaturizer` turns one batch into ``(B, d)`` features
+``P_k (scale * g_k(z))`` where ``g_k`` is the per-sample gradient (of the loss or of
+the target) at checkpoint ``k`` and ``P_k`` the random projection with
+``ensemble_id=k`` (or the identity). The projector is built once and reused for every
+batch and checkpoint.
+
+:func:`collect_features` runs a featurizer over a whole loader (checkpoint-outer, so
+each checkpoint is loaded once) and returns a :class:`ProjectedGradientStore`: the
+in-memory ``(n, d)`` feature matrix of every checkpoint, plus optional per-sample
+extras (TRAK's ``Q``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dattri.algorithm.batching import iterate, move_to_device
+from dattri.task import AttributionTask
+
+__all__ = [
+    "GradientFeaturizer",
+    "ProjectedGradientStore",
+    "collect_features",
+    "resolve_projection",
+]
+
+#: keys accepted in the older ``projector_kwargs`` dict form.
+_PROJECTOR_KWARGS = ("proj_dim", "proj_max_batch_size", "proj_seed", "proj_type", "device")
+
+
+def resolve_projection(
+    proj_params: Any,
+    projector_kwargs: Mapping[str, Any] | None,
+    default_cls: type,
+) -> Any | None:
+    """Normalise the projection arguments of an attributor.
+
+    Args:
+        proj_params: None (defaults) or a projection-params object with
+            ``model_dump()`` (e.g. ``TracInProjectionParams(proj_dim=1024)``).
+        projector_kwargs: the older dict form, e.g. ``{"proj_dim": 512,
+            "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu"}``; its
+            ``device`` is ignored (projection runs on the attributor's device).
+        default_cls: the params class used for defaults and for ``projector_kwargs``.
+
+    Returns:
+        The params object, or None when ``proj_type`` is ``"identity"`` (no projection).
+
+    Raises:
+        ValueError: if both forms are given, or ``projector_kwargs`` has unknown keys.
+        TypeError: if ``proj_params`` has no ``model_dump`` or ``projector_kwargs`` is
+            not a dict.
+    """
+    if proj_params is not None and projector_kwargs is not None:
+        msg = "Pass either proj_params or projector_kwargs (the older dict form), not both."
+        raise ValueError(msg)
+    if projector_kwargs is not None:
+        if not isinstance(projector_kwargs, Mapping):
+            msg = (
+                "projector_kwargs must be a dict such as {'proj_dim': 512, "
+                f"'proj_max_batch_size': 32, 'proj_seed': 0}}, got "
+                f"{type(projector_kwargs).__name__}."
+            )
+            raise TypeError(msg)
+        unknown = sorted(set(projector_kwargs) - set(_PROJECTOR_KWARGS))
+        if unknown:
+            msg = (
+                f"projector_kwargs has unknown keys {unknown}; allowed keys: "
+                f"{list(_PROJECTOR_KWARGS)}."
+            )
+            raise ValueError(msg)
+        kwargs = {k: v for k, v in projector_kwargs.items() if k != "device"}
+        proj_params = default_cls(**kwargs)
+    elif proj_params is None:
+        proj_params = default_cls()
+    if not callable(getattr(proj_params, "model_dump", None)):
+        msg = (
+            f"proj_params must be a projection-params object such as {default_cls.__name__}"
+            f"(proj_dim=512), got {type(proj_params).__name__}."
+        )
+        raise TypeError(msg)
+    dump = proj_params.model_dump()
+    proj_type = getattr(dump.get("proj_type"), "value", dump.get("proj_type"))
+    if proj_type == "identity":
+        return None
+    proj_dim = dump.get("proj_dim")
+    if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim <= 0:
+        msg = f"proj_params.proj_dim must be a positive int, got {proj_dim!r}."
+        raise ValueError(msg)
+    return proj_params
+
+
+class GradientFeaturizer:
+    """Projected (and scaled) per-sample gradients of one batch.
+
+    ``features(ckpt_idx, batch) = P_k(scale * g_k(z))`` with ``P_k`` the random
+    projection ``random_project(..., proj_params)`` applied with ``ensemble_id=ckpt_idx``
+    (the identity when ``proj_params`` is None). Gradients use the un-batched sample
+    convention (``keep_batch_dim=False``).
+
+    Args:
+        task: the attribution task.
+        layer_name: parameters to differentiate (None = all).
+        proj_params: projection params (see :func:`resolve_projection`) or None.
+        device: device of the features.
+        scale: factor applied to the gradients before the projection.
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: str | Sequence[str] | None,
+        proj_params: Any | None,
+        device: torch.device,
+        scale: float = 1.0,
+    ) -> None:
+        self.task = task
+        self.layer_name = layer_name
+        self.proj_params = proj_params
+        self.device = torch.device(device)
+        self.scale = float(scale)
+        self.feature_dim = task.num_params(layer_name)
+        self._projectors: dict[torch.dtype, Callable] = {}
+
+    @property
+    def out_dim(self) -> int:
+        """Dimension ``d`` of the features."""
+        if self.proj_params is None:
+            return self.feature_dim
+        return int(self.proj_params.model_dump()["proj_dim"])
+
+    def _projector(self, dtype: torch.dtype) -> Callable:
+        if dtype not in self._projectors:
+            from dattri.func.projection import random_project
+            from dattri.params.projection import RandomProjectionParams
+
+            template = torch.zeros(1, self.feature_dim, dtype=dtype, device=self.device)
+            params = RandomProjectionParams(
+                feature_batch_size=1,
+                device=self.device,
+                **self.proj_params.model_dump(),
+            )
+            self._projectors[dtype] = random_project(template, params)
+        return self._projectors[dtype]
+
+    def project(self, grads: Tensor, ckpt_idx: int) -> Tensor:
+        """Scale and project ``(B, p)`` gradients to ``(B, d)`` features."""
+        if self.scale != 1.0:
+            grads = grads * self.scale
+        if self.proj_params is None:
+            return grads
+        return self._projector(grads.dtype)(grads, ensemble_id=ckpt_idx)
+
+    def grads(self, ckpt_idx: int, batch: Any, target: bool, where: str = "") -> Tensor:
+        """Per-sample gradients ``(B, p)`` of one (device-resident) batch.
+
+        Raises:
+            ValueError: if a gradient is NaN or infinite (upstream zeroed them silently).
+        """
+        g = self.task.per_sample_grads(
+            batch, ckpt_idx, self.layer_name, target=target, keep_batch_dim=False
+        )
+        finite = torch.isfinite(g).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()[:10]
+            which = "target" if target else "loss"
+            msg = (
+                f"Non-finite (NaN/inf) {which} gradients at checkpoint {ckpt_idx} for "
+                f"samples {bad} (positions within the batch{where}). Check the model, "
+                "the data and the loss (e.g. log(0)); non-finite gradients are not "
+                "zeroed silently."
+            )
+            raise ValueError(msg)
+        return g
+
+    def __call__(self, ckpt_idx: int, batch: Any, target: bool = False, where: str = "") -> Tensor:
+        """Features ``(B, d)`` of one batch at one checkpoint."""
+        return self.project(self.grads(ckpt_idx, batch, target, where), ckpt_idx)
+
+
+@dataclass
+class ProjectedGradientStore:
+    """In-memory per-checkpoint features of a fixed loader.
+
+    Attributes:
+        loader: the loader the rows come from (identity-compared to reuse the store).
+        features: per checkpoint, ``(n, d)`` features (row ``i`` = ``i``-th sample in
+            loader order).
+        extras: per checkpoint, ``(n, ...)`` per-sample extras (empty if unused).
+        state: free-form per-checkpoint state kept by the attributor (e.g. factors).
+    """
+
+    loader: Iterable | None
+    features: list[Tensor]
+    extras: list[Tensor] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def is_for(self, loader: Iterable | None) -> bool:
+        """Whether ``loader`` is the very loader this store was built from."""
+        return loader is not None and loader is self.loader
+
+    @property
+    def num_samples(self) -> int:
+        """Number of rows ``n``."""
+        return int(self.features[0].shape[0])
+
+    def row_blocks(self, n_cols: int, max_elems: int = 1 << 22) -> Iterator[slice]:
+        """Row slices such that a ``(rows, n_cols)`` block has at most ``max_elems``."""
+        n = self.num_samples
+        step = max(1, min(n, max_elems // max(n_cols, 1)))
+        for start in range(0, n, step):
+            yield slice(start, min(start + step, n))
+
+
+def collect_features(
+    featurizer: GradientFeaturizer,
+    loader: Iterable,
+    num_checkpoints: int,
+    *,
+    target: bool = False,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    extra: Callable[[int, Any], Tensor] | None = None,
+    verbose: bool = True,
+    desc: str = "gradients",
+) -> ProjectedGradientStore:
+    """Featurize every sample of ``loader`` at every checkpoint.
+
+    Checkpoints are the outer loop, so each is loaded once.
+
+    Args:
+        featurizer: the featurizer.
+        loader: the batches (tensor, tuple/list or dict batches).
+        num_checkpoints: number of checkpoints ``K``.
+        target: gradients of the target function instead of the loss.
+        transform: optional map applied to each ``(B, d)`` feature block.
+        extra: optional ``extra(ckpt_idx, batch) -> (B, ...)`` collected alongside.
+        verbose: show a progress bar.
+        desc: progress-bar label.
+
+    Returns:
+        A :class:`ProjectedGradientStore` with ``features[k]`` of shape ``(n, d)``.
+    """
+    features: list[Tensor] = []
+    extras: list[Tensor] = []
+    for ckpt_idx in range(num_checkpoints):
+        feats: list[Tensor] = []
+        ext: list[Tensor] = []
+        label = desc if num_checkpoints == 1 else f"{desc} (ckpt {ckpt_idx})"
+        for b, batch in enumerate(iterate(loader, label, verbose)):
+            batch = move_to_device(batch, featurizer.device)
+            f = featurizer(ckpt_idx, batch, target=target, where=f" {b} of the loader")
+            feats.append(transform(f) if transform is not None else f)
+            if extra is not None:
+                ext.append(extra(ckpt_idx, batch))
+        if not feats:
+            msg = f"The loader for {desc} yielded no batch."
+            raise ValueError(msg)
+        features.append(torch.cat(feats))
+        if extra is not None:
+            extras.append(torch.cat(ext))
+    return ProjectedGradientStore(loader=loader, features=features, extras=extras)

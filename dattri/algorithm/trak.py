@@ -1,0 +1,394 @@
+"""TRAK (Park et al., 2023): random-projected after-kernel attribution.
+
+Per checkpoint ``k`` the per-sample gradients of the loss (usually the log-odds margin
+``log p - log(1 - p)``) are scaled by ``1 / sqrt(p_sel)`` (``p_sel`` = number of
+SELECTED parameters) and projected: ``Phi_k`` ``(n_train, d)`` for the training set,
+``phi_k`` ``(n_test, d)`` for the test samples (gradients of the target function). With
+``Q_i = mean_k (1 - p_k(z_i))`` (``p`` from ``correct_probability_func``) the scores are
+
+``S[i, j] = Q_i * mean_k  Phi_k[i] (Phi_k^T Phi_k + lambda I)^-1 phi_k[j]^T``
+
+i.e. upstream's ``(mean_k phi_k (Phi_k^T Phi_k + lambda I)^-1 Phi_k^T * mean_k Q)^T``.
+A "TRAK-k" ensemble is simply a task with ``k`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dattri.algorithm.base import BaseAttributor
+from dattri.algorithm.batching import check_loader, iterate, move_to_device
+from dattri.algorithm.projected_store import (
+    GradientFeaturizer,
+    ProjectedGradientStore,
+    collect_features,
+    resolve_projection,
+)
+from dattri.task import AttributionTask
+
+__all__ = ["TRAKAttributor"]
+
+#: a Cholesky pivot (squared) below this fraction of the largest diagonal = singular.
+_PIVOT_RTOL = 1e-12
+
+
+class KernelInverse:
+    """``(Phi^T Phi + lambda I)^-1`` (or its pseudo-inverse), applied in float64.
+
+    Holds either the Cholesky factor ``L`` (``L L^T = kernel``) or, for a singular
+    kernel, a factor ``F = U_r diag(s_r)^-1/2`` of the pseudo-inverse (``K^+ = F F^T``).
+
+    Args:
+        chol: ``(d, d)`` lower Cholesky factor, or None.
+        factor: ``(d, r)`` pseudo-inverse factor, or None.
+    """
+
+    def __init__(self, chol: Tensor | None = None, factor: Tensor | None = None) -> None:
+        if (chol is None) == (factor is None):
+            msg = "KernelInverse needs exactly one of chol and factor."
+            raise ValueError(msg)
+        self.chol = chol
+        self.factor = factor
+
+    def apply(self, phi: Tensor) -> Tensor:
+        """Return ``(K^-1 phi^T)^T`` for ``(m, d)`` ``phi``, in ``phi``'s dtype."""
+        x = phi.to(torch.float64)
+        if self.chol is not None:
+            out = torch.cholesky_solve(x.T, self.chol).T
+        else:
+            out = (x @ self.factor) @ self.factor.T
+        return out.to(phi.dtype)
+
+    def matrix(self) -> Tensor:
+        """The dense ``(d, d)`` inverse (for inspection and tests)."""
+        if self.chol is not None:
+            return torch.cholesky_inverse(self.chol)
+        return self.factor @ self.factor.T
+
+
+def factor_kernel(phi: Tensor, regularization: float, what: str = "the kernel") -> KernelInverse:
+    """Invert ``K = Phi^T Phi + lambda I`` (``d x d``) in float64.
+
+    A Cholesky factorisation is used when ``K`` is positive definite. If it is
+    singular (``lambda = 0`` with fewer samples than features, a failed Cholesky or a
+    pivot below ``1e-12 * max(diag)``), the pseudo-inverse (eigenvalues below
+    ``max(n, d) * eps * max(eig)`` dropped) is used instead, with a warning: it is the
+    ``lambda -> 0`` limit of the regularised scores.
+
+    Args:
+        phi: ``(n, d)`` features.
+        regularization: ``lambda >= 0``.
+        what: name used in the warning.
+
+    Returns:
+        A :class:`KernelInverse`.
+    """
+    n, d = phi.shape
+    kernel = torch.zeros(d, d, dtype=torch.float64, device=phi.device)
+    step = max(1, (1 << 24) // max(d, 1))
+    for s in range(0, n, step):
+        block = phi[s : s + step].to(torch.float64)
+        kernel.addmm_(block.T, block)
+    kernel.diagonal().add_(regularization)
+    diag_max = float(kernel.diagonal().max())
+    singular = regularization == 0 and n < d
+    if not singular:
+        chol, info = torch.linalg.cholesky_ex(kernel)
+        singular = int(info) != 0 or (
+            float(chol.diagonal().square().min()) <= _PIVOT_RTOL * diag_max
+        )
+        if not singular:
+            return KernelInverse(chol=chol)
+    evals, evecs = torch.linalg.eigh(kernel)
+    top = float(evals.max()) if d else 0.0
+    keep = evals > max(n, d) * torch.finfo(torch.float64).eps * max(top, 0.0)
+    if not bool(keep.any()):
+        msg = f"TRAK: {what} is zero (all features vanish); cannot attribute."
+        raise ValueError(msg)
+    warnings.warn(
+        f"TRAK: {what} Phi^T Phi + {regularization} I ({d} x {d}, from {n} samples) is "
+        f"singular (rank {int(keep.sum())}); using its pseudo-inverse. Use "
+        "regularization > 0 or a projection dimension below the number of training "
+        "samples.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return KernelInverse(factor=evecs[:, keep] / evals[keep].sqrt())
+
+
+class TRAKAttributor(BaseAttributor):
+    """TRAK attributor.
+
+    ``S[i, j] = Q_i * mean_k Phi_k[i] (Phi_k^T Phi_k + lambda I)^-1 phi_k[j]^T`` where
+    ``Phi_k`` are the projected, scaled loss gradients of the training samples (the
+    cached training set defines the kernel), ``phi_k`` the projected, scaled target
+    gradients of the test samples and ``Q_i = mean_k (1 - p_k(z_i))``. The user's loss
+    sees un-batched samples.
+
+    Differences from upstream (documented fixes): gradients are scaled by
+    ``1/sqrt(#selected parameters)`` (upstream used the whole model's count even with
+    ``layer_name``); :meth:`self_attribute` works before and after :meth:`cache`;
+    after :meth:`cache`, ``attribute(test, train)`` with another training loader scores
+    its samples against the cached kernel (upstream raised ValueError); NaN/inf
+    gradients raise instead of being zeroed; a singular kernel is pseudo-inverted
+    with a warning.
+
+    Args:
+        task: the attribution task (its loss is usually the margin
+            ``log p - log(1 - p)``).
+        correct_probability_func: ``f(params_dict, sample) -> p(correct)`` for ONE
+            un-batched sample; ``params_dict`` maps parameter names to tensors (use
+            ``torch.func.functional_call``). It is vmapped over the batch.
+        proj_params: projection params (``TRAKProjectionParams``) or None (defaults:
+            ``proj_dim=512``, ``"normal"``); ``proj_type="identity"`` disables it.
+        layer_name: None (all parameters), a parameter name or a list of names.
+        device: device of the computation (and of the returned scores).
+        regularization: ``lambda >= 0`` added to the kernel diagonal.
+        projector_kwargs: the older dict form of the projection settings.
+        verbose: show progress bars.
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        correct_probability_func: Callable,
+        proj_params: Any | None = None,
+        layer_name: str | Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+        regularization: float = 0.0,
+        projector_kwargs: Mapping[str, Any] | None = None,
+        verbose: bool = True,
+    ) -> None:
+        if not isinstance(task, AttributionTask):
+            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
+            raise TypeError(msg)
+        if not callable(correct_probability_func):
+            msg = (
+                "correct_probability_func must be callable: f(params_dict, sample) -> "
+                "probability of the correct label."
+            )
+            raise TypeError(msg)
+        if (
+            isinstance(regularization, bool)
+            or not isinstance(regularization, (int, float))
+            or not regularization >= 0
+        ):
+            msg = f"regularization must be a float >= 0, got {regularization!r}."
+            raise ValueError(msg)
+        from dattri.params.projection import TRAKProjectionParams
+
+        task.selected_param_names(layer_name)  # validates the names
+        self.task = task
+        self.correct_probability_func = correct_probability_func
+        self.layer_name = layer_name
+        self.device = torch.device(device)
+        self.regularization = float(regularization)
+        self.verbose = verbose
+        self.proj_params = resolve_projection(proj_params, projector_kwargs, TRAKProjectionParams)
+        scale = 1.0 / float(task.num_params(layer_name)) ** 0.5
+        self.featurizer = GradientFeaturizer(
+            task, layer_name, self.proj_params, self.device, scale=scale
+        )
+        self._prob_funcs: dict[int, Callable] = {}
+        self._store: ProjectedGradientStore | None = None
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def num_checkpoints(self) -> int:
+        """Number of checkpoints ``K``."""
+        return len(self.task.get_checkpoints())
+
+    def _target_is_loss(self) -> bool:
+        return self.task.original_target_func is self.task.original_loss_func
+
+    def _one_minus_p(self, ckpt_idx: int, batch: Any) -> Tensor:
+        """``1 - p_k(z)`` for one batch, ``(B,)``."""
+        params = self.task.get_param_dict(ckpt_idx)
+        func = torch.func.vmap(
+            self.correct_probability_func, in_dims=(None, 0), randomness="different"
+        )
+        with torch.no_grad():
+            p = func(params, batch)
+        if not isinstance(p, Tensor):
+            msg = "correct_probability_func must return a tensor (the probability)."
+            raise TypeError(msg)
+        p = p.reshape(p.shape[0], -1) if p.dim() > 0 else p.reshape(1, 1)
+        if p.shape[1] != 1:
+            msg = (
+                "correct_probability_func must return one probability per sample (a "
+                f"scalar for an un-batched sample), got {p.shape[1]} values per sample."
+            )
+            raise ValueError(msg)
+        return 1.0 - p[:, 0]
+
+    def _build(self, loader: Iterable, desc: str) -> ProjectedGradientStore:
+        """Features, Cholesky factors and ``Q`` of a training loader."""
+        store = collect_features(
+            self.featurizer,
+            loader,
+            self.num_checkpoints,
+            extra=self._one_minus_p,
+            verbose=self.verbose,
+            desc=desc,
+        )
+        store.state["inverse"] = [
+            factor_kernel(f, self.regularization, f"the kernel of checkpoint {k}")
+            for k, f in enumerate(store.features)
+        ]
+        q = torch.stack(store.extras).mean(dim=0)
+        store.state["q"] = q.to(store.features[0].dtype)
+        store.extras = []
+        return store
+
+    def _solve(self, store: ProjectedGradientStore, ckpt_idx: int, phi: Tensor) -> Tensor:
+        """``(Phi^T Phi + lambda I)^-1 phi^T`` for ``(m, d)`` ``phi``, returned ``(m, d)``."""
+        return store.state["inverse"][ckpt_idx].apply(phi)
+
+    def _test_transform(self, store: ProjectedGradientStore, test_dataloader: Iterable) -> list:
+        """Per checkpoint ``(n_test, d)``: ``K_k^-1 phi_k / n_ckpt``."""
+        if store.is_for(test_dataloader) and self._target_is_loss():
+            phis = store.features
+        else:
+            phis = collect_features(
+                self.featurizer,
+                test_dataloader,
+                self.num_checkpoints,
+                target=True,
+                verbose=self.verbose,
+                desc="test gradients",
+            ).features
+        n = self.num_checkpoints
+        return [self._solve(store, k, phi) / n for k, phi in enumerate(phis)]
+
+    def _state_for(self, train_dataloader: Iterable | None) -> ProjectedGradientStore:
+        if self._store is not None:
+            return self._store
+        if train_dataloader is None:
+            msg = (
+                "TRAKAttributor needs training data: call cache(full_train_dataloader) "
+                "first or pass train_dataloader."
+            )
+            raise ValueError(msg)
+        check_loader(train_dataloader, "train_dataloader")
+        return self._build(train_dataloader, "train gradients")
+
+    # ------------------------------------------------------------------ phases
+    def cache(self, full_train_dataloader: Iterable) -> None:
+        """Compute and keep ``Phi_k``, the Cholesky factor of each kernel and ``Q``.
+
+        Args:
+            full_train_dataloader: the training set (not shuffled); it defines the
+                kernel and the default rows of :meth:`attribute`.
+        """
+        check_loader(full_train_dataloader, "full_train_dataloader")
+        self._store = self._build(full_train_dataloader, "train gradients")
+
+    def _iter_score_blocks(
+        self, train_dataloader: Iterable | None, test_dataloader: Iterable
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(row_start, (B, n_test))`` score blocks (train may be None if cached)."""
+        check_loader(test_dataloader, "test_dataloader")
+        store = self._state_for(train_dataloader)
+        tests = self._test_transform(store, test_dataloader)
+        if train_dataloader is None or store.is_for(train_dataloader):
+            q = store.state["q"]
+            for rows in store.row_blocks(tests[0].shape[0]):
+                block = sum(f[rows] @ t.T for f, t in zip(store.features, tests))
+                yield rows.start, q[rows, None] * block
+            return
+        # Cached kernel, other training rows: featurize them batch by batch.
+        check_loader(train_dataloader, "train_dataloader")
+        row = 0
+        for b, batch in enumerate(iterate(train_dataloader, "attribute", self.verbose)):
+            batch = move_to_device(batch, self.device)
+            block = None
+            qs = []
+            for k, t in enumerate(tests):
+                f = self.featurizer(k, batch, where=f" {b} of train")
+                qs.append(self._one_minus_p(k, batch))
+                part = f @ t.T
+                block = part if block is None else block + part
+            q = torch.stack(qs).mean(dim=0).to(block.dtype)
+            yield row, q[:, None] * block
+            row += block.shape[0]
+
+    def attribute(
+        self, test_dataloader: Iterable, train_dataloader: Iterable | None = None
+    ) -> Tensor:
+        """Score every (train, test) pair (note the upstream argument order).
+
+        Without :meth:`cache`, ``train_dataloader`` is required and defines both the
+        kernel and the rows. After :meth:`cache`, the cached set defines the kernel;
+        ``train_dataloader=None`` (or the cached loader) scores the cached samples,
+        another loader scores its own samples against the cached kernel.
+
+        Args:
+            test_dataloader: test samples (columns), not shuffled.
+            train_dataloader: training samples (rows), or None after :meth:`cache`.
+
+        Returns:
+            ``(n_train, n_test)`` scores on ``device``.
+
+        Raises:
+            ValueError: if neither :meth:`cache` was called nor a train loader given.
+        """
+        return torch.cat([b for _, b in self._iter_score_blocks(train_dataloader, test_dataloader)])
+
+    def self_attribute(self, train_dataloader: Iterable | None = None) -> Tensor:
+        """Score each training sample against itself.
+
+        Equals the diagonal of ``attribute(train, train)`` under the same rules as
+        :meth:`attribute` (the kernel is the cached one if :meth:`cache` was called,
+        else that of ``train_dataloader``).
+
+        Args:
+            train_dataloader: training samples, or None after :meth:`cache`.
+
+        Returns:
+            ``(n_train, 1)`` scores on ``device`` (upstream's shape; ``.squeeze()``
+            gives ``(n_train,)``).
+        """
+        store = self._state_for(train_dataloader)
+        n = self.num_checkpoints
+        if train_dataloader is None or store.is_for(train_dataloader):
+            if self._target_is_loss():
+                tgt = store.features
+            else:
+                tgt = collect_features(
+                    self.featurizer,
+                    store.loader,
+                    n,
+                    target=True,
+                    verbose=self.verbose,
+                    desc="target gradients",
+                ).features
+            total = None
+            for k, (f, t) in enumerate(zip(store.features, tgt)):
+                parts = [
+                    (f[rows] * self._solve(store, k, t[rows])).sum(dim=1)
+                    for rows in store.row_blocks(f.shape[1])
+                ]
+                part = torch.cat(parts)
+                total = part if total is None else total + part
+            return (store.state["q"] * total / n).unsqueeze(1)
+        check_loader(train_dataloader, "train_dataloader")
+        out = []
+        for b, batch in enumerate(iterate(train_dataloader, "self-attribution", self.verbose)):
+            batch = move_to_device(batch, self.device)
+            where = f" {b} of train"
+            total = None
+            qs = []
+            for k in range(n):
+                f = self.featurizer(k, batch, where=where)
+                t = f if self._target_is_loss() else self.featurizer(k, batch, True, where)
+                part = (f * self._solve(store, k, t)).sum(dim=1)
+                total = part if total is None else total + part
+                qs.append(self._one_minus_p(k, batch))
+            q = torch.stack(qs).mean(dim=0).to(total.dtype)
+            out.append(q * total / n)
+        return torch.cat(out).unsqueeze(1)

@@ -1,0 +1,377 @@
+"""Attribution methods as the benchmark runs them.
+
+Each method builds its attributor for a prepared setting and returns scores in one
+convention: ``(n_train, n_test)``, larger = the training sample helps (lowers the
+test loss). Hyper-parameters are the library defaults except where a setting fixes
+a physical quantity (the damping equal to the training weight decay for convex
+models, the training learning rate as TracIn's checkpoint weight).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from dattri.benchmark.prepare import PreparedSetting
+from dattri.task import AttributionTask
+
+__all__ = ["METHODS", "MethodOutput", "run_method"]
+
+
+@dataclass
+class MethodOutput:
+    """Scores of one method.
+
+    Attributes:
+        scores: ``(n_train, n_test)``.
+        self_scores: ``(n_train,)`` self-influence (None if the method has none).
+        cache_s: seconds spent in ``cache``.
+        attribute_s: seconds spent in ``attribute`` (and ``self_attribute``).
+    """
+
+    scores: Tensor
+    self_scores: Tensor | None
+    cache_s: float
+    attribute_s: float
+
+
+# ----------------------------------------------------------------- loss functions
+def _loss_if(model: nn.Module) -> Callable:
+    def loss(params: dict, data: tuple) -> Tensor:
+        x, y = data
+        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    return loss
+
+
+def _loss_sample(model: nn.Module) -> Callable:
+    def loss(params: dict, data: tuple) -> Tensor:
+        x, y = data
+        out = functional_call(model, params, (x.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, y.unsqueeze(0))
+
+    return loss
+
+
+def _margin_sample(model: nn.Module) -> Callable:
+    """TRAK's model output: the log-odds ``log p - log(1 - p)`` of the correct class."""
+
+    def margin(params: dict, data: tuple) -> Tensor:
+        x, y = data
+        logp = -nn.functional.cross_entropy(
+            functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0)
+        )
+        return logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
+
+    return margin
+
+
+def _prob_sample(model: nn.Module) -> Callable:
+    def prob(params: dict, data: tuple) -> Tensor:
+        x, y = data
+        logp = -nn.functional.cross_entropy(
+            functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0)
+        )
+        return logp.exp()
+
+    return prob
+
+
+def _eager_loss(model: nn.Module, batch: tuple, device: Any = "cpu") -> Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+
+
+# ----------------------------------------------------------------------- helpers
+@dataclass
+class _Context:
+    prepared: PreparedSetting
+    device: str
+    verbose: bool
+    batch_size: int
+
+    @property
+    def train_loader(self) -> DataLoader:
+        p = self.prepared
+        return DataLoader(TensorDataset(p.x_train, p.y_train), batch_size=self.batch_size)
+
+    @property
+    def test_loader(self) -> DataLoader:
+        p = self.prepared
+        return DataLoader(TensorDataset(p.x_test, p.y_test), batch_size=self.batch_size)
+
+    def task(
+        self, loss: Callable[[nn.Module], Callable], ckpts: str = "full", **kw: Any
+    ) -> AttributionTask:
+        model = self.prepared.model("full").to(self.device)
+        if ckpts == "full":
+            checkpoints: list = [self.prepared.state_dict("full")]
+        else:
+            checkpoints = self.prepared.checkpoint_paths(ckpts)
+        return AttributionTask(loss_func=loss(model), model=model, checkpoints=checkpoints, **kw)
+
+    @property
+    def damping(self) -> float:
+        s = self.prepared.setting
+        return max(s.train_config.weight_decay, s.ihvp_damping)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.prepared.model("full").parameters())
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    import time
+
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _inner_product(ctx: _Context, attributor: Any, self_attr: bool = True) -> MethodOutput:
+    _, t_cache = _timed(lambda: attributor.cache(ctx.train_loader))
+    scores, t_attr = _timed(lambda: attributor.attribute(ctx.train_loader, ctx.test_loader))
+    self_scores = None
+    if self_attr:
+        self_scores, t_self = _timed(lambda: attributor.self_attribute(ctx.train_loader))
+        t_attr += t_self
+    return MethodOutput(
+        scores.detach().cpu(),
+        None if self_scores is None else self_scores.detach().cpu().reshape(-1),
+        t_cache,
+        t_attr,
+    )
+
+
+def _identity_or_default(ctx: _Context, dim: int = 512) -> Any:
+    from dattri.params.projection import TracInProjectionParams
+
+    if ctx.num_params <= 4 * dim:
+        return TracInProjectionParams(proj_type="identity", proj_dim=ctx.num_params)
+    return TracInProjectionParams(proj_dim=dim)
+
+
+# ------------------------------------------------------------------------ methods
+def _if_explicit(ctx: _Context) -> MethodOutput:
+    from dattri.algorithm.influence_function import IFAttributorExplicit
+
+    a = IFAttributorExplicit(
+        ctx.task(_loss_if), device=ctx.device, regularization=ctx.damping, verbose=ctx.verbose
+    )
+    return _inner_product(ctx, a)
+
+
+def _if_cg(ctx: _Context) -> MethodOutput:
+    from dattri.algorithm.influence_function import IFAttributorCG
+
+    a = IFAttributorCG(
+        ctx.task(_loss_if),
+        device=ctx.device,
+        regularization=ctx.damping,
+        max_iter=100,
+        tol=1e-6,
+        verbose=ctx.verbose,
+    )
+    return _inner_product(ctx, a)
+
+
+def _if_lissa(ctx: _Context) -> MethodOutput:
+    from dattri.algorithm.influence_function import IFAttributorLiSSA
+
+    a = IFAttributorLiSSA(
+        ctx.task(_loss_if),
+        device=ctx.device,
+        scaling="auto",
+        regularization=ctx.damping,
+        batch_size=50,
+        recursion_depth=1000,
+        verbose=ctx.verbose,
+    )
+    return _inner_product(ctx, a)
+
+
+def _if_arnoldi(ctx: _Context) -> MethodOutput:
+    from dattri.algorithm.influence_function import IFAttributorArnoldi
+
+    p = ctx.num_params
+    a = IFAttributorArnoldi(
+        ctx.task(_loss_if),
+        device=ctx.device,
+        regularization=ctx.damping,
+        proj_dim=min(p, 200),
+        max_iter=min(p, 300),
+        verbose=ctx.verbose,
+    )
+    return _inner_product(ctx, a)
+
+
+def _if_datainf(ctx: _Context) -> MethodOutput:
+    from dattri.algorithm.influence_function import IFAttributorDataInf
+
+    a = IFAttributorDataInf(ctx.task(_loss_if), device=ctx.device, verbose=ctx.verbose)
+    return _inner_product(ctx, a)
+
+
+def _if_ekfac(ctx: _Context) -> MethodOutput:
+    from dattri.algorithm.influence_function import IFAttributorEKFAC
+
+    a = IFAttributorEKFAC(
+        ctx.task(_loss_if), device=ctx.device, damping=ctx.damping, verbose=ctx.verbose
+    )
+    return _inner_product(ctx, a)
+
+
+def _tracin_like(ctx: _Context, ckpts: str, normalized: bool, weight: float) -> MethodOutput:
+    from dattri.algorithm.tracin import TracInAttributor
+
+    task = ctx.task(_loss_sample, ckpts=ckpts)
+    k = len(task.get_checkpoints())
+    a = TracInAttributor(
+        task,
+        weight_list=torch.full((k,), weight),
+        normalized_grad=normalized,
+        proj_params=_identity_or_default(ctx),
+        device=ctx.device,
+        verbose=ctx.verbose,
+    )
+    return _inner_product(ctx, a)
+
+
+def _tracin(ctx: _Context) -> MethodOutput:
+    return _tracin_like(ctx, "traj", False, ctx.prepared.setting.train_config.lr)
+
+
+def _grad_dot(ctx: _Context) -> MethodOutput:
+    return _tracin_like(ctx, "full", False, 1.0)
+
+
+def _grad_cos(ctx: _Context) -> MethodOutput:
+    return _tracin_like(ctx, "full", True, 1.0)
+
+
+def _trak(ctx: _Context, ckpts: str) -> MethodOutput:
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.params.projection import TRAKProjectionParams
+
+    model = ctx.prepared.model("full").to(ctx.device)
+    checkpoints = (
+        [ctx.prepared.state_dict("full")]
+        if ckpts == "full"
+        else ctx.prepared.checkpoint_paths(ckpts)
+    )
+    task = AttributionTask(loss_func=_margin_sample(model), model=model, checkpoints=checkpoints)
+    p = ctx.num_params
+    n = len(ctx.prepared.y_train)
+    dim = min(2048, max(64, 2 ** int(math.log2(max(2, min(p, n) // 2)))))
+    a = TRAKAttributor(
+        task,
+        correct_probability_func=_prob_sample(model),
+        proj_params=TRAKProjectionParams(proj_dim=dim),
+        device=ctx.device,
+        verbose=ctx.verbose,
+    )
+    _, t_cache = _timed(lambda: a.cache(ctx.train_loader))
+    scores, t_attr = _timed(lambda: a.attribute(ctx.test_loader))
+    self_scores, t_self = _timed(lambda: a.self_attribute())
+    return MethodOutput(scores.cpu(), self_scores.reshape(-1).cpu(), t_cache, t_attr + t_self)
+
+
+def _rps(ctx: _Context) -> MethodOutput:
+    from dattri.algorithm.rps import RPSAttributor
+
+    model = ctx.prepared.model("full").to(ctx.device)
+
+    def soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits, targets)
+
+    task = AttributionTask(
+        loss_func=soft_ce,
+        model=model,
+        checkpoints=[ctx.prepared.state_dict("full")],
+        target_func=soft_ce,
+    )
+    a = RPSAttributor(
+        task,
+        final_linear_layer_name=ctx.prepared.setting.final_layer,
+        device=ctx.device,
+        verbose=ctx.verbose,
+    )
+    return _inner_product(ctx, a)
+
+
+def _knn_shapley(ctx: _Context) -> MethodOutput:
+    from dattri.algorithm.data_shapley import KNNShapleyAttributor
+
+    a = KNNShapleyAttributor(k_neighbors=10, verbose=ctx.verbose)
+    a.cache()
+    scores, t_attr = _timed(lambda: a.attribute(ctx.train_loader, ctx.test_loader))
+    return MethodOutput(scores.T.cpu(), None, 0.0, t_attr)
+
+
+def _logra_like(ctx: _Context, cls_name: str) -> MethodOutput:
+    from dattri.algorithm import factgrass, logra
+
+    cls = logra.LoGraAttributor if cls_name == "logra" else factgrass.FactGraSSAttributor
+    model = ctx.prepared.model("full").to(ctx.device)
+    task = AttributionTask(
+        loss_func=_eager_loss, model=model, checkpoints=[ctx.prepared.state_dict("full")]
+    )
+    a = cls(task, device=ctx.device, offload="none", verbose=ctx.verbose)
+    _, t_cache = _timed(lambda: a.cache(ctx.train_loader))
+    scores, t_attr = _timed(lambda: a.attribute(ctx.train_loader, ctx.test_loader))
+    self_scores = a.compute_self_attribution()
+    return MethodOutput(scores.cpu(), self_scores.cpu(), t_cache, t_attr)
+
+
+METHODS: dict[str, Callable[[_Context], MethodOutput]] = {
+    "if-explicit": _if_explicit,
+    "if-cg": _if_cg,
+    "if-lissa": _if_lissa,
+    "if-arnoldi": _if_arnoldi,
+    "if-ekfac": _if_ekfac,
+    "if-datainf": _if_datainf,
+    "tracin": _tracin,
+    "grad-dot": _grad_dot,
+    "grad-cos": _grad_cos,
+    "trak-1": lambda ctx: _trak(ctx, "full"),
+    "trak-10": lambda ctx: _trak(ctx, "half"),
+    "rps": _rps,
+    "knn-shapley": _knn_shapley,
+    "logra": lambda ctx: _logra_like(ctx, "logra"),
+    "factgrass": lambda ctx: _logra_like(ctx, "factgrass"),
+}
+
+
+def run_method(
+    name: str,
+    prepared: PreparedSetting,
+    device: str = "cpu",
+    verbose: bool = False,
+    batch_size: int = 256,
+) -> MethodOutput:
+    """Run one method on a prepared setting.
+
+    Args:
+        name: a key of :data:`METHODS`.
+        prepared: the prepared setting.
+        device: torch device.
+        verbose: progress bars.
+        batch_size: loader batch size.
+
+    Returns:
+        The method's scores and timings.
+
+    Raises:
+        ValueError: for an unknown method name.
+    """
+    if name not in METHODS:
+        msg = f"Unknown method {name!r}; available: {list(METHODS)}."
+        raise ValueError(msg)
+    return METHODS[name](_Context(prepared, device, verbose, batch_size))

@@ -1,0 +1,229 @@
+"""Benchmark settings: dataset, model, training recipe and ground-truth sizes.
+
+A :class:`Setting` is everything ``dattri-bench prepare`` needs to train the model(s)
+and build LDS/LOO ground truth, and everything ``dattri-bench run`` needs to build
+attribution tasks. All settings train with the same deterministic recipe for the
+attributed model and for every ground-truth model (full-batch or minibatch SGD with
+momentum and L2 weight decay, :class:`~dattri.model_util.SubsetTrainConfig`), so that
+ground truth and attribution describe the same training algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dattri.benchmark.datasets.digits import load_digits_dataset
+from dattri.benchmark.models import create_lr_model, create_mlp_model, create_resnet9_model
+from dattri.model_util.subset_train import SubsetTrainConfig
+
+__all__ = ["SETTINGS", "Setting", "get_setting"]
+
+Tensors = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One benchmark setting.
+
+    Attributes:
+        name: registry key, e.g. ``"digits-lr"``.
+        description: one line for ``dattri-bench list``.
+        load_data: ``f(data_dir) -> (x_train, y_train, x_test, y_test)``.
+        model_factory: builds a fresh model (called under a fixed seed).
+        train_config: training recipe shared by all models of the setting.
+        final_layer: name of the last linear layer (RPS, last-layer methods).
+        num_subsets: LDS subsets.
+        subset_ratio: fraction of training samples per LDS subset.
+        runs_per_subset: models per LDS subset (averaged).
+        loo: also build leave-one-out ground truth.
+        loo_size: number of training samples whose LOO model is trained (the first
+            ``loo_size``; ``None`` = all).
+        num_ensemble: models trained on random half subsets (TRAK-k ensembles).
+        num_tracin_checkpoints: checkpoints along the training trajectory (TracIn).
+        noise_ratio: fraction of flipped training labels (noisy-label AUC), 0 = clean.
+        ihvp_damping: damping added to the Hessian by the IF methods (the weight
+            decay for convex models; larger for non-convex ones, whose Hessian is
+            indefinite).
+        quick: overrides applied by ``--quick`` (small, for CI and smoke tests).
+    """
+
+    name: str
+    description: str
+    load_data: Callable[[Path | None], Tensors]
+    model_factory: Callable[[], nn.Module]
+    train_config: SubsetTrainConfig
+    final_layer: str
+    num_subsets: int = 100
+    subset_ratio: float = 0.5
+    runs_per_subset: int = 1
+    loo: bool = False
+    loo_size: int | None = None
+    num_ensemble: int = 10
+    num_tracin_checkpoints: int = 4
+    noise_ratio: float = 0.0
+    ihvp_damping: float = 1e-2
+    quick: dict = field(default_factory=dict)
+
+    def quick_version(self) -> Setting:
+        """The setting with its ``quick`` overrides applied."""
+        overrides = dict(self.quick)
+        if "train_config" in overrides and isinstance(overrides["train_config"], dict):
+            overrides["train_config"] = dataclasses.replace(
+                self.train_config, **overrides["train_config"]
+            )
+        return dataclasses.replace(self, **overrides, quick={})
+
+
+def _digits(n_train: int, n_test: int) -> Callable[[Path | None], Tensors]:
+    def load(data_dir: Path | None) -> Tensors:
+        train, test = load_digits_dataset(n_train=n_train, n_test=n_test, seed=0)
+        return (*train.tensors, *test.tensors)
+
+    return load
+
+
+def _mnist(n_train: int, n_test: int, flatten: bool = True) -> Callable[[Path | None], Tensors]:
+    def load(data_dir: Path | None) -> Tensors:
+        from dattri.benchmark.datasets.mnist import create_mnist_dataset
+
+        train, test = create_mnist_dataset(data_dir, download=data_dir is None)
+        xs = []
+        for ds, n in ((train, n_train), (test, n_test)):
+            x = torch.stack([ds[i][0] for i in range(n)])
+            y = torch.tensor([int(ds[i][1]) for i in range(n)])
+            xs += [x.reshape(n, -1) if flatten else x, y]
+        return tuple(xs)  # type: ignore[return-value]
+
+    return load
+
+
+def _cifar2(n_train: int, n_test: int) -> Callable[[Path | None], Tensors]:
+    def load(data_dir: Path | None) -> Tensors:
+        from dattri.benchmark.datasets.cifar import create_cifar2_dataset
+
+        train, test = create_cifar2_dataset(data_dir, download=data_dir is None)
+        xs = []
+        for ds, n in ((train, n_train), (test, n_test)):
+            xs += [
+                torch.stack([ds[i][0] for i in range(n)]),
+                torch.tensor([int(ds[i][1]) for i in range(n)]),
+            ]
+        return tuple(xs)  # type: ignore[return-value]
+
+    return load
+
+
+_LR_TRAIN = SubsetTrainConfig(
+    epochs=1500, lr=0.5, momentum=0.9, weight_decay=1e-2, batch_size=None, seed=0
+)
+_MLP_TRAIN = SubsetTrainConfig(
+    epochs=1500, lr=0.2, momentum=0.9, weight_decay=1e-3, batch_size=None, seed=0
+)
+_QUICK_DIGITS = {
+    "load_data": _digits(200, 40),
+    "num_subsets": 20,
+    "num_ensemble": 3,
+    "num_tracin_checkpoints": 2,
+    "loo_size": 20,
+    "train_config": {"epochs": 200},
+}
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        Setting(
+            name="digits-lr",
+            description="scikit-learn digits (1000 train / 200 test), L2 logistic regression",
+            load_data=_digits(1000, 200),
+            model_factory=lambda: create_lr_model("digits"),
+            train_config=_LR_TRAIN,
+            final_layer="linear",
+            loo=True,
+            loo_size=200,
+            ihvp_damping=1e-2,
+            quick=_QUICK_DIGITS,
+        ),
+        Setting(
+            name="digits-mlp",
+            description="scikit-learn digits (1000 train / 200 test), MLP 64-64-10",
+            load_data=_digits(1000, 200),
+            model_factory=lambda: create_mlp_model("digits", hidden=(64,)),
+            train_config=_MLP_TRAIN,
+            final_layer="fc2",
+            ihvp_damping=1e-2,
+            quick=_QUICK_DIGITS,
+        ),
+        Setting(
+            name="digits-lr-noisy",
+            description="digits LR with 10% flipped training labels (noisy-label AUC)",
+            load_data=_digits(1000, 200),
+            model_factory=lambda: create_lr_model("digits"),
+            train_config=_LR_TRAIN,
+            final_layer="linear",
+            noise_ratio=0.1,
+            num_subsets=20,
+            ihvp_damping=1e-2,
+            quick=_QUICK_DIGITS,
+        ),
+        Setting(
+            name="mnist-lr",
+            description="MNIST-10 (5000 train / 500 test), L2 logistic regression "
+            "(needs the MNIST files: --data-dir or download)",
+            load_data=_mnist(5000, 500),
+            model_factory=lambda: create_lr_model("mnist"),
+            train_config=dataclasses.replace(_LR_TRAIN, epochs=1000, lr=0.1),
+            final_layer="linear",
+            ihvp_damping=1e-2,
+        ),
+        Setting(
+            name="mnist-mlp",
+            description="MNIST-10 (5000 train / 500 test), MLP 784-128-64-10 "
+            "(needs the MNIST files)",
+            load_data=_mnist(5000, 500),
+            model_factory=lambda: create_mlp_model("mnist", hidden=(128, 64)),
+            train_config=dataclasses.replace(_MLP_TRAIN, epochs=500, lr=0.1),
+            final_layer="fc3",
+            ihvp_damping=1e-2,
+        ),
+        Setting(
+            name="cifar2-resnet9",
+            description="CIFAR-2 cat/dog (5000 train / 500 test), ResNet-9 "
+            "(needs the CIFAR-10 files; GPU recommended)",
+            load_data=_cifar2(5000, 500),
+            model_factory=lambda: create_resnet9_model(num_classes=2),
+            train_config=SubsetTrainConfig(
+                epochs=10, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, seed=0
+            ),
+            final_layer="linear",
+            num_subsets=50,
+            num_ensemble=5,
+            ihvp_damping=1e-1,
+        ),
+    ]
+}
+
+
+def get_setting(name: str, quick: bool = False) -> Setting:
+    """Look up a setting by name.
+
+    Args:
+        name: a key of :data:`SETTINGS`.
+        quick: apply the setting's quick overrides.
+
+    Returns:
+        The setting.
+
+    Raises:
+        ValueError: if the name is unknown (the message lists the names).
+    """
+    if name not in SETTINGS:
+        msg = f"Unknown setting {name!r}; available: {sorted(SETTINGS)}."
+        raise ValueError(msg)
+    setting = SETTINGS[name]
+    return setting.quick_version() if quick else setting

@@ -1,0 +1,284 @@
+"""Arnoldi projector: project onto the top eigenvectors of a Hessian.
+
+``ArnoldiProjector`` runs a small Arnoldi iteration (Schioppa et al., 2022,
+"Scaling Up Influence Functions") on Hessian-vector products of ``func`` at
+``x`` computed with :mod:`torch.func`, keeps the top eigenpairs and maps
+features ``g`` to ``g Uᵀ / sqrt(λ)``, so that inner products of projected
+features approximate ``g₁ᵀ H⁻¹ g₂`` restricted to the kept eigenspace.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from dattri.func.projection_engine import AbstractProjector, check_positive_int
+
+_MODES = ("rev-rev", "rev-fwd")
+
+
+class ArnoldiProjector(AbstractProjector):
+    """Projector onto the top Hessian eigenspace found by Arnoldi iteration."""
+
+    def __init__(
+        self,
+        feature_dim: int,
+        proj_dim: int,
+        func: Callable[..., Tensor],
+        x: Tensor | tuple[Tensor, ...],
+        argnums: int = 0,
+        max_iter: int = 100,
+        norm_constant: float = 1.0,
+        tol: float = 1e-7,
+        mode: str = "rev-fwd",
+        regularization: float = 0.0,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        *,
+        verbose: bool = True,
+    ) -> None:
+        """Store the settings; the eigenspace is computed lazily.
+
+        Args:
+            feature_dim: Number of elements of ``x[argnums]`` (the Hessian is
+                ``(feature_dim, feature_dim)``).
+            proj_dim: Number of eigenpairs to keep (may shrink, see
+                :meth:`get_eigenspace`).
+            func: Scalar function called as ``func(*x)`` (``x`` wrapped into a
+                1-tuple when it is a single tensor).
+            x: Point at which the Hessian is taken.
+            argnums: Index of the differentiated argument in ``x``.
+            max_iter: Maximum Krylov dimension (number of HVPs).
+            norm_constant: The iteration runs on ``H / norm_constant`` for
+                numerical scaling; eigenvalues are reported for ``H``.
+            tol: Stop when the new Krylov residual norm falls below ``tol``;
+                eigenvalues ``<= tol**2`` are dropped.
+            mode: ``"rev-rev"`` (vjp of grad, linearised once) or ``"rev-fwd"``
+                (jvp of grad).
+            regularization: ``λ`` added to the diagonal: ``H + λ I``.
+            seed: Seed of the local generator for the start vector (the global
+                torch seed is never touched).
+            device: Device of the eigenvectors and of the projected output.
+            verbose: Show a tqdm bar over Arnoldi steps.
+
+        Raises:
+            TypeError: If ``func`` is not callable.
+            ValueError: For invalid values (mode, sizes, tolerances).
+        """
+        super().__init__(feature_dim, proj_dim, seed, None, device)
+        if not callable(func):
+            msg = "func must be callable: func(*x) -> scalar tensor."
+            raise TypeError(msg)
+        args = x if isinstance(x, tuple) else (x,)
+        if not -len(args) <= argnums < len(args):
+            msg = f"argnums={argnums} is out of range for {len(args)} argument(s)."
+            raise ValueError(msg)
+        target = args[argnums]
+        if not isinstance(target, Tensor) or not target.dtype.is_floating_point:
+            msg = "x[argnums] must be a floating-point tensor."
+            raise TypeError(msg)
+        if target.numel() != self.feature_dim:
+            msg = f"feature_dim={self.feature_dim} but x[argnums] has {target.numel()} elements."
+            raise ValueError(msg)
+        if mode not in _MODES:
+            msg = f"mode must be one of {_MODES}, got {mode!r}."
+            raise ValueError(msg)
+        if not norm_constant > 0 or not math.isfinite(norm_constant):
+            msg = f"norm_constant must be a positive finite float, got {norm_constant}."
+            raise ValueError(msg)
+        if not tol >= 0:
+            msg = f"tol must be >= 0, got {tol}."
+            raise ValueError(msg)
+        self.func = func
+        self.args = args
+        self.argnums = argnums % len(args)
+        self.max_iter = check_positive_int(max_iter, "max_iter")
+        self.norm_constant = float(norm_constant)
+        self.tol = float(tol)
+        self.mode = mode
+        self.regularization = float(regularization)
+        self.verbose = verbose
+        self.eigenvalues: Tensor | None = None
+        self.eigenvectors: Tensor | None = None
+
+    def _hvp(self) -> Callable[[Tensor], Tensor]:
+        """Build ``v -> (H + λI) v / norm_constant`` on flat vectors.
+
+        Returns:
+            The operator on ``(feature_dim,)`` tensors.
+        """
+        args, idx = self.args, self.argnums
+        target = args[idx].detach()
+
+        def scalar(t: Tensor) -> Tensor:
+            return self.func(*args[:idx], t, *args[idx + 1 :])
+
+        grad_fn = torch.func.grad(scalar)
+        if self.mode == "rev-rev":
+            _, vjp_fn = torch.func.vjp(grad_fn, target)
+
+            def raw(v: Tensor) -> Tensor:
+                return vjp_fn(v.view_as(target))[0]
+
+        else:
+
+            def raw(v: Tensor) -> Tensor:
+                return torch.func.jvp(grad_fn, (target,), (v.view_as(target),))[1]
+
+        def op(v: Tensor) -> Tensor:
+            out = raw(v).reshape(-1) + self.regularization * v
+            return out / self.norm_constant
+
+        return op
+
+    def get_eigenspace(self) -> tuple[Tensor, Tensor]:
+        """Run Arnoldi and keep the top eigenpairs.
+
+        The ``proj_dim`` eigenpairs of largest ``|λ|`` are kept; those with
+        ``λ <= tol**2`` are then dropped (``1/sqrt(λ)`` needs ``λ > 0``) and
+        ``proj_dim`` shrinks accordingly, with a warning.
+
+        Returns:
+            ``(eigenvalues, eigenvectors)`` of shapes ``(proj_dim,)`` and
+            ``(proj_dim, feature_dim)``, in decreasing ``|λ|`` order.
+        """
+        target = self.args[self.argnums]
+        dtype, work_device = target.dtype, target.device
+        op = self._hvp()
+        steps = min(self.max_iter, self.feature_dim)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        start = torch.randn(self.feature_dim, generator=gen, dtype=torch.float64)
+        basis = torch.zeros(steps + 1, self.feature_dim, dtype=dtype, device=work_device)
+        hess = torch.zeros(steps + 1, steps, dtype=torch.float64)
+        basis[0] = (start / start.norm()).to(dtype=dtype, device=work_device)
+        size = steps
+        with torch.no_grad():
+            for j in tqdm(range(steps), desc="Arnoldi", disable=not self.verbose):
+                w = op(basis[j]).detach()
+                prev = basis[: j + 1]
+                coef = prev @ w
+                w = w - prev.T @ coef
+                extra = prev @ w  # second Gram-Schmidt pass for orthogonality
+                w = w - prev.T @ extra
+                hess[: j + 1, j] = (coef + extra).double().cpu()
+                beta = float(w.norm())
+                hess[j + 1, j] = beta
+                if beta < self.tol:
+                    size = j + 1
+                    break
+                basis[j + 1] = w / beta
+        small = hess[:size, :size]
+        values, vectors = torch.linalg.eigh((small + small.T) / 2)
+        values = values * self.norm_constant
+        order = torch.argsort(values.abs(), descending=True)[: self.proj_dim]
+        keep = order[values[order] > self.tol**2]
+        if keep.numel() < self.proj_dim:
+            warnings.warn(
+                f"ArnoldiProjector: only {keep.numel()} of proj_dim={self.proj_dim} "
+                f"eigenvalues are > tol**2={self.tol**2:g} (Krylov size {size}); "
+                f"proj_dim is reduced to {keep.numel()}.",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.proj_dim = int(keep.numel())
+        ritz = vectors[:, keep].T.to(dtype=dtype, device=work_device) @ basis[:size]
+        self.eigenvalues = values[keep].to(dtype=dtype, device=self.device)
+        self.eigenvectors = ritz.to(self.device)
+        return self.eigenvalues, self.eigenvectors
+
+    def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
+        """Project ``features`` to ``features Uᵀ / sqrt(λ)``.
+
+        Args:
+            features: ``(B, feature_dim)`` tensor.
+            ensemble_id: Ignored (the projection is deterministic); kept for
+                interface compatibility.
+
+        Returns:
+            ``(B, proj_dim)`` tensor in the dtype of ``features``.
+
+        Raises:
+            ValueError: If ``features`` has the wrong shape.
+        """
+        del ensemble_id
+        if not isinstance(features, Tensor) or features.dim() != 2:
+            msg = "features must be a (batch_size, feature_dim) tensor."
+            raise ValueError(msg)
+        if features.shape[1] != self.feature_dim:
+            msg = (
+                f"features have {features.shape[1]} columns, expected "
+                f"feature_dim={self.feature_dim}."
+            )
+            raise ValueError(msg)
+        if self.eigenvectors is None:
+            self.get_eigenspace()
+        vecs = self.eigenvectors
+        scaled = vecs / self.eigenvalues.sqrt().unsqueeze(1)
+        feats = features.to(device=self.device, dtype=vecs.dtype)
+        return (feats @ scaled.T).to(features.dtype)
+
+    def free_memory(self) -> None:
+        """Drop the cached eigenspace (recomputed on the next ``project``)."""
+        self.eigenvalues = None
+        self.eigenvectors = None
+
+
+def arnoldi_project(
+    feature_dim: int,
+    func: Callable[..., Tensor],
+    x: Tensor | tuple[Tensor, ...],
+    argnums: int = 0,
+    proj_dim: int = 100,
+    max_iter: int = 100,
+    norm_constant: float = 1.0,
+    tol: float = 1e-7,
+    mode: str = "rev-fwd",
+    regularization: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Callable[[Tensor], Tensor]:
+    """Build an :class:`ArnoldiProjector` and return its projection function.
+
+    Args:
+        feature_dim: Number of elements of ``x[argnums]``.
+        func: Scalar function called as ``func(*x)``.
+        x: Point at which the Hessian is taken.
+        argnums: Index of the differentiated argument.
+        proj_dim: Number of eigenpairs kept.
+        max_iter: Maximum Krylov dimension.
+        norm_constant: Scaling of the Hessian during the iteration.
+        tol: Residual tolerance (see :class:`ArnoldiProjector`).
+        mode: ``"rev-rev"`` or ``"rev-fwd"``.
+        regularization: Diagonal shift ``λ``.
+        seed: Seed of the start vector.
+        device: Output device.
+
+    Returns:
+        ``f(features)`` mapping ``(B, feature_dim)`` to ``(B, proj_dim)``; the
+        eigenspace is computed on the first call.
+    """
+    projector = ArnoldiProjector(
+        feature_dim,
+        proj_dim,
+        func,
+        x,
+        argnums=argnums,
+        max_iter=max_iter,
+        norm_constant=norm_constant,
+        tol=tol,
+        mode=mode,
+        regularization=regularization,
+        seed=seed,
+        device=device,
+        verbose=False,
+    )
+
+    def _project(features: Tensor) -> Tensor:
+        return projector.project(features)
+
+    return _project

@@ -1,0 +1,427 @@
+"""Train many small models on data subsets at once (vectorised LDS ground truth).
+
+Training semantics (shared exactly by the vectorised and the sequential path):
+
+* Model ``s`` is created by ``model_factory()`` right after
+  ``torch.manual_seed(init_seeds[s])`` (the global RNG state is restored
+  afterwards), so the same seed gives the same initialisation.
+* Every epoch visits the *full* training set in one shared order: a permutation
+  from ``torch.Generator().manual_seed(config.seed)`` (one per epoch, drawn in
+  sequence), cut into batches of ``config.batch_size`` (last one may be
+  smaller). ``batch_size=None`` means full-batch gradient descent (one step per
+  epoch, no shuffling).
+* The loss of model ``s`` on a batch is the mean per-sample loss over the batch
+  samples inside subset ``s`` (``masks[s] == 1``), i.e. a masked mean; a batch
+  without any of its samples gives zero loss gradient, but the optimizer still
+  steps (weight decay and momentum act).
+* Optimizer: ``torch.optim.SGD(lr, momentum, weight_decay)`` (L2 via weight
+  decay), constant learning rate, ``config.epochs`` epochs.
+
+The vectorised path stacks all models with ``torch.func.stack_module_state``
+and evaluates them with ``vmap(functional_call)``; SGD is element-wise, so one
+optimizer over the stacked parameters equals one optimizer per model. Models
+with dropout or batch norm are rejected (their training behaviour would differ
+between the two paths).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from tqdm.auto import tqdm
+
+from dattri.model_util._data import atomic_torch_save, func_name
+from dattri.model_util.retrain import (
+    check_existing_lds_metadata,
+    check_lds_args,
+    finalize_lds_metadata,
+    lds_subset_positions,
+    prepare_lds_subset,
+    random_seed,
+)
+
+__all__ = ["SubsetTrainConfig", "retrain_lds_vectorized", "train_subset_models"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SubsetTrainConfig:
+    """Hyper-parameters of :func:`train_subset_models`.
+
+    Attributes:
+        epochs: Passes over the full training set.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 coefficient (SGD ``weight_decay``).
+        batch_size: Batch size over the full training set; ``None`` = full batch.
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable
+            ``loss(outputs (B, ...), targets (B, ...)) -> (B,)`` per-sample losses.
+        seed: Seed of the shared batch order (and default init seeds ``seed + s``).
+        device: Training device.
+        dtype: Floating dtype of parameters and inputs.
+        model_chunk_size: Train at most this many models at once in the
+            vectorised path (``None``: all); bounds memory.
+    """
+
+    epochs: int = 30
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    batch_size: int | None = 128
+    loss: str | LossFn = "cross_entropy"
+    seed: int = 0
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32
+    model_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        """Validate fields.
+
+        Raises:
+            ValueError: On an invalid field (message names it).
+        """
+        if int(self.epochs) != self.epochs or self.epochs < 1:
+            msg = f"SubsetTrainConfig.epochs must be a positive integer; got {self.epochs}."
+            raise ValueError(msg)
+        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
+            msg = "SubsetTrainConfig needs lr > 0, momentum >= 0 and weight_decay >= 0."
+            raise ValueError(msg)
+        if self.batch_size is not None and (self.batch_size < 1):
+            msg = f"SubsetTrainConfig.batch_size must be >= 1 or None; got {self.batch_size}."
+            raise ValueError(msg)
+        if isinstance(self.loss, str) and self.loss not in ("cross_entropy", "mse"):
+            msg = (
+                "SubsetTrainConfig.loss must be 'cross_entropy', 'mse' or a callable; "
+                f"got {self.loss!r}."
+            )
+            raise ValueError(msg)
+        if self.model_chunk_size is not None and self.model_chunk_size < 1:
+            msg = "SubsetTrainConfig.model_chunk_size must be >= 1 or None."
+            raise ValueError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dict for metadata files."""
+        d = asdict(self)
+        d["loss"] = self.loss if isinstance(self.loss, str) else func_name(self.loss)
+        d["device"] = str(self.device)
+        d["dtype"] = str(self.dtype)
+        return d
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _loss_fn(loss: str | LossFn) -> LossFn:
+    if loss == "cross_entropy":
+        return lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")
+    if loss == "mse":
+        return lambda out, y: (
+            (out.reshape(out.shape[0], -1) - y.reshape(y.shape[0], -1)) ** 2
+        ).mean(1)
+    return loss
+
+
+def _batches(n: int, config: SubsetTrainConfig) -> list[list[torch.Tensor]]:
+    """Per epoch, the list of index batches (shared by all models)."""
+    if config.batch_size is None:
+        return [[torch.arange(n)] for _ in range(config.epochs)]
+    gen = torch.Generator().manual_seed(int(config.seed))
+    out = []
+    for _ in range(config.epochs):
+        perm = torch.randperm(n, generator=gen)
+        out.append(list(perm.split(int(config.batch_size))))
+    return out
+
+
+def _make_model(
+    factory: Callable[[], nn.Module], seed: int, config: SubsetTrainConfig
+) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = factory()
+    if not isinstance(model, nn.Module):
+        msg = f"model_factory must return an nn.Module; got {type(model).__name__}."
+        raise TypeError(msg)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.dropout._DropoutNd | nn.modules.batchnorm._NormBase):
+            msg = (
+                f"Module {name!r} ({type(mod).__name__}) is stochastic or keeps running "
+                "statistics; train_subset_models supports deterministic models only."
+            )
+            raise NotImplementedError(msg)
+    return model.to(device=config.device, dtype=config.dtype)
+
+
+def _check_inputs(
+    dataset_tensors: tuple[torch.Tensor, torch.Tensor], masks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not (isinstance(dataset_tensors, tuple | list) and len(dataset_tensors) == 2):
+        msg = "`dataset_tensors` must be a pair (inputs (n, ...), targets (n, ...))."
+        raise ValueError(msg)
+    x, y = (torch.as_tensor(t) for t in dataset_tensors)
+    if x.shape[0] != y.shape[0]:
+        msg = (
+            f"`dataset_tensors` inputs and targets differ in length: {x.shape[0]} vs {y.shape[0]}."
+        )
+        raise ValueError(msg)
+    masks = torch.as_tensor(masks)
+    if masks.dim() != 2 or masks.shape[1] != x.shape[0]:
+        msg = f"`masks` must have shape (n_models, n={x.shape[0]}); got {tuple(masks.shape)}."
+        raise ValueError(msg)
+    if not torch.isin(masks.double(), torch.tensor([0.0, 1.0], dtype=torch.float64)).all():
+        msg = "`masks` must be 0/1 (or bool): 1 = sample is in the model's subset."
+        raise ValueError(msg)
+    return x, y, masks
+
+
+def _to_device(
+    x: torch.Tensor, y: torch.Tensor, config: SubsetTrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(config.device)
+    if x.is_floating_point():
+        x = x.to(config.dtype)
+    y = y.to(config.device)
+    if y.is_floating_point():
+        y = y.to(config.dtype)
+    return x, y
+
+
+def _train_sequential(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    batches: list[list[torch.Tensor]],
+    config: SubsetTrainConfig,
+    loss_fn: LossFn,
+    bar: tqdm,
+) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    for epoch in batches:
+        for idx in epoch:
+            sel = idx[mask[idx]]
+            opt.zero_grad(set_to_none=False)
+            if sel.numel() > 0:
+                loss = loss_fn(model(x[sel]), y[sel]).mean()
+                loss.backward()
+            else:  # no subset sample in this batch: zero gradient, still step
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+            opt.step()
+        bar.update(1)
+
+
+def _train_vectorized(
+    models: list[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    masks: torch.Tensor,
+    batches: list[list[torch.Tensor]],
+    config: SubsetTrainConfig,
+    loss_fn: LossFn,
+    bar: tqdm,
+) -> None:
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def forward(
+        p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor
+    ) -> torch.Tensor:
+        return functional_call(base, (p, b), (xb,))
+
+    batched = vmap(forward, in_dims=(0, 0, None), randomness="error")
+    leaves = list(params.values())
+    opt = torch.optim.SGD(
+        leaves, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    weights = masks.to(config.dtype)
+    n_models = len(models)
+    for epoch in batches:
+        for idx in epoch:
+            w = weights[:, idx]  # (S, B)
+            out = batched(params, buffers, x[idx])  # (S, B, ...)
+            yb = y[idx].repeat(n_models, *([1] * (y.dim() - 1)))  # model-major (S*B, ...)
+            per = loss_fn(out.reshape(n_models * idx.numel(), *out.shape[2:]), yb)
+            per = per.reshape(n_models, idx.numel())
+            loss = ((per * w).sum(1) / w.sum(1).clamp_min(1.0)).sum()
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            opt.step()
+        bar.update(1)
+    with torch.no_grad():
+        for s, model in enumerate(models):
+            named = dict(model.named_parameters())
+            for name, stacked in params.items():
+                named[name].copy_(stacked[s])
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def train_subset_models(
+    model_factory: Callable[[], nn.Module],
+    dataset_tensors: tuple[torch.Tensor, torch.Tensor],
+    masks: torch.Tensor,
+    config: SubsetTrainConfig | None = None,
+    *,
+    init_seeds: Sequence[int] | None = None,
+    vectorized: bool = True,
+    verbose: bool = True,
+) -> list[dict[str, torch.Tensor]]:
+    """Train one model per subset mask, vectorised or sequentially (same semantics).
+
+    See the module docstring for the exact training semantics.
+
+    Args:
+        model_factory: Zero-argument callable building a fresh (deterministic,
+            no dropout/batch norm) model on CPU.
+        dataset_tensors: ``(inputs (n, ...), targets (n, ...))`` of the full
+            training set.
+        masks: ``(n_models, n)`` 0/1 or bool; ``masks[s, i] = 1`` if sample ``i``
+            is in subset ``s``.
+        config: Hyper-parameters (default ``SubsetTrainConfig()``).
+        init_seeds: ``(n_models,)`` initialisation seeds (default
+            ``config.seed + s``).
+        vectorized: Train all models together with ``vmap`` (True) or one after
+            the other (False).
+        verbose: Show a tqdm progress bar.
+
+    Returns:
+        ``n_models`` CPU state_dicts, in mask order.
+
+    Raises:
+        ValueError: On shape/value errors in the inputs.
+        NotImplementedError: For models with dropout or batch norm.
+    """
+    config = config or SubsetTrainConfig()
+    x, y, masks = _check_inputs(dataset_tensors, masks)
+    n_models = masks.shape[0]
+    seeds = [config.seed + s for s in range(n_models)] if init_seeds is None else list(init_seeds)
+    if len(seeds) != n_models:
+        msg = f"`init_seeds` has {len(seeds)} entries for {n_models} masks."
+        raise ValueError(msg)
+    x, y = _to_device(x, y, config)
+    masks = masks.to(device=config.device, dtype=torch.bool)
+    loss_fn = _loss_fn(config.loss)
+    batches = [[b.to(config.device) for b in epoch] for epoch in _batches(x.shape[0], config)]
+    chunk = (config.model_chunk_size or n_models) if vectorized else 1
+    starts = range(0, n_models, chunk)
+    out: list[dict[str, torch.Tensor]] = []
+    with tqdm(
+        total=len(starts) * config.epochs,
+        desc="train_subset_models" + (" (vmap)" if vectorized else ""),
+        unit="epoch",
+        disable=not verbose,
+    ) as bar:
+        for start in starts:
+            stop = min(n_models, start + chunk)
+            models = [_make_model(model_factory, seeds[s], config) for s in range(start, stop)]
+            if vectorized:
+                _train_vectorized(models, x, y, masks[start:stop], batches, config, loss_fn, bar)
+            else:
+                _train_sequential(models[0], x, y, masks[start], batches, config, loss_fn, bar)
+            out.extend(
+                {k: v.detach().to("cpu").clone() for k, v in m.state_dict().items()} for m in models
+            )
+    return out
+
+
+def retrain_lds_vectorized(
+    model_factory: Callable[[], nn.Module],
+    dataset_tensors: tuple[torch.Tensor, torch.Tensor],
+    path: str | Path,
+    num_subsets: int = 100,
+    subset_ratio: float = 0.5,
+    num_runs_per_subset: int = 1,
+    seed: int | None = None,
+    config: SubsetTrainConfig | None = None,
+    *,
+    vectorized: bool = True,
+    verbose: bool = True,
+) -> None:
+    """LDS retraining with :func:`train_subset_models`, same layout as ``retrain_lds``.
+
+    Subset ``i`` uses the same positions as :func:`dattri.model_util.retrain_lds`
+    with the same ``seed`` (``default_rng(seed + i).choice(n, int(n * ratio))``);
+    run ``j`` of subset ``i`` is initialised with seed
+    ``seed + i * num_runs_per_subset + j``. The batch order is shared by all
+    models (``config.seed``). Existing weights files are skipped (resumable), and
+    models already on disk are not retrained.
+
+    Args:
+        model_factory: Zero-argument callable building a fresh model.
+        dataset_tensors: ``(inputs (n, ...), targets (n, ...))``; position ``i`` =
+            row ``i`` of the score matrix.
+        path: Output directory.
+        num_subsets: Number of subsets.
+        subset_ratio: Fraction of samples per subset, in ``(0, 1]``.
+        num_runs_per_subset: Models per subset.
+        seed: Base seed (``None``: random).
+        config: Training hyper-parameters.
+        vectorized: Use the vectorised trainer (False: sequential, same result).
+        verbose: Show progress bars.
+
+    Raises:
+        ValueError: On invalid arguments or if ``path`` holds a different run.
+    """
+    config = config or SubsetTrainConfig()
+    n = int(torch.as_tensor(dataset_tensors[0]).shape[0])
+    size = check_lds_args(num_subsets, subset_ratio, num_runs_per_subset, 0, 0, n)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    previous = check_existing_lds_metadata(path, n, subset_ratio, num_runs_per_subset)
+    seed_given = seed is not None
+    base_seed = int(seed) if seed_given else random_seed()
+    identity = list(range(n))
+    ids = list(range(int(num_subsets)))
+    todo: list[tuple[int, int]] = []
+    rows: list[np.ndarray] = []
+    for i in ids:
+        pos = prepare_lds_subset(
+            path / str(i),
+            lds_subset_positions(n, size, base_seed, i),
+            identity,
+            seed_given=seed_given,
+        )
+        for j in range(num_runs_per_subset):
+            if not (path / str(i) / f"model_weights_{j}.pt").exists():
+                todo.append((i, j))
+                mask = np.zeros(n, dtype=bool)
+                mask[pos] = True
+                rows.append(mask)
+    if todo:
+        state_dicts = train_subset_models(
+            model_factory,
+            dataset_tensors,
+            torch.from_numpy(np.stack(rows)),
+            config,
+            init_seeds=[base_seed + i * num_runs_per_subset + j for i, j in todo],
+            vectorized=vectorized,
+            verbose=verbose,
+        )
+        for (i, j), sd in zip(todo, state_dicts, strict=True):
+            atomic_torch_save(sd, path / str(i) / f"model_weights_{j}.pt")
+    base = {
+        "mode": "lds",
+        "data_length": n,
+        "train_func": f"train_subset_models:{func_name(model_factory)}",
+        "num_subsets": int(num_subsets),
+        "subset_ratio": float(subset_ratio),
+        "num_runs_per_subset": int(num_runs_per_subset),
+        "seed": base_seed if seed_given else None,
+        "trainer": config.to_dict(),
+        "subset_dir_map": {},
+    }
+    finalize_lds_metadata(path, ids=ids, total_num_subsets=0, base=base, previous=previous)
