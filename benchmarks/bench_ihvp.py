@@ -69,7 +69,7 @@ def make_problem(n_train, random_data, device):
         loss = loss_fn(theta, X, y)
         loss.backward()
         opt.step()
-    return theta.detach().to(device), X.to(device), y.to(device), float(loss)
+    return theta.detach().to(device), X.to(device), y.to(device), float(loss.detach())
 
 
 def top_eig(theta, X, y, iters=30):
@@ -152,7 +152,8 @@ def main():
             f"{t_loop / max(t_batch, 1e-9):.1f}x | {err:.2e} | {err_loop:.1e} |"
         )
     print(
-        "| solver | build s | batched s | per-vector loop s | loop/batched | rel. err vs explicit | batched vs loop |"
+        "| solver | build s | batched s | per-vector loop s | loop/batched "
+        "| rel. err vs explicit | batched vs loop |"
     )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))

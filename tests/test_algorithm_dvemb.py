@@ -10,7 +10,8 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from dattri.algorithm.dvemb import DVEmbAttributor
-from dattri.algorithm.utils import dvemb_embeddings
+from dattri.algorithm.utils import dense_projection_matrix, dvemb_embeddings
+from dattri.params.projection import DVEmbProjectionParams
 from dattri.task import AttributionTask
 
 N_TRAIN, BATCH, LR = 8, 3, 0.5
@@ -185,7 +186,34 @@ def test_layer_subset_factorized_equals_none_mode_on_same_layer():
     for e in EPOCHS:
         torch.testing.assert_close(fac.embeddings[e], emb_ref[e], atol=1e-12, rtol=1e-9)
         torch.testing.assert_close(none.embeddings[e], emb_ref[e], atol=1e-12, rtol=1e-9)
-    torch.testing.assert_close(fac.attribute(_test_loader()), none.attribute(_test_loader()))
+    ref = (emb_ref[3] + emb_ref[7]) @ g_test.T
+    torch.testing.assert_close(fac.attribute(_test_loader()), ref, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(none.attribute(_test_loader()), ref, atol=1e-12, rtol=1e-9)
+
+
+def test_conv_layers_factorized_equal_none_mode():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(75, 2)
+    ).double()
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,))
+
+    def fl(params, s):
+        return F.cross_entropy(functional_call(m, params, (s[0].unsqueeze(0),)), s[1].unsqueeze(0))
+
+    attrs = [DVEmbAttributor(AttributionTask(fl, m, m.state_dict()), verbose=False)]
+    for kind in ("kronecker", "elementwise"):
+        task = AttributionTask(_eager_loss, m, m.state_dict())
+        attrs.append(DVEmbAttributor(task, None, kind, ["0", "3"], verbose=False))
+    for a in attrs:
+        a.cache_gradients(0, (x[:4], y[:4]), torch.arange(4), 0.3)
+        a.cache_gradients(1, (x[4:], y[4:]), torch.tensor([1, 5]), 0.2)
+        a.cache()
+    for a in attrs[1:]:
+        for e in (0, 1):
+            torch.testing.assert_close(a.embeddings[e], attrs[0].embeddings[e])
+        torch.testing.assert_close(a.attribute([(x, y)]), attrs[0].attribute([(x, y)]))
 
 
 def test_dense_and_low_rank_recursions_agree_and_external_gradients():
@@ -214,17 +242,19 @@ def test_errors_and_warnings():
     model = _model()
     with pytest.raises(ValueError, match="Wrong loss function format"):
         _factor_attr(model, "none")
+    task = AttributionTask(_functional_loss(model), model, checkpoints=model.state_dict())
     with pytest.raises(ValueError, match="Wrong loss function format"):
-        task = AttributionTask(_functional_loss(model), model, checkpoints=model.state_dict())
         DVEmbAttributor(task, factorization_type="kronecker")
     with pytest.raises(ValueError, match="factorization_type"):
         _none_attr(model, factorization_type="lowrank")
     with pytest.raises(ValueError, match="layer_names"):
         _factor_attr(model, "kronecker", layer_names=["1"])
     attr = _none_attr(model)
-    with pytest.raises(NotImplementedError, match="factorized"):
-        with attr.cache_gradients_context(0, torch.arange(3), 0.1):
-            pass
+    with (
+        pytest.raises(NotImplementedError, match="factorized"),
+        attr.cache_gradients_context(0, torch.arange(3), 0.1),
+    ):
+        pass
     with pytest.raises(ValueError, match="No gradients cached"):
         attr.cache()
     with pytest.raises(RuntimeError, match="cache\\(\\)"):
@@ -242,9 +272,11 @@ def test_errors_and_warnings():
     with pytest.raises(ValueError, match="External gradients"):
         fac.cache(gradients={0: [torch.zeros(1, 2)]})
     fac.cache_gradients(0, (x_tr[:3], y_tr[:3]), torch.arange(3), 0.1)
-    with pytest.warns(UserWarning, match="Both"):
-        with fac.cache_gradients_context(0, torch.arange(3, 6), 0.1):
-            F.cross_entropy(model(x_tr[3:6]), y_tr[3:6]).backward()
+    with (
+        pytest.warns(UserWarning, match="Both"),
+        fac.cache_gradients_context(0, torch.arange(3, 6), 0.1),
+    ):
+        F.cross_entropy(model(x_tr[3:6]), y_tr[3:6]).backward()
 
 
 def test_nan_detected():
@@ -253,6 +285,91 @@ def test_nan_detected():
         dvemb_embeddings(steps, 1)
 
 
-def test_projection_is_applied_consistently():
-    pytest.importorskip("dattri.func.projection")
-    assert math.isfinite(1.0)
+def _layer_matrices(g):
+    """Split explicit grads (B, 26) of the MLP into [W | b] matrices per layer."""
+    w0, b0 = g[:, :12].reshape(-1, 4, 3), g[:, 12:16].reshape(-1, 4, 1)
+    w2, b2 = g[:, 16:24].reshape(-1, 2, 4), g[:, 24:26].reshape(-1, 2, 1)
+    return {"0": torch.cat([w0, b0], 2), "2": torch.cat([w2, b2], 2)}
+
+
+@pytest.mark.parametrize(
+    ("kind", "k", "ptype"), [("kronecker", 4, "normal"), ("elementwise", 3, "rademacher")]
+)
+def test_factorized_projection_equals_projected_reference(kind, k, ptype):
+    params = DVEmbProjectionParams(proj_dim_per_layer=k, proj_type=ptype, proj_seed=3)
+    attr = _run(lambda m: _factor_attr(m, kind, proj_params=params))
+    attr.cache()
+    mats = attr.projectors
+    assert mats["0"][0].shape == (math.isqrt(k) if kind == "kronecker" else k, 4)
+    assert mats["2"][1].shape[1] == 2
+    if ptype == "rademacher":  # the requested type is used: entries +-1/sqrt(k)
+        torch.testing.assert_close(mats["0"][0].abs(), torch.full_like(mats["0"][0], k**-0.5))
+
+    def project(g):
+        parts = []
+        for name, gm in _layer_matrices(g).items():
+            p_in, p_out = mats[name]
+            proj = p_out @ gm @ p_in.T  # (B, k_out, k_in)
+            if kind == "kronecker":
+                parts.append(proj.reshape(len(g), -1))
+            else:
+                parts.append(math.sqrt(k) * torch.diagonal(proj, dim1=1, dim2=2))
+        return torch.cat(parts, 1)
+
+    emb_ref, g_test, _ = _reference(project=project)
+    for e in EPOCHS:
+        torch.testing.assert_close(attr.embeddings[e], emb_ref[e], atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(
+        attr.attribute(_test_loader()), (emb_ref[3] + emb_ref[7]) @ g_test.T, atol=1e-12, rtol=1e-9
+    )
+
+
+def test_none_mode_projection_and_default_type_warning():
+    params = DVEmbProjectionParams(proj_dim_per_layer=5, proj_type="sjlt", proj_seed=1)
+    attr = _run(lambda m: _none_attr(m, proj_params=params))
+    attr.cache()
+    p = dense_projection_matrix(26, 5, "sjlt", 1, "cpu", torch.float64)
+    emb_ref, g_test, _ = _reference(project=lambda g: g @ p.T)
+    for e in EPOCHS:
+        torch.testing.assert_close(attr.embeddings[e], emb_ref[e], atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(attr.attribute(_test_loader()), (emb_ref[3] + emb_ref[7]) @ g_test.T)
+    # upstream default proj_type="identity" with a dimension means a normal projection
+    with pytest.warns(UserWarning, match="'normal' projection"):
+        fac = _factor_attr(
+            _model(), "kronecker", proj_params=DVEmbProjectionParams(proj_dim_per_layer=4)
+        )
+    p_in, _ = fac._factor_projectors("0", 0, fac._modules["0"])
+    assert len(torch.unique(p_in.abs())) > 2  # Gaussian, not a mask/sign matrix
+    with pytest.warns(UserWarning, match="perfect square"):
+        _factor_attr(
+            _model(),
+            "kronecker",
+            proj_params=DVEmbProjectionParams(proj_dim_per_layer=5, proj_type="normal"),
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["none", "kronecker", "elementwise"])
+def test_cuda_matches_cpu(kind):
+    params = DVEmbProjectionParams(proj_dim_per_layer=4, proj_type="normal", proj_seed=2)
+    x_tr, y_tr, x_te, y_te = _data()
+    out = {}
+    for dev in ("cpu", "cuda"):
+        model = _model().to(dev)
+        if kind == "none":
+            attr = _none_attr(model, proj_params=params)
+        else:
+            attr = _factor_attr(model, kind, proj_params=params)
+        for t, (epoch, idx) in enumerate(_schedule()):
+            x, y = x_tr[idx].to(dev), y_tr[idx].to(dev)
+            attr.cache_gradients(epoch, (x, y), idx, LR / (1 + t))
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= LR / (1 + t) * p.grad
+        attr.cache()
+        assert attr.embeddings[3].device.type == dev
+        out[dev] = attr.attribute(DataLoader(TensorDataset(x_te.to(dev), y_te.to(dev))))
+    torch.testing.assert_close(out["cuda"].cpu(), out["cpu"], atol=1e-10, rtol=1e-7)

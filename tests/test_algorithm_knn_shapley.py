@@ -139,14 +139,20 @@ def test_dict_batches_explicit_labels_and_custom_distance():
         DataLoader(TensorDataset(x_test, y_test), batch_size=4),
     )
     attr = KNNShapleyAttributor(2, label_key="target", verbose=False)
-    got = attr.attribute(DataLoader(DictDS(x_train, y_train), batch_size=3),
-                         DataLoader(DictDS(x_test, y_test), batch_size=3))
+    got = attr.attribute(
+        DataLoader(DictDS(x_train, y_train), batch_size=3),
+        DataLoader(DictDS(x_test, y_test), batch_size=3),
+    )
     torch.testing.assert_close(got, ref)
     # explicit labels with label-free tensor batches and a custom (L1) distance
     l1 = KNNShapleyAttributor(
         2, distance_func=lambda a, b: torch.cdist(a, b, p=1), verbose=False
-    ).attribute(DataLoader(x_train, batch_size=3), DataLoader(x_test, batch_size=3),
-                train_labels=y_train.tolist(), test_labels=y_test)
+    ).attribute(
+        DataLoader(x_train, batch_size=3),
+        DataLoader(x_test, batch_size=3),
+        train_labels=y_train.tolist(),
+        test_labels=y_test,
+    )
     dist = torch.cdist(x_test, x_train, p=1)
     for j in range(5):
         loop = _loop_recursion(dist[j].tolist(), y_train.tolist(), int(y_test[j]), 2)
@@ -173,3 +179,17 @@ def test_errors():
         bad.attribute(train, test)
     with pytest.warns(UserWarning, match="shuffles"):
         attr.attribute(DataLoader(TensorDataset(x_train, y_train), shuffle=True), test)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(4)
+    x_train, y_train = torch.randn(300, 6, generator=g), torch.randint(0, 3, (300,), generator=g)
+    x_test, y_test = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    train = DataLoader(TensorDataset(x_train.double(), y_train), batch_size=64)
+    test = DataLoader(TensorDataset(x_test.double(), y_test), batch_size=16)
+    cpu = KNNShapleyAttributor(4, verbose=False).attribute(train, test)
+    gpu = KNNShapleyAttributor(4, device="cuda", verbose=False).attribute(train, test)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu)

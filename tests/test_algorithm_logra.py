@@ -5,6 +5,7 @@ References are built from exact per-sample gradients (a Python loop of
 compressed with the attributor's own projection matrices.
 """
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -28,7 +29,7 @@ IDENTITY = {"proj_type": "identity"}
 
 
 def _mlp_problem():
-    return cached_random_mlp(n_train=24, n_test=6, d_in=5, hidden=6, n_classes=3)
+    return cached_random_mlp(n_train=24, n_test=6, d_in=5, hidden=6, n_classes=3, train=False)
 
 
 def _functional_loss(model):
@@ -57,7 +58,8 @@ def _loaders(pb, bs_train=10, bs_test=4):
 def _layer_grad_mats(model, layer, x, y, loss_one=None):
     """Exact per-sample layer gradient matrices [grad_W | grad_b], (n, d_out, d_in')."""
     module = dict(model.named_modules())[layer]
-    params = [module.weight] + ([module.bias] if module.bias is not None else [])
+    bias = getattr(module, "bias", None)
+    params = [module.weight] + ([bias] if bias is not None else [])
     out = []
     for i in range(len(x)):
         if loss_one is None:
@@ -72,13 +74,13 @@ def _layer_grad_mats(model, layer, x, y, loss_one=None):
     return torch.stack(out)
 
 
-def _compressed(att, model, x, y, loss_one=None):
+def _compressed(att, model, x, y, loss_one=None, stage2=True):
     """Per-layer compressed gradients from exact gradients and the attributor's factors."""
     reps = []
     for comp in att.compressors:
         g = _layer_grad_mats(model, comp.name, x, y, loss_one)
         c = torch.einsum("ko,nod,ld->nkl", comp.proj_out, g, comp.proj_in).reshape(len(x), -1)
-        if comp.projector is not None:
+        if comp.projector is not None and stage2:
             c = comp.projector(c)
         reps.append(c)
     return reps
@@ -128,8 +130,10 @@ def test_logra_identity_compression_equals_grad_dot(layer_names):
     ref = grads(pb.x_train, pb.y_train) @ grads(pb.x_test, pb.y_test).T
     assert scores.shape == (24, 6)
     torch.testing.assert_close(scores, ref, rtol=1e-10, atol=1e-12)
-    assert att.layer_dims == [sum(p.numel() for n, p in pb.model.named_parameters()
-                                  if n.startswith(f"{layer}.")) for layer in layers]
+    assert att.layer_dims == [
+        sum(p.numel() for n, p in pb.model.named_parameters() if n.startswith(f"{layer}."))
+        for layer in layers
+    ]
 
 
 @pytest.mark.parametrize("damping", [None, 0.3])
@@ -141,10 +145,14 @@ def test_logra_efim_identity_compression_equals_inverse_fisher(damping):
     train, test = _loaders(pb)
     att.cache(train)
     scores = att.attribute(train, test)
-    tr = [g.reshape(24, -1) for g in (_layer_grad_mats(pb.model, n, pb.x_train, pb.y_train)
-                                      for n in ("0", "2"))]
-    te = [g.reshape(6, -1) for g in (_layer_grad_mats(pb.model, n, pb.x_test, pb.y_test)
-                                     for n in ("0", "2"))]
+    tr = [
+        g.reshape(24, -1)
+        for g in (_layer_grad_mats(pb.model, n, pb.x_train, pb.y_train) for n in ("0", "2"))
+    ]
+    te = [
+        g.reshape(6, -1)
+        for g in (_layer_grad_mats(pb.model, n, pb.x_test, pb.y_test) for n in ("0", "2"))
+    ]
     ref = _reference_scores(tr, te, "eFIM", 0.1 if damping is None else damping)
     torch.testing.assert_close(scores, ref, rtol=1e-7, atol=1e-9)
     # damping really matters (the test would catch a wrong convention)
@@ -174,7 +182,7 @@ def test_logra_compressed_equals_hand_formula(hessian):
 
 
 def test_logra_factors_are_gaussian_and_seeded():
-    pb = cached_random_mlp(n_train=24, n_test=6, d_in=40, hidden=50, n_classes=3)
+    pb = cached_random_mlp(n_train=24, n_test=6, d_in=40, hidden=50, n_classes=3, train=False)
     kw = {"proj_params": {"proj_dim_per_layer": 256, "proj_seed": 1}, "verbose": False}
     a = LoGraAttributor(_task(pb.model), **kw)
     b = LoGraAttributor(_task(pb.model), **kw)
@@ -211,20 +219,35 @@ def _factgrass(pb, seed=0, **kw):
 
 
 def test_factgrass_shapes_formula_and_determinism():
-    pb = cached_random_mlp(n_train=24, n_test=6, d_in=7, hidden=12, n_classes=3)
+    pb = cached_random_mlp(n_train=24, n_test=6, d_in=7, hidden=12, n_classes=3, train=False)
     att = _factgrass(pb)
-    # masks of sqrt(16) = 4 coordinates per side, SJLT 16 -> 8
+    # masks of sqrt(16) = 4 coordinates per side (capped at 3 outputs), SJLT -> 8
     assert att.layer_dims == [8, 8]
+    shapes = [(c.proj_out.shape, c.proj_in.shape) for c in att.compressors]
+    assert shapes == [((4, 12), (4, 8)), ((3, 3), (4, 13))]
     for comp in att.compressors:
-        assert comp.proj_out.shape[0] == 4 and comp.proj_in.shape[0] == 4
         for p in (comp.proj_in, comp.proj_out):  # random masks: unscaled 0/1 rows
-            assert torch.equal(p.sum(1), torch.ones(4, dtype=p.dtype))
+            assert torch.equal(p.sum(1), torch.ones(len(p), dtype=p.dtype))
+            assert torch.equal(p.sum(0).max(), torch.tensor(1.0, dtype=p.dtype))
             assert set(p.unique().tolist()) <= {0.0, 1.0}
+    # second stage is an SJLT: one +-1 per input coordinate
+    sjlt = [
+        c.projector(torch.eye(c.proj_out.shape[0] * c.proj_in.shape[0]).double())
+        for c in att.compressors
+    ]
+    for mat in sjlt:
+        assert torch.equal((mat != 0).sum(1), torch.ones(len(mat), dtype=torch.long))
+        assert set(mat.unique().tolist()) == {-1.0, 0.0, 1.0}
     train, test = _loaders(pb)
     att.cache(train)
     scores = att.attribute(train, test)
-    tr = _compressed(att, pb.model, pb.x_train, pb.y_train)
-    te = _compressed(att, pb.model, pb.x_test, pb.y_test)
+    tr = [
+        c @ m
+        for c, m in zip(_compressed(att, pb.model, pb.x_train, pb.y_train, stage2=False), sjlt)
+    ]
+    te = [
+        c @ m for c, m in zip(_compressed(att, pb.model, pb.x_test, pb.y_test, stage2=False), sjlt)
+    ]
     torch.testing.assert_close(scores, _reference_scores(tr, te, "eFIM", 0.05))
     # same seed -> identical, other seed -> different
     again = _factgrass(pb)
@@ -271,15 +294,16 @@ def test_offload_modes_identical_and_disk_only_in_cache_dir(offload, tmp_path, m
     monkeypatch.chdir(cwd)
     cache_dir = tmp_path / "cache"
     kw = {"proj_params": {"proj_dim_per_layer": 9}, "damping": 0.05, "verbose": False}
-    ref = LoGraAttributor(_task(pb.model), offload="none", **kw)
+    ref = LoGraAttributor(_task(pb.model), offload="none", chunk_size=1, **kw)
     train, test = _loaders(pb, bs_train=7)  # uneven batches
     ref.cache(train)
     expected = ref.attribute(train, test)
     att = LoGraAttributor(_task(pb.model), offload=offload, cache_dir=cache_dir, chunk_size=1, **kw)
     att.cache(train)
     torch.testing.assert_close(att.attribute(train, test), expected, rtol=0, atol=0)
-    torch.testing.assert_close(att.compute_self_attribution(), expected.new_tensor(
-        torch.diagonal(ref.attribute(train, train))), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        att.compute_self_attribution(), torch.diagonal(ref.attribute(train, train))
+    )
     assert list(cwd.iterdir()) == []
     if offload == "disk":
         names = sorted(p.name for p in cache_dir.iterdir())
@@ -411,10 +435,14 @@ def test_target_function_used_on_test_side():
     def tgt_one(m, x, y):
         return m(x).log_softmax(-1).gather(1, y[:, None]).sum() * 2.0
 
-    tr = [g.reshape(24, -1) for g in (_layer_grad_mats(model, n, pb.x_train, pb.y_train)
-                                      for n in ("0", "2"))]
-    te = [g.reshape(6, -1) for g in (_layer_grad_mats(model, n, pb.x_test, pb.y_test, tgt_one)
-                                     for n in ("0", "2"))]
+    tr = [
+        g.reshape(24, -1)
+        for g in (_layer_grad_mats(model, n, pb.x_train, pb.y_train) for n in ("0", "2"))
+    ]
+    te = [
+        g.reshape(6, -1)
+        for g in (_layer_grad_mats(model, n, pb.x_test, pb.y_test, tgt_one) for n in ("0", "2"))
+    ]
     torch.testing.assert_close(scores, _reference_scores(tr, te, "Identity", 0))
     diag = torch.diagonal(att.attribute(train, train))
     torch.testing.assert_close(att.self_attribute(train), diag)
@@ -424,7 +452,7 @@ def test_multiple_checkpoints_warns_and_uses_first():
     pb = _mlp_problem()
     sd = {k: v.clone() for k, v in pb.model.state_dict().items()}
     sd2 = {k: v * 2 for k, v in sd.items()}
-    model = cached_random_mlp(n_train=24, n_test=6, d_in=5, hidden=6, n_classes=3, seed=0).model
+    model = copy.deepcopy(pb.model)
     with pytest.warns(UserWarning, match="checkpoint 0"):
         att = LoGraAttributor(
             _task(model, checkpoints=[sd, sd2]), proj_params=IDENTITY, verbose=False
@@ -528,16 +556,59 @@ def test_cache_dir_metadata_is_not_reloaded(tmp_path):
     pb = _mlp_problem()
     train, test = _loaders(pb)
     a = LoGraAttributor(
-        _task(pb.model), layer_names=["0"], offload="disk", cache_dir=tmp_path,
-        proj_params=IDENTITY, verbose=False,
+        _task(pb.model),
+        layer_names=["0"],
+        offload="disk",
+        cache_dir=tmp_path,
+        proj_params=IDENTITY,
+        verbose=False,
     )
     a.cache(train)
     # a second attributor with other layers in the same folder is not confused
     b = LoGraAttributor(
-        _task(pb.model), layer_names=["2"], offload="disk", cache_dir=tmp_path,
-        proj_params=IDENTITY, verbose=False,
+        _task(pb.model),
+        layer_names=["2"],
+        offload="disk",
+        cache_dir=tmp_path,
+        proj_params=IDENTITY,
+        verbose=False,
     )
     b.cache(train)
     assert b.layer_dims == [21]
     assert b.attribute(train, test).shape == (24, 6)
     assert Path(tmp_path / "block_projected_if_metadata.json").exists()
+
+
+def test_default_and_object_params():
+    from dattri.params.projection import FactGrassProjectionParams, LoGraProjectionParams
+
+    pb = _mlp_problem()
+    task = _task(pb.model)
+    assert LoGraAttributor(task, verbose=False).layer_dims == [4096, 4096]
+    fg = FactGraSSAttributor(task, verbose=False)
+    assert fg.layer_dims == [4096, 4096]
+    assert fg.compressors[0].proj_in.shape == (6, 6)  # mask of 128 capped at d_in + 1
+    train, test = _loaders(pb)
+    by_obj = LoGraAttributor(
+        task, proj_params=LoGraProjectionParams(proj_dim_per_layer=4, proj_seed=7), verbose=False
+    )
+    by_dict = LoGraAttributor(
+        task, proj_params={"proj_dim_per_layer": 4, "proj_seed": 7}, verbose=False
+    )
+    for att in (by_obj, by_dict):
+        att.cache(train)
+    torch.testing.assert_close(by_obj.attribute(train, test), by_dict.attribute(train, test))
+    fg_obj = FactGraSSAttributor(
+        task,
+        proj_params=FactGrassProjectionParams(proj_dim_per_layer=8, proj_seed=2),
+        blowup_factor=2,
+        verbose=False,
+    )
+    assert fg_obj.layer_dims == [8, 8]
+
+
+def test_loss_with_parameter_penalty_is_rejected_clearly():
+    pb = _mlp_problem()
+    att = LoGraAttributor(_task(pb.model, loss=pb.loss_if), proj_params=IDENTITY, verbose=False)
+    with pytest.raises(ValueError, match="outside"):
+        att.cache(pb.train_loader(10))

@@ -146,8 +146,9 @@ def test_dict_batches_label_key_and_checkpoint_mean():
 
     def make(ckpts, m):
         task = AttributionTask(loss_func=_ce, model=m, checkpoints=ckpts)
-        return RPSAttributor(task, "head.fc", l2_strength=0.02, epoch=300, verbose=False,
-                             label_key="target")
+        return RPSAttributor(
+            task, "head.fc", l2_strength=0.02, epoch=300, verbose=False, label_key="target"
+        )
 
     dm = DictModel().double()
     both = make([ck1, ck2], dm)
@@ -165,8 +166,9 @@ def test_dict_batches_label_key_and_checkpoint_mean():
     tup = RPSAttributor(task, "head.fc", l2_strength=0.02, epoch=300, verbose=False)
     train = DataLoader(TensorDataset(x_tr, y_tr), batch_size=7)
     tup.cache(train)
-    torch.testing.assert_close(tup.attribute(train, DataLoader(TensorDataset(x_te, y_te))),
-                               singles[0])
+    torch.testing.assert_close(
+        tup.attribute(train, DataLoader(TensorDataset(x_te, y_te))), singles[0]
+    )
 
 
 def test_gd_solver_matches_lbfgs_and_helpers():
@@ -220,3 +222,22 @@ def test_errors():
         attr.attribute(train, bad)
     with pytest.raises(ValueError, match="needs labels"):
         attr.attribute(train, DataLoader(x_te, batch_size=8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    model, x_tr, y_tr, x_te, y_te = _problem(seed=5)
+    train = DataLoader(TensorDataset(x_tr, y_tr), batch_size=10)
+    test = DataLoader(TensorDataset(x_te, y_te), batch_size=4)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        m = Net().double().to(dev)
+        m.load_state_dict(model.state_dict())
+        task = AttributionTask(loss_func=_ce, model=m, checkpoints=m.state_dict())
+        attr = RPSAttributor(task, "head.fc", l2_strength=0.01, device=dev, verbose=False)
+        attr.cache(train)
+        out[dev] = (attr.attribute(train, test), attr.self_attribute(train))
+    assert out["cuda"][0].device.type == "cuda"
+    torch.testing.assert_close(out["cuda"][0].cpu(), out["cpu"][0], atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(out["cuda"][1].cpu(), out["cpu"][1], atol=1e-8, rtol=1e-6)

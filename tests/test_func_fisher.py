@@ -27,6 +27,15 @@ from dattri.func.fisher import (
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny problems: one intra-op thread avoids oversubscription on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -377,3 +386,39 @@ def test_pipeline_single_sample_layer_is_exact():
     expect = torch.linalg.solve(fisher + 0.1 * torch.eye(15, dtype=DT), V.reshape(6, -1).T).T
     out = ekfac_ifvp(V, *eig[""], lam, damping=0.1).reshape(6, -1)
     assert rel_err(out, expect) < 1e-8
+
+
+@pytest.mark.gpu
+def test_fisher_on_cuda_match_cpu():
+    assert torch.cuda.is_available(), "needs CUDA: run on the GPU machine with `pytest -m gpu`"
+    g = gen(10)
+    X, y = torch.randn(12, 4, generator=g, dtype=DT), torch.randint(0, 3, (12,), generator=g)
+    theta = torch.randn(42, generator=g, dtype=DT)
+    V = torch.randn(3, 42, generator=g, dtype=DT)
+    cpu = ifvp_at_x_explicit(mlp_losses, theta, X, y, regularization=0.1)(V)
+    gpu = ifvp_at_x_explicit(mlp_losses, theta.cuda(), X.cuda(), y.cuda(), regularization=0.1)
+    assert torch.allclose(gpu(V.cuda()).cpu(), cpu, rtol=1e-8)
+    layers = [torch.randn(9, 4, generator=g, dtype=DT), torch.randn(9, 6, generator=g, dtype=DT)]
+    W = torch.randn(5, 10, generator=g, dtype=DT)
+    out = ifvp_datainf([t.cuda() for t in layers], W.cuda())
+    assert out.device.type == "cuda"
+    assert torch.allclose(out.cpu(), ifvp_datainf(layers, W), rtol=1e-10)
+    torch.manual_seed(0)
+    model = SeqModel().to(DT)
+    x, yy = torch.randn(16, 3, 4, generator=g, dtype=DT), torch.randint(0, 3, (16, 3), generator=g)
+    loader = [(x[:8], yy[:8]), (x[8:], yy[8:])]
+    results = {}
+    for device in ("cpu", "cuda"):
+        model.to(device)
+
+        def mean_loss(batch):
+            return per_sample_losses(model, *batch).mean()
+
+        with linear_layer_cache(model, ["fc1", "fc2"]) as cache:
+            eig = estimate_eigenvector(estimate_covariance(mean_loss, loader, cache, device=device))
+            results[device] = estimate_lambda(mean_loss, loader, eig, cache, device=device)
+    for name in ("fc1", "fc2"):
+        assert results["cuda"][name].device.type == "cuda"
+        assert torch.allclose(
+            results["cuda"][name].cpu(), results["cpu"][name], rtol=1e-6, atol=1e-10
+        )

@@ -25,6 +25,15 @@ from dattri.func.hessian import (
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny problems: one intra-op thread avoids oversubscription on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -473,3 +482,47 @@ def test_non_finite_hessian_raises():
         ihvp_at_x_explicit(bad, x)
     with pytest.raises(IHVPUsageError, match="not finite"):
         ihvp_at_x_cg(bad, x)(torch.ones(3, dtype=DT))
+
+
+def test_solvers_work_under_no_grad(lr):
+    w, X, y, H = lr
+    V = vecs(5)
+    with torch.no_grad():
+        for mode in ("rev-rev", "rev-fwd"):
+            assert rel_err(hvp_at_x(lr_loss, (w, X, y), mode=mode)(V), V @ H) < 1e-10
+        out = ihvp_at_x_cg(lr_loss, w, X, y, max_iter=50, tol=1e-12, regularization=0.1)(V)
+    assert rel_err(out, ref_solve(H, V, 0.1)) < 1e-8
+
+
+@pytest.mark.gpu
+def test_solvers_on_cuda_match_cpu(mlp):
+    assert torch.cuda.is_available(), "needs CUDA: run on the GPU machine with `pytest -m gpu`"
+    theta, X, y, H = mlp
+    x_cpu = (theta, X, y)
+    x_gpu = tuple(t.cuda() for t in x_cpu)
+    V = vecs(P_MLP)
+    for mode in ("rev-rev", "rev-fwd"):
+        out = hvp_at_x(mlp_loss, x_gpu, mode=mode)(V.cuda())
+        assert out.device.type == "cuda"
+        assert rel_err(out.cpu(), V @ H) < 1e-8
+    expect = ref_solve(H, V, 1.0)
+    builders = {
+        "explicit": lambda x: ihvp_at_x_explicit(mlp_loss, *x, regularization=1.0),
+        "cg": lambda x: ihvp_at_x_cg(mlp_loss, *x, max_iter=200, tol=1e-10, regularization=1.0),
+        "arnoldi": lambda x: ihvp_at_x_arnoldi(
+            mlp_loss, *x, max_iter=200, top_k=P_MLP, regularization=1.0
+        ),
+    }
+    for name, build in builders.items():
+        f = build(x_gpu)
+        out = f(V.cuda())
+        assert out.device.type == "cuda", name
+        assert rel_err(out.cpu(), expect) < 1e-6, name
+        assert f(V).device.type == "cpu", name  # v on CPU: result follows v
+    kw = dict(batch_size=10, num_repeat=2, recursion_depth=20, scaling=20.0, verbose=False)
+    lissa_gpu = ihvp_at_x_lissa(mlp_loss, *x_gpu, **kw)(V.cuda())
+    lissa_cpu = ihvp_at_x_lissa(mlp_loss, *x_cpu, **kw)(V)
+    assert torch.allclose(lissa_gpu.cpu(), lissa_cpu, rtol=1e-8, atol=1e-10)  # same batches
+    a_gpu = ihvp_at_x_arnoldi(mlp_loss, *x_gpu, max_iter=10, top_k=5, seed=2)(V.cuda())
+    a_cpu = ihvp_at_x_arnoldi(mlp_loss, *x_cpu, max_iter=10, top_k=5, seed=2)(V)
+    assert torch.allclose(a_gpu.cpu(), a_cpu, rtol=1e-6, atol=1e-8)  # same start vector

@@ -594,3 +594,34 @@ def test_cuda_float32_cnn_hook_agrees_with_vmap():
         a = per_sample_grad(model, loss, params, data, keep_batch_dim=True, route="auto")
     b = per_sample_grad(model, loss, params, data, keep_batch_dim=True, route="vmap")
     assert_close(a, b, rtol=1e-3)
+
+
+def test_probe_cache_reuses_only_same_objects(monkeypatch):
+    import dattri.func.grad_capture as gc
+
+    count = []
+    orig = gc._probe
+
+    def spy(*args, **kwargs):
+        count.append(1)
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(gc, "_probe", spy)
+    model = mlp()
+    data = mlp_data()
+    params = params_of(model)
+    loss = make_loss(model, False)
+    a = per_sample_grad(model, loss, params, data, route="hook")
+    b = per_sample_grad(model, loss, params, (data[0][:3], data[1][:3]), route="hook")
+    assert len(count) == 1
+    torch.testing.assert_close(a[:3], b, rtol=0, atol=0)
+    base = make_loss(model, False)
+
+    def penalised(p, s):
+        return base(p, s) + (p["0.bias"] ** 2).sum()
+
+    with pytest.warns(UserWarning, match=r"0\.bias"):
+        per_sample_grad(model, penalised, params, data)
+    assert len(count) == 2
+    per_sample_grad(model, make_loss(model, True), params, data, keep_batch_dim=True)
+    assert len(count) == 3

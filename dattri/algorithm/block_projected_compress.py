@@ -166,8 +166,10 @@ def factor_matrix(proj_type: str, k: int, d: int, seed: int) -> Tensor:
         raise ValueError(msg)
     gen = torch.Generator().manual_seed(int(seed))
     if proj_type == "random_mask":
-        rows = torch.randperm(d, generator=gen)[: min(k, d)].sort().values
-        return torch.eye(d, dtype=torch.float64)[rows]
+        cols = torch.randperm(d, generator=gen)[: min(k, d)].sort().values
+        mask = torch.zeros(len(cols), d, dtype=torch.float64)
+        mask[torch.arange(len(cols)), cols] = 1.0
+        return mask
     if proj_type == "normal":
         return torch.randn(k, d, generator=gen, dtype=torch.float64) / k**0.5
     signs = torch.randint(0, 2, (k, d), generator=gen).to(torch.float64) * 2 - 1

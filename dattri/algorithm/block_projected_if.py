@@ -266,11 +266,16 @@ class BlockProjectedIFAttributor(BaseAttributor):
         first = self._batch_sizes[0] if self._batch_sizes else 64
         return max(1, self.chunk_size * first)
 
-    def _path(self, name: str) -> Path | None:
+    def _disk_dir(self) -> Path | None:
+        """The cache folder (created) for ``offload="disk"``, else None."""
         if self.offload != "disk":
             return None
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        return self.cache_dir / name
+        return self.cache_dir
+
+    def _path(self, name: str) -> Path | None:
+        folder = self._disk_dir()
+        return None if folder is None else folder / name
 
     def _compress(self, batch: Any, target: bool) -> Tensor:
         """Compressed per-sample gradients of one (device) batch, ``(B, total_proj_dim)``.
@@ -399,7 +404,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
         damping = _check_damping(damping)
         if damping is None:
             damping = self.damping if self.damping is not None else DEFAULT_DAMPING
-        store = MatrixStore(self.offload, self.device, self._path(""), "preconditioner")
+        store = MatrixStore(self.offload, self.device, self._disk_dir(), "preconditioner")
         if self.hessian == "Identity":
             for i in range(len(self.layer_names)):
                 store.put(i, None)

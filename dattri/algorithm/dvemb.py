@@ -22,7 +22,6 @@ forward/backward) or, in the factorized modes, the context manager
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -33,7 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move_to_device
-from dattri.algorithm.utils import dense_projection_matrix, dvemb_embeddings, full_projector
+from dattri.algorithm.utils import (
+    capture_layer_calls,
+    dense_projection_matrix,
+    dvemb_embeddings,
+    full_projector,
+    required_positional_args,
+)
 from dattri.func.layer_grads import factor_grads, kron_project, layer_kind, linear_factors
 from dattri.func.per_sample_grad import per_sample_grad
 from dattri.task import AttributionTask
@@ -42,17 +47,6 @@ __all__ = ["DVEmbAttributor"]
 
 FACTORIZATIONS = ("none", "kronecker", "elementwise")
 _WRONG_FORMAT = "Wrong loss function format"
-
-
-def _required_args(func: Callable) -> int:
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):
-        return -1
-    return sum(
-        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        for p in sig.parameters.values()
-    )
 
 
 class DVEmbAttributor:
@@ -129,7 +123,7 @@ class DVEmbAttributor:
             ("loss", task.original_loss_func),
             ("target", task.original_target_func),
         ):
-            if _required_args(func) != want:
+            if required_positional_args(func) != want:
                 form = "loss(model, batch, device)" if want == 3 else "loss(params, sample)"
                 msg = (
                     f"{_WRONG_FORMAT} for factorization_type={factorization_type!r}: the "
@@ -261,35 +255,6 @@ class DVEmbAttributor:
         )
         return self._project_full(g)
 
-    @contextmanager
-    def _capture(self, grad_hooks: bool) -> Generator[dict[str, list[list[Tensor]]], None, None]:
-        """Record each selected layer's calls as ``[input, output]``.
-
-        With ``grad_hooks`` the output gradient is appended to each record during the
-        caller's own backward (then ``[input, output, grad]``).
-        """
-        store: dict[str, list[list[Tensor]]] = {n: [] for n in self._modules}
-        handles = []
-
-        def make(name: str) -> Callable:
-            def hook(_m: nn.Module, args: tuple, out: Tensor) -> None:
-                if not (torch.is_grad_enabled() and out.requires_grad):
-                    return
-                rec = [args[0].detach(), out]
-                store[name].append(rec)
-                if grad_hooks:
-                    out.register_hook(lambda g: rec.append(g.detach()))
-
-            return hook
-
-        try:
-            for n, m in self._modules.items():
-                handles.append(m.register_forward_hook(make(n)))
-            yield store
-        finally:
-            for h in handles:
-                h.remove()
-
     def _factor_grads_from(self, store: dict, batch_size: int) -> Tensor:
         """Per-sample (projected) layer gradients from ``[input, output, grad]`` records.
 
@@ -298,7 +263,7 @@ class DVEmbAttributor:
         """
         parts = []
         for idx, (name, module) in enumerate(self._modules.items()):
-            calls = [(c[0], c[2]) for c in store[name] if len(c) == 3]
+            calls = [(c[0], sum(c[2:])) for c in store[name] if len(c) >= 3]
             if not calls:
                 msg = (
                     f"No output gradient was recorded for layer {name!r}: the loss must be "
@@ -326,7 +291,7 @@ class DVEmbAttributor:
 
     def _factor_batch_grads(self, batch: Any, target: bool) -> Tensor:
         func = self.task.original_target_func if target else self.task.original_loss_func
-        with self._capture(grad_hooks=False) as store, torch.enable_grad():
+        with capture_layer_calls(self._modules, grad_hooks=False) as store, torch.enable_grad():
             loss = func(self.model, batch, self.device)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 msg = "The factorized loss(model, batch, device) must return a scalar mean loss."
@@ -427,7 +392,7 @@ class DVEmbAttributor:
             raise NotImplementedError(msg)
         idx = self._check_step_args(indices, learning_rate)
         self._set_method("context")
-        with self._capture(grad_hooks=True) as store:
+        with capture_layer_calls(self._modules, grad_hooks=True) as store:
             yield
         for recs in store.values():
             for c in recs:

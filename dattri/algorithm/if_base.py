@@ -119,7 +119,8 @@ class IFBase(BaseInnerProductAttributor):
 
     # ------------------------------------------------------------ train data
     def _cache_batches(self, full_train_dataloader: Iterable, ratio: float = 1.0) -> None:
-        check_loader(full_train_dataloader, "full_train_dataloader")
+        # order is irrelevant for the Hessian; the base class warns about shuffling once
+        check_loader(full_train_dataloader, "full_train_dataloader", order_matters=False)
         self._batches, self._sizes = materialize_batches(
             full_train_dataloader, self.device, ratio, self.verbose
         )
@@ -174,6 +175,7 @@ class IFBase(BaseInnerProductAttributor):
         batches = list(zip(self._batches, self._sizes))
 
         def op(mat: Tensor) -> Tensor:
+            self.task._load_checkpoints(ckpt_idx)  # buffers come from the loaded model
             out = regularization * mat if regularization else torch.zeros_like(mat)
             for batch, size in batches:
                 out = out + (size / n) * hvp_at_x(func, (params, batch), 0, mode)(mat)

@@ -1,7 +1,8 @@
 """DataInf influence functions (Kwon et al., 2024; upstream ``IFAttributorDataInf``).
 
-The parameters are split into layers (consecutive selected parameters sharing a module
-prefix, e.g. ``fc1.weight`` and ``fc1.bias``). Per layer ``l`` the inverse Hessian is
+The parameters are split into layers (consecutive selected parameters of the same
+module, e.g. ``fc1.weight`` and ``fc1.bias``; root parameters ``weight``/``bias`` form
+one layer). Per layer ``l`` the inverse Hessian is
 approximated by the average of Sherman–Morrison inverses of damped rank-one Fishers,
 
     H_l^{-1} v ~ (1/n) sum_i (g_il g_il^T + r_l I)^{-1} v
@@ -71,13 +72,17 @@ class IFAttributorDataInf(IFBase):
             raise ValueError(msg)
         self.regularization = regularization
         self.fim_estimate_data_ratio = fim_estimate_data_ratio
-        names = task.selected_param_names(layer_name)
-        layer_map = task._generate_param_layer_map(dict.fromkeys(names))
-        sizes = [task.named_parameters[n].numel() for n in names]
         #: number of parameters of each layer (consecutive blocks of the gradient).
-        self.layer_sizes: list[int] = [
-            sum(s for s, m in zip(sizes, layer_map) if m == k) for k in range(max(layer_map) + 1)
-        ]
+        self.layer_sizes: list[int] = []
+        prev = None
+        for name in task.selected_param_names(layer_name):
+            module = name.rsplit(".", 1)[0] if "." in name else ""
+            size = task.named_parameters[name].numel()
+            if module == prev:
+                self.layer_sizes[-1] += size
+            else:
+                self.layer_sizes.append(size)
+            prev = module
         self._train_grads: dict[int, list[Tensor]] = {}
         #: per checkpoint, the damping ``r_l`` of every layer.
         self.layer_regularization: dict[int, list[float]] = {}

@@ -213,8 +213,12 @@ class IFAttributorEKFAC(IFBase):
             if self._bias[n]:
                 b = test_rep[:, offset : offset + d_out]
                 offset += d_out
-            mat = linear_grad_to_matrix(w.to(lam.dtype), None if b is None else b.to(lam.dtype), d_out)
-            res_w, res_b = matrix_to_linear_grad(ekfac_ifvp(mat, q_a, q_s, lam, damp), self._bias[n])
+            mat = linear_grad_to_matrix(
+                w.to(lam.dtype), None if b is None else b.to(lam.dtype), d_out
+            )
+            res_w, res_b = matrix_to_linear_grad(
+                ekfac_ifvp(mat, q_a, q_s, lam, damp), self._bias[n]
+            )
             outs.append(res_w.reshape(res_w.shape[0], -1))
             if res_b is not None:
                 outs.append(res_b)

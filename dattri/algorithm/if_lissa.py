@@ -26,6 +26,7 @@ from dattri.task import AttributionTask
 __all__ = ["IFAttributorLiSSA", "top_eigenvalue"]
 
 _POWER_ITERS = 30
+_PROBE_ITERS = 10
 _AUTO_MARGIN = 1.1
 _N_PROBE_BATCHES = 8
 
@@ -150,6 +151,14 @@ class IFAttributorLiSSA(IFBase):
         self._fields: list[Tensor] = []
         self._rebuild: Callable[[Sequence[Tensor]], Any] | None = None
 
+    @staticmethod
+    def lissa_collate_fn(sampled_input: Sequence[Tensor]) -> tuple:
+        """Upstream helper: regroup ``(params, x, y, ...)`` as ``(params, (x, y, ...))``.
+
+        Unlike upstream, the data tensors are not cast to float (labels stay integers).
+        """
+        return sampled_input[0], tuple(sampled_input[1:])
+
     def cache(self, full_train_dataloader: Iterable) -> None:
         """Keep the training data (concatenated per field) and choose the scaling.
 
@@ -188,7 +197,8 @@ class IFAttributorLiSSA(IFBase):
                 for _ in range(_N_PROBE_BATCHES):
                     idx = torch.randperm(n, generator=gen)[: self.batch_size]
                     op = self._minibatch_op(func, params, idx)
-                    lam = max(lam, top_eigenvalue(op, p, params.dtype, params.device, gen))
+                    lam_b = top_eigenvalue(op, p, params.dtype, params.device, gen, _PROBE_ITERS)
+                    lam = max(lam, lam_b)
             if lam == 0:
                 msg = "The training-loss Hessian is numerically zero; LiSSA cannot invert it."
                 raise ValueError(msg)

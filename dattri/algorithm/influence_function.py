@@ -101,14 +101,19 @@ class _Factorization:
         if not bool(torch.isfinite(mat).all()):
             msg = "The Hessian contains NaN or inf; check the loss, data and checkpoint."
             raise ValueError(msg)
+        p = mat.shape[0]
+        cutoff = p * torch.finfo(mat.dtype).eps
         chol, info = torch.linalg.cholesky_ex(mat)
-        self.chol: Tensor | None = chol if int(info) == 0 else None
-        if self.chol is not None:
-            return
+        self.chol: Tensor | None = None
+        if int(info) == 0:
+            # pivots^2 bound the spectrum; a tiny pivot means a numerically singular matrix
+            piv = chol.diagonal() ** 2
+            if float(piv.min()) > cutoff * float(piv.max()):
+                self.chol = chol
+                return
         evals, evecs = torch.linalg.eigh(mat)
         scale = evals.abs().max()
-        cutoff = mat.shape[0] * torch.finfo(mat.dtype).eps * scale
-        if scale == 0 or bool((evals.abs() <= cutoff).any()):
+        if scale == 0 or bool((evals.abs() <= cutoff * scale).any()):
             msg = (
                 "The Hessian + regularization * I is singular (smallest |eigenvalue| "
                 f"{float(evals.abs().min()):.3g}); pass regularization > 0 (e.g. 1e-3 times "
@@ -241,6 +246,7 @@ class IFAttributorCG(IFBase):
         self.mode = _check_mode(mode)
         self.regularization = _check_reg(regularization)
         self._ops: dict[int, Callable[[Tensor], Tensor]] = {}
+        self._dtypes: dict[int, torch.dtype] = {}
         self.last_cg_info = None
 
     def cache(self, full_train_dataloader: Iterable) -> None:
@@ -256,11 +262,11 @@ class IFAttributorCG(IFBase):
         func, params = self._loss_and_params(ckpt_idx)
         self._check_loss(func, params)
         self._ops[ckpt_idx] = self.mean_hvp_operator(ckpt_idx, self.mode, self.regularization)
+        self._dtypes[ckpt_idx] = params.dtype
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """Batched CG solve of ``(H + lambda I) x = g`` for every row, ``(B, p)``."""
-        _, params = self._loss_and_params(ckpt_idx)
-        rhs = test_rep.to(params.dtype)
+        rhs = test_rep.to(self._dtypes[ckpt_idx])
         sol, info = _batched_cg(self._ops[ckpt_idx], rhs, self.max_iter, self.tol)
         self.last_cg_info = info
         if not bool(info.converged.all()):

@@ -26,23 +26,27 @@ DVEmb helpers: :func:`dvemb_embeddings` (the backward recursion) and the project
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import inspect
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import scipy.optimize
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dattri.algorithm.batching import check_loader
 
 __all__ = [
     "backtracking_line_search",
+    "capture_layer_calls",
     "dense_projection_matrix",
     "dvemb_embeddings",
     "full_projector",
     "get_rps_weight",
+    "required_positional_args",
     "rps_alpha",
     "rps_corr_check",
     "rps_finetune_model",
@@ -492,3 +496,62 @@ def dense_projection_matrix(
     project = full_projector(eye[: min(block, dim)], proj_dim, proj_type, _Seed, device)
     cols = [project(eye[s : s + block]) for s in range(0, dim, block)]
     return torch.cat(cols, dim=0).T.contiguous()
+
+
+def required_positional_args(func: Callable) -> int:
+    """Number of required positional parameters of ``func`` (``-1`` if unknown).
+
+    Args:
+        func: any callable.
+
+    Returns:
+        The count of positional parameters without a default.
+    """
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return -1
+    return sum(
+        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in sig.parameters.values()
+    )
+
+
+@contextmanager
+def capture_layer_calls(
+    modules: Mapping[str, nn.Module], grad_hooks: bool
+) -> Generator[dict[str, list[list[Tensor]]], None, None]:
+    """Record every grad-enabled call of some layers as ``[input, output]``.
+
+    With ``grad_hooks`` the output gradient is appended to the record during the
+    caller's own backward (``[input, output, grad]``); without, the caller takes
+    gradients with respect to the recorded outputs itself. Hooks are removed on exit.
+
+    Args:
+        modules: ``{name: module}`` to hook.
+        grad_hooks: also capture output gradients through tensor hooks.
+
+    Yields:
+        ``{name: [record, ...]}``, one record per call, filled as the model runs.
+    """
+    store: dict[str, list[list[Tensor]]] = {n: [] for n in modules}
+    handles = []
+
+    def make(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple, out: Tensor) -> None:
+            if not (torch.is_grad_enabled() and isinstance(out, Tensor) and out.requires_grad):
+                return
+            rec = [args[0].detach(), out]
+            store[name].append(rec)
+            if grad_hooks:
+                out.register_hook(lambda g: rec.append(g.detach()))
+
+        return hook
+
+    try:
+        for n, m in modules.items():
+            handles.append(m.register_forward_hook(make(n)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

@@ -25,6 +25,8 @@ the probe.
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -172,7 +174,77 @@ class Capture:
     failures: dict[str, float]
 
 
+def _signature(obj: Any) -> Any:
+    """Hashable shape/dtype/device signature of a (nested) batch.
+
+    Args:
+        obj: Tensor or tuple/list/dict of tensors.
+
+    Returns:
+        A hashable description.
+    """
+    if isinstance(obj, Tensor):
+        return (tuple(obj.shape), obj.dtype, obj.device)
+    if isinstance(obj, dict):
+        return ("d", tuple((k, _signature(v)) for k, v in obj.items()))
+    if isinstance(obj, (tuple, list)):
+        return (type(obj).__name__, tuple(_signature(v) for v in obj))
+    return ("o", type(obj).__name__)
+
+
+_CACHE: OrderedDict[tuple, tuple[list[weakref.ref], Capture]] = OrderedDict()
+_CACHE_SIZE = 16
+
+
 def probe(
+    loss_func: Callable,
+    params: Mapping[str, Tensor],
+    sample: Any,
+    modules: Mapping[str, nn.Module],
+    checked: Mapping[str, Mapping[str, str]],
+) -> Capture:
+    """Probe with a small cache (see :func:`_probe`).
+
+    Repeated calls with the same loss function object, the same hooked module
+    objects (and training flags) and the same parameter/sample shapes reuse the
+    plan and check. Entries hold weak references and are used only while the very
+    same objects are alive, so a new loss or model is always probed.
+
+    Args:
+        loss_func: ``loss_func(params, sample) -> scalar``.
+        params: All parameters by name (values used for the call).
+        sample: One sample as the loss expects it.
+        modules: ``{name: module}`` to hook.
+        checked: ``{module_name: {attr: param_name}}`` checked parameters.
+
+    Returns:
+        The :class:`Capture` (shared; do not mutate).
+    """
+    objs: list[Any] = [loss_func, *modules.values()]
+    try:
+        refs = [weakref.ref(o) for o in objs]
+    except TypeError:  # objects without weakref support: no caching
+        return _probe(loss_func, params, sample, modules, checked)
+    key = (
+        tuple(id(o) for o in objs),
+        tuple(modules),
+        tuple(m.training for m in modules.values()),
+        tuple((m, tuple(a.items())) for m, a in checked.items()),
+        tuple((k, _signature(v)) for k, v in params.items()),
+        _signature(sample),
+    )
+    hit = _CACHE.get(key)
+    if hit is not None and all(r() is o for r, o in zip(hit[0], objs, strict=True)):
+        _CACHE.move_to_end(key)
+        return hit[1]
+    cap = _probe(loss_func, params, sample, modules, checked)
+    _CACHE[key] = (refs, cap)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return cap
+
+
+def _probe(
     loss_func: Callable,
     params: Mapping[str, Tensor],
     sample: Any,

@@ -413,18 +413,18 @@ def _hook_chunks(
             warnings.warn(msg + " Using the vmap route for them.", stacklevel=4)
             for m in cap.failures:
                 del checked[m]
-                del cap.plan[m]
     if not checked:
         yield from _vmap_chunks(loss_func, params, data, names, keep_batch_dim, bounds, dest)
         return
     hooked = {p for amap in checked.values() for p in amap.values()}
     rest = [n for n in names if n not in hooked]
     modules = {m: modules_all[m] for m in checked}
+    plan = {m: cap.plan[m] for m in checked}
     prepare = _preparer(keep_batch_dim)
     for s, e in bounds:
         chunk = _tree_map(lambda t, s=s, e=e: t[s:e], data)
         factors, grads = capture_batch(
-            loss_func, params, chunk, e - s, modules, cap.plan, prepare, rest
+            loss_func, params, chunk, e - s, modules, plan, prepare, rest
         )
         views = dest(s, e)
         for n in rest:

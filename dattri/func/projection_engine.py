@@ -426,6 +426,8 @@ class ProjectionEngine:
                 raise TypeError(msg) from None
         self.seed = int(seed)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             msg = f"dtype must be a floating torch.dtype, got {dtype!r}."
             raise TypeError(msg)

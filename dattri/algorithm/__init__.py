@@ -1,0 +1,43 @@
+"""Attributors. Every class shares the base API in :mod:`dattri.algorithm.base`:
+
+``cache(train_loader)``, ``attribute(...)`` -> ``(n_train, n_test)`` (larger = the
+training sample helps the test target), ``self_attribute(train_loader)`` -> ``(n_train,)``
+and ``attribute_topk(...)``. Exceptions kept from upstream dattri 0.3:
+``TRAKAttributor.attribute(test_loader, train_loader=None)``,
+``KNNShapleyAttributor.attribute`` returns ``(n_test, n_train)`` (use
+``attribute_train_test`` for ``(n_train, n_test)``) and
+``DVEmbAttributor.attribute(test_loader, epoch=None, train_data_indices=None)``.
+"""
+
+from dattri.algorithm.base import BaseAttributor, BaseInnerProductAttributor
+from dattri.algorithm.data_shapley import KNNShapleyAttributor
+from dattri.algorithm.dvemb import DVEmbAttributor
+from dattri.algorithm.influence_function import (
+    IFAttributorArnoldi,
+    IFAttributorCG,
+    IFAttributorDataInf,
+    IFAttributorEKFAC,
+    IFAttributorExplicit,
+    IFAttributorLiSSA,
+)
+from dattri.algorithm.rps import RPSAttributor
+from dattri.algorithm.topk import TopKResult
+from dattri.algorithm.tracin import TracInAttributor
+from dattri.algorithm.trak import TRAKAttributor
+
+__all__ = [
+    "BaseAttributor",
+    "BaseInnerProductAttributor",
+    "DVEmbAttributor",
+    "IFAttributorArnoldi",
+    "IFAttributorCG",
+    "IFAttributorDataInf",
+    "IFAttributorEKFAC",
+    "IFAttributorExplicit",
+    "IFAttributorLiSSA",
+    "KNNShapleyAttributor",
+    "RPSAttributor",
+    "TRAKAttributor",
+    "TopKResult",
+    "TracInAttributor",
+]
