@@ -132,7 +132,7 @@ def test_explicit_predicts_leave_one_out_retraining(lr_ref, explicit_lr):
     pb = lr_ref[0]
     _, scores = explicit_lr
     n = len(pb.x_train)
-    removed = list(range(0, n, 5))  # 20 retrainings keep the test fast
+    removed = list(range(0, n, 8))  # 13 retrainings (x 20 test points) keep it fast
 
     def test_losses(model):
         with torch.no_grad():
@@ -193,7 +193,7 @@ def test_cg_matches_explicit(lr_ref, explicit_lr):
     pb = lr_ref[0]
     _, ref = explicit_lr
     attr = IFAttributorCG(lr_task(pb), max_iter=300, tol=1e-10, verbose=False)
-    attr.cache(pb.train_loader(32))
+    attr.cache(pb.train_loader(40))  # 40, 40, 20: uneven batches again
     scores = attr.attribute(pb.train_loader(32), pb.test_loader(16))
     assert rel_err(scores, ref) < 1e-4
     assert bool(attr.last_cg_info.converged.all())
@@ -218,11 +218,11 @@ def test_cg_warns_when_not_converged(lr_ref):
 )
 def test_lissa_full_batch_is_exact(lr_ref, kwargs):
     # With batch_size = n every step uses the full Hessian: the recursion is a
-    # deterministic Neumann series contracting by 1 - (λ_min + 0.1) / s <= 0.9 per step,
-    # so 200 steps reach ~1e-9 relative accuracy.
+    # deterministic Neumann series contracting by 1 - (λ_min + 0.1) / s <= 0.89 per
+    # step, so 150 steps reach ~1e-8 relative accuracy.
     pb, g_tr, g_te, hess = lr_ref
     attr = IFAttributorLiSSA(
-        lr_task(pb), batch_size=100, recursion_depth=200, verbose=False, **kwargs
+        lr_task(pb), batch_size=100, recursion_depth=150, verbose=False, **kwargs
     )
     attr.cache(pb.train_loader(50))
     scores = attr.attribute(pb.train_loader(50), pb.test_loader(20))
@@ -240,7 +240,7 @@ def test_lissa_stochastic_minibatches_correlate(lr_ref):
     attr = IFAttributorLiSSA(
         lr_task(pb),
         batch_size=10,
-        recursion_depth=300,
+        recursion_depth=200,
         scaling="auto",
         regularization=0.1,
         verbose=False,
@@ -249,8 +249,6 @@ def test_lissa_stochastic_minibatches_correlate(lr_ref):
     scores = attr.attribute(pb.train_loader(50), pb.test_loader(20))
     ref = g_tr @ torch.linalg.solve(hess + 0.1 * torch.eye(len(hess), dtype=hess.dtype), g_te.T)
     assert corr(scores, ref) > 0.9
-    again = attr.attribute(pb.train_loader(50), pb.test_loader(20))
-    torch.testing.assert_close(again, scores, rtol=0, atol=0)  # seeded
 
 
 def test_lissa_default_warns_about_damping(lr_ref):
@@ -275,12 +273,12 @@ def test_arnoldi_full_rank_matches_explicit(small_lr):
     pb, g_tr, g_te, hess = small_lr
     p = len(hess)
     attr = IFAttributorArnoldi(lr_task(pb), proj_dim=p, max_iter=p, verbose=False)
-    attr.cache(pb.train_loader(50))
+    attr.cache(pb.train_loader(100))  # one batch: p HVPs (multi-batch: see low-rank test)
     scores = attr.attribute(pb.train_loader(50), pb.test_loader(20))
     assert rel_err(scores, g_tr @ torch.linalg.solve(hess, g_te.T)) < 1e-6
+    ref = IFAttributorExplicit(lr_task(pb), verbose=False)
+    ref.cache(pb.train_loader(50))
     for method in ("l", "theta"):
-        ref = IFAttributorExplicit(lr_task(pb), verbose=False)
-        ref.cache(pb.train_loader(50))
         want = ref.attribute(pb.train_loader(50), pb.test_loader(20), relatif_method=method)
         got = attr.attribute(pb.train_loader(50), pb.test_loader(20), relatif_method=method)
         assert rel_err(got, want) < 1e-6
@@ -308,24 +306,23 @@ def test_arnoldi_requires_cache(small_lr):
 
 
 # ------------------------------------------------------------ shared behaviours (all six)
-def _make(name, task):
+def _make(name, task, device="cpu"):
+    kw = {"device": device, "verbose": False}
     cfg = {
-        "explicit": lambda: IFAttributorExplicit(task, regularization=0.01, verbose=False),
+        "explicit": lambda: IFAttributorExplicit(task, regularization=0.01, **kw),
         # the MLP's cross-entropy Hessian is indefinite: CG needs a regularization
-        "cg": lambda: IFAttributorCG(
-            task, max_iter=100, tol=1e-8, regularization=0.05, verbose=False
-        ),
+        "cg": lambda: IFAttributorCG(task, max_iter=30, tol=1e-6, regularization=1.0, **kw),
         "lissa": lambda: IFAttributorLiSSA(
             task,
             batch_size=8,
-            recursion_depth=30,
-            scaling="auto",
-            regularization=0.05,
-            verbose=False,
+            recursion_depth=10,
+            scaling=5.0,
+            regularization=0.1,
+            **kw,
         ),
-        "arnoldi": lambda: IFAttributorArnoldi(task, proj_dim=20, max_iter=40, verbose=False),
-        "datainf": lambda: IFAttributorDataInf(task, verbose=False),
-        "ekfac": lambda: IFAttributorEKFAC(task, verbose=False),
+        "arnoldi": lambda: IFAttributorArnoldi(task, proj_dim=10, max_iter=25, **kw),
+        "datainf": lambda: IFAttributorDataInf(task, **kw),
+        "ekfac": lambda: IFAttributorEKFAC(task, **kw),
     }
     return cfg[name]()
 
@@ -376,6 +373,29 @@ def test_self_attribute_dict_batches_and_determinism(name):
     else:
         denom = attr.transform_test_rep(0, g).norm(dim=1)
     torch.testing.assert_close(theta, scores / denom[:, None])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ALL)
+def test_cuda_matches_cpu(name):
+    pm = cached_random_mlp()
+    train, test = pm.train_loader(16), pm.test_loader(5)
+    cpu = _make(name, _mlp_task(pm))
+    cpu.cache(train)
+    ref = cpu.attribute(train, test)
+    model = copy.deepcopy(pm.model).cuda()
+
+    def loss(params, data):
+        x, y = data
+        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    attr = _make(name, AttributionTask(loss, model, model.state_dict()), device="cuda")
+    attr.cache(train)  # CPU loaders: the attributor moves the batches
+    scores = attr.attribute(train, test)
+    assert scores.is_cuda
+    torch.testing.assert_close(scores.cpu(), ref, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(attr.self_attribute(train).cpu(), cpu.self_attribute(train))
 
 
 def test_relatif_equals_hand_computation(lr_ref, explicit_lr):
@@ -440,3 +460,20 @@ def test_clear_errors(lr_ref):
     )
     with pytest.raises(ValueError, match="singular"):  # softmax LR: H has a null space
         singular.cache(loader)
+
+
+def test_factorization_conditioning_checks():
+    from dattri.algorithm.influence_function import _Factorization
+
+    rng = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=rng, dtype=torch.float64))
+    evals = torch.tensor([3.0, 2.0, 1.0, -0.5, 1e-3, 2e-3], dtype=torch.float64)
+    mat = q @ torch.diag(evals) @ q.T  # indefinite but non-singular: exact inverse
+    rhs = torch.randn(4, 6, generator=rng, dtype=torch.float64)
+    torch.testing.assert_close(_Factorization(mat).solve(rhs), torch.linalg.solve(mat, rhs.T).T)
+    evals[4] = 0.0
+    with pytest.raises(ValueError, match="singular"):
+        _Factorization(q @ torch.diag(evals) @ q.T)
+    evals[4] = 1e-7  # fine in float64, rounding-dominated in float32
+    with pytest.warns(UserWarning, match="ill-conditioned"):
+        _Factorization((q @ torch.diag(evals) @ q.T).float())

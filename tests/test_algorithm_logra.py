@@ -179,6 +179,17 @@ def test_logra_compressed_equals_hand_formula(hessian):
     te = _compressed(att, pb.model, pb.x_test, pb.y_test)
     ref = _reference_scores(tr, te, hessian, 0.05)
     torch.testing.assert_close(scores, ref, rtol=1e-7, atol=1e-9)
+    # new damping: IFVPs are refreshed before the next attribute
+    att.compute_preconditioners(damping=0.4)
+    ref = _reference_scores(tr, te, hessian, 0.4)
+    torch.testing.assert_close(att.attribute(train, test), ref, rtol=1e-7, atol=1e-9)
+    att.compute_ifvp()
+    torch.testing.assert_close(
+        att.compute_self_attribution(),
+        _reference_scores(tr, tr, hessian, 0.4).diagonal(),
+        rtol=1e-7,
+        atol=1e-9,
+    )
 
 
 def test_logra_factors_are_gaussian_and_seeded():
@@ -612,3 +623,35 @@ def test_loss_with_parameter_penalty_is_rejected_clearly():
     att = LoGraAttributor(_task(pb.model, loss=pb.loss_if), proj_params=IDENTITY, verbose=False)
     with pytest.raises(ValueError, match="outside"):
         att.cache(pb.train_loader(10))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run with -m gpu on a GPU)")
+@pytest.mark.parametrize("offload", ["none", "cpu", "disk"])
+def test_cuda_matches_cpu(offload, tmp_path):
+    pb = _mlp_problem()
+    train, test = _loaders(pb, bs_train=7)
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = copy.deepcopy(pb.model)
+        for cls, kw in (
+            (LoGraAttributor, {"proj_params": {"proj_dim_per_layer": 9}}),
+            (FactGraSSAttributor, {"proj_params": {"proj_dim_per_layer": 8}, "blowup_factor": 2}),
+        ):
+            att = cls(
+                _task(model, loss=_eager_loss),
+                device=device,
+                damping=0.05,
+                offload=offload,
+                cache_dir=tmp_path / device,
+                verbose=False,
+                **kw,
+            )
+            att.cache(train)
+            scores = att.attribute(train, test)
+            assert scores.device.type == device
+            self_inf = att.self_attribute(train)
+            out[device, cls.__name__] = (scores.cpu(), self_inf.cpu())
+    for name in ("LoGraAttributor", "FactGraSSAttributor"):
+        for a, b in zip(out["cpu", name], out["cuda", name]):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)

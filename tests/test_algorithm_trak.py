@@ -78,10 +78,14 @@ def _q(model, ckpt, x, y):
 
 
 def _closed_form(model, ckpts, p, reg, names=None, proj=None):
-    """mean_k Phi_k (Phi_k^T Phi_k + reg I)^-1 phi_k^T * mean_k Q, as (n_train, n_test)."""
+    """Hand formula: (scores (n_train, n_test), self-scores (n_train,)).
+
+    scores = mean_k Phi_k (Phi_k^T Phi_k + reg I)^-1 phi_k^T * mean_k Q (rows),
+    self-scores = its train x train diagonal.
+    """
     margin, _ = _make_funcs(model)
     n_sel = sum(v.numel() for k, v in model.named_parameters() if names is None or k in names)
-    kern = 0
+    kern, diag = 0, 0
     for k, c in enumerate(ckpts):
         big = _loop_grads(model, c, margin, p.x_train, p.y_train, names) / n_sel**0.5
         small = _loop_grads(model, c, margin, p.x_test, p.y_test, names) / n_sel**0.5
@@ -89,15 +93,16 @@ def _closed_form(model, ckpts, p, reg, names=None, proj=None):
             big, small = proj(big, ensemble_id=k), proj(small, ensemble_id=k)
         inv = torch.linalg.inv(big.T @ big + reg * torch.eye(big.shape[1], dtype=big.dtype))
         kern = kern + big @ inv @ small.T / len(ckpts)
+        diag = diag + (big @ inv @ big.T).diagonal() / len(ckpts)
     q = sum(_q(model, c, p.x_train, p.y_train) for c in ckpts) / len(ckpts)
-    return q[:, None] * kern
+    return q[:, None] * kern, q * diag
 
 
 def test_identity_single_checkpoint_equals_closed_form_and_self_attribute():
     p, model, ckpts, task, prob = _setup(1)
     attr = TRAKAttributor(task, prob, proj_params=IDENTITY, regularization=REG, verbose=False)
     train, test = p.train_loader(batch_size=16), p.test_loader(batch_size=4)
-    expected = _closed_form(model, ckpts, p, REG)
+    expected, diag = _closed_form(model, ckpts, p, REG)
     with pytest.raises(ValueError, match="cache"):
         attr.attribute(test)
     with pytest.raises(ValueError, match="cache"):
@@ -105,7 +110,6 @@ def test_identity_single_checkpoint_equals_closed_form_and_self_attribute():
     before = attr.attribute(test, train)  # no cache: the train loader defines the kernel
     assert before.shape == (len(p.x_train), len(p.x_test))
     torch.testing.assert_close(before, expected, rtol=1e-7, atol=1e-10)
-    diag = _closed_form_self(model, ckpts, p, REG)
     self_before = attr.self_attribute(train)
     assert self_before.shape == (len(p.x_train), 1)
     torch.testing.assert_close(self_before.squeeze(), diag, rtol=1e-7, atol=1e-10)
@@ -123,30 +127,17 @@ def test_identity_single_checkpoint_equals_closed_form_and_self_attribute():
     assert torch.equal(res.helpful_indices, top.indices)
 
 
-def _closed_form_self(model, ckpts, p, reg):
-    full = _closed_form_train_train(model, ckpts, p, reg)
-    return full.diagonal()
-
-
-def _closed_form_train_train(model, ckpts, p, reg):
-    class _P:
-        x_train, y_train = p.x_train, p.y_train
-        x_test, y_test = p.x_train, p.y_train
-
-    return _closed_form(model, ckpts, _P, reg)
-
-
 def test_multi_checkpoint_ensemble_equals_hand_formula_and_subset_rows():
     p, model, ckpts, task, prob = _setup(2)
     attr = TRAKAttributor(task, prob, proj_params=IDENTITY, regularization=REG, verbose=False)
     train, test = p.train_loader(batch_size=16), p.test_loader(batch_size=3)
     attr.cache(train)
-    expected = _closed_form(model, ckpts, p, REG)
+    expected, diag = _closed_form(model, ckpts, p, REG)
     scores = attr.attribute(test)
     torch.testing.assert_close(scores, expected, rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(
         attr.self_attribute().squeeze(),
-        _closed_form_self(model, ckpts, p, REG),
+        diag,
         rtol=1e-7,
         atol=1e-10,
     )
@@ -172,7 +163,7 @@ def test_layer_name_scales_by_selected_parameter_count():
         task, prob, proj_params=IDENTITY, layer_name=names, regularization=REG, verbose=False
     )
     scores = attr.attribute(p.test_loader(), p.train_loader())
-    expected = _closed_form(model, ckpts, p, REG, names=names)
+    expected, _ = _closed_form(model, ckpts, p, REG, names=names)
     torch.testing.assert_close(scores, expected, rtol=1e-7, atol=1e-10)
 
 
@@ -185,7 +176,7 @@ def test_dense_projection_equals_hand_formula_with_same_projector():
         torch.zeros(1, n_param, dtype=torch.float64),
         RandomProjectionParams(feature_batch_size=1, device="cpu", **params.model_dump()),
     )
-    expected = _closed_form(model, ckpts, p, REG, proj=proj)
+    expected, _ = _closed_form(model, ckpts, p, REG, proj=proj)
     scores = attr.attribute(p.test_loader(), p.train_loader())
     torch.testing.assert_close(scores, expected, rtol=1e-7, atol=1e-10)
     again = TRAKAttributor(task, prob, proj_params=params, regularization=REG, verbose=False)
@@ -284,3 +275,20 @@ def test_singular_kernel_warns_and_approaches_pseudo_inverse():
     with pytest.warns(UserWarning, match="rank 5"):
         pinv = factor_kernel(phi[:5], 0.0)
     torch.testing.assert_close(pinv.matrix(), torch.linalg.pinv(phi[:5].T @ phi[:5]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    p, model, ckpts, _, _ = _setup(2)
+    results = {}
+    for dev in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(dev)
+        margin, prob = _make_funcs(m)
+        task = AttributionTask(margin, m, [{k: v.to(dev) for k, v in c.items()} for c in ckpts])
+        attr = TRAKAttributor(task, prob, regularization=REG, device=dev, verbose=False)
+        attr.cache(p.train_loader())
+        results[dev] = (attr.attribute(p.test_loader()), attr.self_attribute())
+    assert results["cuda"][0].device.type == "cuda"
+    torch.testing.assert_close(results["cuda"][0].cpu(), results["cpu"][0], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(results["cuda"][1].cpu(), results["cpu"][1], rtol=1e-5, atol=1e-8)

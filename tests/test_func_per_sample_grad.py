@@ -208,6 +208,23 @@ def test_grad_routes_cnn_batchnorm_is_vmap():
     }
 
 
+def test_grad_routes_edge_cases():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.capped = nn.Embedding(5, 3, max_norm=1.0)
+            self.sub = SubLinear(3, 2)  # subclass: forward may differ
+            self.scale = nn.Parameter(torch.ones(2))
+
+    class SubLinear(nn.Linear):
+        pass
+
+    routes = grad_routes(Odd(), ["capped.weight", "sub.weight", "scale", "not.in.model"])
+    assert set(routes.values()) == {"vmap"}
+    with pytest.raises(TypeError, match="wrap it"):
+        grad_routes(Odd(), "scale")
+
+
 def test_hook_route_rejects_unsupported_param():
     model = cnn()
     params = params_of(model)
@@ -408,6 +425,8 @@ def test_kron_keep_batch_dim_and_shape_errors():
         per_sample_kron_projected(model, loss, params, data, ["0"], {}, {"0": p_out})
     with pytest.raises(ValueError, match="not supported layers"):
         per_sample_kron_projected(model, loss, params, data, ["1"], {"1": p_in}, {"1": p_out})
+    with pytest.raises(TypeError, match="proj_in must be a dict"):
+        per_sample_kron_projected(model, loss, params, data, ["0"], p_in, {"0": p_out})
 
 
 @pytest.mark.parametrize("case", ["mlp", "cnn", "seq"])
@@ -614,7 +633,7 @@ def test_probe_cache_reuses_only_same_objects(monkeypatch):
     a = per_sample_grad(model, loss, params, data, route="hook")
     b = per_sample_grad(model, loss, params, (data[0][:3], data[1][:3]), route="hook")
     assert len(count) == 1
-    torch.testing.assert_close(a[:3], b, rtol=0, atol=0)
+    torch.testing.assert_close(a[:3], b, rtol=1e-12, atol=1e-14)
     base = make_loss(model, False)
 
     def penalised(p, s):

@@ -365,6 +365,16 @@ def test_empty_batch():
     assert proj.project(torch.zeros(0, 30), 0).shape == (0, 8)
 
 
+def test_input_requiring_grad_and_verbose(capsys):
+    x = _data(3, 40).requires_grad_()
+    for ptype in RANDOM_TYPES:
+        proj = BasicProjector(40, 8, 0, ptype, "cpu", verbose=True)
+        y = proj.project(x, 0)
+        assert not y.requires_grad
+        torch.testing.assert_close(y, proj.project(x.detach(), 0), rtol=0, atol=0)
+    assert "Generating projection matrix" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -91,7 +91,8 @@ def stable_inverse(fisher: Tensor, damping: float) -> Tensor:
     mat = fisher + shift * eye
     chol, info = torch.linalg.cholesky_ex(mat)
     if int(info) == 0:
-        inv = torch.cholesky_inverse(chol)
+        # cholesky_solve against I is several times faster than cholesky_inverse on CPU
+        inv = torch.cholesky_solve(eye, chol)
     else:
         warnings.warn(
             f"The damped Fisher ({d}x{d}, damping={damping}) is not positive definite; "
@@ -139,7 +140,10 @@ class BlockProjectedIFAttributor(BaseAttributor):
             device)`` (upstream LoGra convention; evaluated here on a batch of one
             sample, so per-sample gradients are exact) or functional
             ``loss(params, data)`` (sample seen as ``(1, ...)``). The test side uses
-            ``task``'s target function (same formats).
+            ``task``'s target function (same formats). The selected layers'
+            parameters must reach the loss only through their layer's forward (no
+            weight-decay term in the loss): per-layer factors cannot represent it, and
+            ``cache`` raises a ValueError saying so.
         layer_names: module names (``model.named_modules()``) of ``nn.Linear``,
             ``nn.Conv2d`` or ``nn.Embedding`` layers; None = every ``nn.Linear``.
         hessian: ``"eFIM"`` (per-layer empirical Fisher of the compressed
@@ -159,8 +163,8 @@ class BlockProjectedIFAttributor(BaseAttributor):
             ``"none"`` (device), ``"cpu"`` or ``"disk"`` (memory-mapped files in
             ``cache_dir``).
         cache_dir: folder for ``offload="disk"`` (created if missing; files are
-            overwritten by a new ``cache``). Nothing is written elsewhere, and
-            nothing is ever read back from a previous run.
+            overwritten by a new ``cache``; use one folder per attributor). Nothing
+            is written elsewhere, and nothing is ever read back from a previous run.
         chunk_size: number of training batches processed together when streaming
             stored gradients (Fisher, IFVP and scoring blocks).
         verbose: show progress bars.

@@ -25,7 +25,7 @@ from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move
 from dattri.func.hessian import hvp_at_x
 from dattri.task import AttributionTask
 
-__all__ = ["IFBase", "check_finite_rep", "materialize_batches"]
+__all__ = ["IFBase", "check_finite_rep", "dict_or_tuple_fields", "materialize_batches"]
 
 
 def materialize_batches(

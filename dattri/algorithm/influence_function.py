@@ -92,41 +92,55 @@ def _check_mode(mode: str) -> str:
 class _Factorization:
     """Factorise a symmetric ``(p, p)`` matrix once and solve many right-hand sides.
 
-    Cholesky when positive definite; otherwise an eigendecomposition (an indefinite but
-    non-singular matrix is still inverted exactly). A singular matrix raises.
+    The factorisation is done in float64 (Cholesky when positive definite, otherwise an
+    eigendecomposition, so an indefinite but non-singular matrix is still inverted
+    exactly). A numerically singular matrix raises; one too ill-conditioned for the
+    dtype it was computed in warns.
     """
 
     def __init__(self, mat: Tensor) -> None:
-        mat = 0.5 * (mat + mat.T)
         if not bool(torch.isfinite(mat).all()):
             msg = "The Hessian contains NaN or inf; check the loss, data and checkpoint."
             raise ValueError(msg)
-        p = mat.shape[0]
-        cutoff = p * torch.finfo(mat.dtype).eps
+        in_eps = torch.finfo(mat.dtype).eps
+        mat = 0.5 * (mat + mat.T).to(torch.float64)
+        cutoff = mat.shape[0] * torch.finfo(torch.float64).eps
         chol, info = torch.linalg.cholesky_ex(mat)
         self.chol: Tensor | None = None
         if int(info) == 0:
-            # pivots^2 bound the spectrum; a tiny pivot means a numerically singular matrix
-            piv = chol.diagonal() ** 2
-            if float(piv.min()) > cutoff * float(piv.max()):
+            piv = chol.diagonal() ** 2  # a tiny pivot means a numerically singular matrix
+            ratio = float(piv.min() / piv.max())
+            if ratio > cutoff:
                 self.chol = chol
-                return
-        evals, evecs = torch.linalg.eigh(mat)
-        scale = evals.abs().max()
-        if scale == 0 or bool((evals.abs() <= cutoff * scale).any()):
-            msg = (
-                "The Hessian + regularization * I is singular (smallest |eigenvalue| "
-                f"{float(evals.abs().min()):.3g}); pass regularization > 0 (e.g. 1e-3 times "
-                "the mean Hessian diagonal)."
+        if self.chol is None:
+            evals, evecs = torch.linalg.eigh(mat)
+            scale = evals.abs().max()
+            ratio = float(evals.abs().min() / scale) if scale > 0 else 0.0
+            if ratio <= cutoff:
+                msg = (
+                    "The Hessian + regularization * I is singular (smallest |eigenvalue| "
+                    f"{float(evals.abs().min()):.3g}); pass regularization > 0 (e.g. 1e-3 "
+                    "times the mean Hessian diagonal)."
+                )
+                raise ValueError(msg)
+            self.evecs, self.inv_evals = evecs, 1.0 / evals
+        if ratio < 100 * in_eps:
+            warnings.warn(
+                f"The Hessian + regularization * I is ill-conditioned for its dtype "
+                f"(|eigenvalue| ratio ~{ratio:.1e}); the inverse is dominated by rounding "
+                "errors. Pass regularization > 0 or use float64.",
+                UserWarning,
+                stacklevel=4,
             )
-            raise ValueError(msg)
-        self.evecs, self.inv_evals = evecs, 1.0 / evals
 
     def solve(self, rhs: Tensor) -> Tensor:
-        """Solve for the rows of ``rhs`` ``(k, p)``; returns ``(k, p)``."""
+        """Solve for the rows of ``rhs`` ``(k, p)``; returns ``(k, p)`` in ``rhs``'s dtype."""
+        mat = rhs.to(torch.float64)
         if self.chol is not None:
-            return torch.cholesky_solve(rhs.T, self.chol).T
-        return ((rhs @ self.evecs) * self.inv_evals) @ self.evecs.T
+            out = torch.cholesky_solve(mat.T, self.chol).T
+        else:
+            out = ((mat @ self.evecs) * self.inv_evals) @ self.evecs.T
+        return out.to(rhs.dtype)
 
 
 class IFAttributorExplicit(IFBase):
@@ -200,9 +214,7 @@ class IFAttributorExplicit(IFBase):
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """``(H + lambda I)^{-1} g`` for every row, ``(B, p) -> (B, p)``."""
-        fact = self._factors[ckpt_idx]
-        dtype = fact.chol.dtype if fact.chol is not None else fact.evecs.dtype
-        return fact.solve(test_rep.to(dtype)).to(test_rep.dtype)
+        return self._factors[ckpt_idx].solve(test_rep)
 
 
 class IFAttributorCG(IFBase):

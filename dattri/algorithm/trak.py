@@ -31,7 +31,7 @@ from dattri.algorithm.projected_store import (
 )
 from dattri.task import AttributionTask
 
-__all__ = ["TRAKAttributor"]
+__all__ = ["KernelInverse", "TRAKAttributor", "factor_kernel"]
 
 #: a Cholesky pivot (squared) below this fraction of the largest diagonal = singular.
 _PIVOT_RTOL = 1e-12

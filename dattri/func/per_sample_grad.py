@@ -28,16 +28,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from dattri.func.grad_capture import as_scalar_loss, capture_batch, probe
-from dattri.func.layer_grads import (
-    check_kron_shapes,
-    factor_grads,
-    kron_project,
-    layer_kind,
-    linear_factors,
+from dattri.func.batch_utils import (
+    batch_size,
+    chunk_bounds,
+    first_sample,
+    nonfinite_rows,
+    preparer,
+    raise_nonfinite,
+    tree_map,
+    valid_list,
 )
+from dattri.func.grad_capture import as_scalar_loss, capture_batch, probe
+from dattri.func.layer_grads import factor_grads, layer_kind
+from dattri.func.layer_projection import per_sample_kron_projected, per_sample_layer_factors
 
 __all__ = [
     "grad_routes",
@@ -50,142 +54,7 @@ __all__ = [
 _ROUTES = ("auto", "vmap", "hook")
 
 
-# --------------------------------------------------------------------------- data
-
-
-def _tree_map(fn: Callable[[Tensor], Any], data: Any) -> Any:
-    """Apply ``fn`` to every tensor of a (nested) tuple/list/dict batch.
-
-    Args:
-        fn: Function on tensors.
-        data: Tensor, or tuple/list/dict (possibly nested) of tensors.
-
-    Returns:
-        The same structure with ``fn`` applied to each tensor.
-
-    Raises:
-        TypeError: If a leaf is not a tensor.
-    """
-    if isinstance(data, Tensor):
-        return fn(data)
-    if isinstance(data, dict):
-        return {k: _tree_map(fn, v) for k, v in data.items()}
-    if isinstance(data, tuple) and hasattr(data, "_fields"):
-        return type(data)(*(_tree_map(fn, v) for v in data))
-    if isinstance(data, (tuple, list)):
-        return type(data)(_tree_map(fn, v) for v in data)
-    msg = (
-        "data must be a Tensor or a tuple/list/dict of Tensors with a leading batch "
-        f"dimension; found a leaf of type {type(data).__name__}."
-    )
-    raise TypeError(msg)
-
-
-def _batch_size(data: Any) -> int:
-    """Common leading dimension of all tensors of a batch.
-
-    Args:
-        data: Tensor or tuple/list/dict of tensors.
-
-    Returns:
-        The batch size ``B`` (> 0).
-
-    Raises:
-        ValueError: If tensors disagree on ``B``, are 0-d, or the batch is empty.
-    """
-    sizes: list[int] = []
-
-    def record(t: Tensor) -> Tensor:
-        if t.ndim == 0:
-            msg = "data tensors need a leading batch dimension; got a 0-d tensor."
-            raise ValueError(msg)
-        sizes.append(t.shape[0])
-        return t
-
-    _tree_map(record, data)
-    if not sizes:
-        msg = "data contains no tensors."
-        raise ValueError(msg)
-    if len(set(sizes)) != 1:
-        msg = f"All data tensors must share the batch dimension; got sizes {sizes}."
-        raise ValueError(msg)
-    if sizes[0] == 0:
-        msg = "data is an empty batch (batch size 0); pass at least one sample."
-        raise ValueError(msg)
-    return sizes[0]
-
-
-def _preparer(keep_batch_dim: bool) -> Callable[[Any], Any]:
-    """Map a vmapped (un-batched) sample to the shape convention of the loss.
-
-    Args:
-        keep_batch_dim: Add a leading axis of size 1 to every tensor.
-
-    Returns:
-        The mapping function.
-    """
-    if keep_batch_dim:
-        return lambda s: _tree_map(lambda t: t.unsqueeze(0), s)
-    return lambda s: s
-
-
-def _first_sample(data: Any, keep_batch_dim: bool) -> Any:
-    """The first sample of a batch as the loss sees it.
-
-    Args:
-        data: The batch.
-        keep_batch_dim: Keep a leading axis of size 1.
-
-    Returns:
-        The sample.
-    """
-    if keep_batch_dim:
-        return _tree_map(lambda t: t[:1], data)
-    return _tree_map(lambda t: t[0], data)
-
-
-def _chunks(b: int, chunk_size: int | None, verbose: bool) -> Iterator[tuple]:
-    """Yield ``(start, stop)`` chunk bounds.
-
-    Args:
-        b: Batch size.
-        chunk_size: Max chunk length, ``None`` for one chunk.
-        verbose: Show a progress bar.
-
-    Yields:
-        ``(start, stop)`` pairs.
-
-    Raises:
-        ValueError: If ``chunk_size`` is not a positive int.
-    """
-    if chunk_size is None:
-        chunk_size = b
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        msg = f"chunk_size must be a positive int or None, got {chunk_size!r}."
-        raise TypeError(msg)
-    if chunk_size < 1:
-        msg = f"chunk_size must be a positive int or None, got {chunk_size}."
-        raise ValueError(msg)
-    starts = range(0, b, chunk_size)
-    for s in tqdm(starts, desc="per-sample grads", disable=not verbose):
-        yield s, min(s + chunk_size, b)
-
-
 # ---------------------------------------------------------------------- routing
-
-
-def _valid_list(names: list[str], limit: int = 30) -> str:
-    """Comma-separated list of names, truncated.
-
-    Args:
-        names: Names.
-        limit: Max names shown.
-
-    Returns:
-        Text.
-    """
-    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def _resolve_names(params: Mapping[str, Tensor], param_names: Sequence[str] | None) -> list[str]:
@@ -214,7 +83,7 @@ def _resolve_names(params: Mapping[str, Tensor], param_names: Sequence[str] | No
         names = list(param_names)
     unknown = [n for n in names if n not in params]
     if unknown:
-        msg = f"Unknown parameter name(s) {unknown}; valid names are: {_valid_list(list(params))}."
+        msg = f"Unknown parameter name(s) {unknown}; valid names are: {valid_list(list(params))}."
         raise ValueError(msg)
     if len(set(names)) != len(names):
         msg = f"param_names contains duplicates: {names}."
@@ -333,14 +202,14 @@ def _vmap_chunks(
     """
     fixed = {k: v.detach() for k, v in params.items() if k not in names}
     selected = {k: params[k].detach() for k in names}
-    prepare = _preparer(keep_batch_dim)
+    prepare = preparer(keep_batch_dim)
 
     def loss_one(sel: dict[str, Tensor], sample: Any) -> Tensor:
         return as_scalar_loss(loss_func({**fixed, **sel}, prepare(sample)))
 
     fn = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0), randomness="different")
     for s, e in bounds:
-        chunk = _tree_map(lambda t, s=s, e=e: t[s:e], data)
+        chunk = tree_map(lambda t, s=s, e=e: t[s:e], data)
         grads = fn(selected, chunk)
         for n, view in dest(s, e).items():
             view.copy_(grads[n])
@@ -395,7 +264,7 @@ def _hook_chunks(
         cap = probe(
             loss_func,
             params,
-            _first_sample(data, keep_batch_dim),
+            first_sample(data, keep_batch_dim),
             {m: modules_all[m] for m in checked},
             checked,
         )
@@ -420,9 +289,9 @@ def _hook_chunks(
     rest = [n for n in names if n not in hooked]
     modules = {m: modules_all[m] for m in checked}
     plan = {m: cap.plan[m] for m in checked}
-    prepare = _preparer(keep_batch_dim)
+    prepare = preparer(keep_batch_dim)
     for s, e in bounds:
-        chunk = _tree_map(lambda t, s=s, e=e: t[s:e], data)
+        chunk = tree_map(lambda t, s=s, e=e: t[s:e], data)
         factors, grads = capture_batch(
             loss_func, params, chunk, e - s, modules, plan, prepare, rest
         )
@@ -470,49 +339,11 @@ def _grad_chunks(
         Iterator of ``(start, stop)`` per written chunk.
     """
     _check_route(route)
-    bounds = _chunks(_batch_size(data), chunk_size, verbose)
+    bounds = chunk_bounds(batch_size(data), chunk_size, verbose)
     args = (loss_func, params, data, names, keep_batch_dim)
     if route == "vmap" or (route == "auto" and "hook" not in grad_routes(model, names).values()):
         return _vmap_chunks(*args, bounds, dest)
     return _hook_chunks(model, *args, route, bounds, dest)
-
-
-def _nonfinite_rows(x: Tensor) -> Tensor:
-    """Rows of a ``(B, D)`` tensor that contain NaN or inf.
-
-    A row sum is non-finite whenever the row is; only those candidate rows (or
-    rows whose sum merely overflowed) are checked element-wise.
-
-    Args:
-        x: ``(B, D)`` floating tensor.
-
-    Returns:
-        Boolean mask ``(B,)``.
-    """
-    bad = ~torch.isfinite(x.sum(dim=1))
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).flatten()
-        bad[rows] = ~torch.isfinite(x[rows]).all(dim=1)
-    return bad
-
-
-def _raise_nonfinite(bad: Tensor) -> None:
-    """Raise if any sample has a non-finite gradient.
-
-    Args:
-        bad: Boolean mask ``(B,)`` of samples with NaN/inf gradients.
-
-    Raises:
-        ValueError: Naming the sample indices.
-    """
-    if bool(bad.any()):
-        idx = torch.nonzero(bad).flatten().tolist()
-        shown = idx[:20] + (["..."] if len(idx) > 20 else [])
-        msg = (
-            f"Non-finite (NaN/inf) per-sample gradients for {len(idx)} sample(s) at "
-            f"batch indices {shown}. Check the loss and inputs of these samples."
-        )
-        raise ValueError(msg)
 
 
 # ---------------------------------------------------------------------- public
@@ -560,7 +391,7 @@ def per_sample_grad(
             NaN/inf gradients (naming the samples).
     """
     names = _resolve_names(params, param_names)
-    b = _batch_size(data)
+    b = batch_size(data)
     dtype = params[names[0]].dtype
     for n in names[1:]:
         dtype = torch.promote_types(dtype, params[n].dtype)
@@ -580,8 +411,8 @@ def per_sample_grad(
     for s, e in _grad_chunks(
         model, loss_func, params, data, names, keep_batch_dim, route, chunk_size, verbose, dest
     ):
-        bad[s:e] = _nonfinite_rows(out[s:e])
-    _raise_nonfinite(bad)
+        bad[s:e] = nonfinite_rows(out[s:e])
+    raise_nonfinite(bad)
     return out
 
 
@@ -621,7 +452,7 @@ def per_sample_grad_dict(
         ValueError: As :func:`per_sample_grad`.
     """
     names = _resolve_names(params, param_names)
-    b = _batch_size(data)
+    b = batch_size(data)
     out = {
         n: torch.empty(b, *params[n].shape, dtype=params[n].dtype, device=params[n].device)
         for n in names
@@ -635,291 +466,6 @@ def per_sample_grad_dict(
         model, loss_func, params, data, names, keep_batch_dim, route, chunk_size, verbose, dest
     ):
         for n in names:
-            bad[s:e] |= _nonfinite_rows(out[n][s:e].reshape(e - s, -1)).to(bad.device)
-    _raise_nonfinite(bad)
+            bad[s:e] |= nonfinite_rows(out[n][s:e].reshape(e - s, -1)).to(bad.device)
+    raise_nonfinite(bad)
     return out
-
-
-def _layer_modules(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    module_names: Sequence[str] | None,
-    kinds: tuple[str, ...],
-) -> tuple[dict[str, nn.Module], dict[str, dict[str, str]]]:
-    """Validate layer names and find their parameters in ``params``.
-
-    Args:
-        model: The model.
-        params: All parameters by name.
-        module_names: Module names (``model.named_modules()`` keys); ``None``: all
-            modules of the allowed kinds.
-        kinds: Allowed layer kinds.
-
-    Returns:
-        ``({name: module}, {name: {attr: param_name}})``; the second maps the
-        layer parameters present in ``params`` (checked against autograd).
-
-    Raises:
-        TypeError: If ``params`` is not a dict or ``module_names`` is a string.
-        ValueError: For unknown or unsupported modules.
-    """
-    if not isinstance(params, Mapping):
-        msg = "params must be a dict {name: Tensor} (e.g. dict(model.named_parameters()))."
-        raise TypeError(msg)
-    all_modules = dict(model.named_modules())
-    valid = [n for n, m in all_modules.items() if layer_kind(m) in kinds]
-    if module_names is None:
-        module_names = valid
-    elif isinstance(module_names, str):
-        msg = f"module_names must be a list of names; wrap it: [{module_names!r}]."
-        raise TypeError(msg)
-    module_names = list(module_names)
-    if not module_names:
-        msg = f"No modules selected; supported layers in the model: {valid}."
-        raise ValueError(msg)
-    bad = [n for n in module_names if n not in valid]
-    if bad:
-        msg = (
-            f"Module(s) {bad} are not supported layers ({', '.join(kinds)}) of the "
-            f"model; valid names are: {_valid_list(valid)}."
-        )
-        raise ValueError(msg)
-    modules = {n: all_modules[n] for n in module_names}
-    checked = {}
-    for n, m in modules.items():
-        amap = {}
-        for attr, _ in m.named_parameters(recurse=False):
-            pname = f"{n}.{attr}" if n else attr
-            if pname in params:
-                amap[attr] = pname
-        checked[n] = amap
-    return modules, checked
-
-
-def _capture_layers(
-    loss_func: Callable,
-    params: Mapping[str, Tensor],
-    data: Any,
-    modules: dict[str, nn.Module],
-    checked: dict[str, dict[str, str]],
-    keep_batch_dim: bool,
-    chunk_size: int | None,
-    verbose: bool,
-    caller: str,
-) -> Iterator[tuple[int, int, dict[str, list[tuple[Tensor, Tensor]]]]]:
-    """Probe, check and capture layer factors chunk by chunk.
-
-    Args:
-        loss_func: The functional loss.
-        params: All parameters.
-        data: The batch.
-        modules: Layers to hook.
-        checked: Their parameters in ``params``.
-        keep_batch_dim: Loss sample convention.
-        chunk_size: Max samples per chunk.
-        verbose: Progress bar.
-        caller: Public function name for error messages.
-
-    Yields:
-        ``(start, stop, {module: [(a, ds), ...]})``, one pair per layer call.
-
-    Raises:
-        ValueError: If the factor gradients disagree with autograd.
-    """
-    bounds = _chunks(_batch_size(data), chunk_size, verbose)
-    cap = probe(loss_func, params, _first_sample(data, keep_batch_dim), modules, checked)
-    if cap.failures:
-        msg = (
-            f"{caller}: layer-hook gradients of {list(cap.failures)} disagree with "
-            f"autograd on the first sample (relative error {cap.failures}); the "
-            "layer parameters also reach the loss outside the layer's forward (tied "
-            "weights, a penalty term, a parent module reading them) or the loss "
-            "does not use the given params. Layer factors cannot represent that."
-        )
-        raise ValueError(msg)
-    prepare = _preparer(keep_batch_dim)
-    for s, e in bounds:
-        chunk = _tree_map(lambda t, s=s, e=e: t[s:e], data)
-        factors, _ = capture_batch(loss_func, params, chunk, e - s, modules, cap.plan, prepare)
-        yield s, e, factors
-
-
-def per_sample_kron_projected(
-    model: nn.Module,
-    loss_func: Callable,
-    params: Mapping[str, Tensor],
-    data: Any,
-    module_names: Sequence[str] | None,
-    proj_in: Mapping[str, Tensor],
-    proj_out: Mapping[str, Tensor],
-    keep_batch_dim: bool = False,
-    chunk_size: int | None = None,
-    *,
-    verbose: bool = False,
-) -> dict[str, Tensor]:
-    """Kronecker-factored (LoGra) projection of per-sample layer gradients.
-
-    For each layer and sample computes ``P_out G P_in^T`` where ``G`` is the
-    per-sample gradient in matrix form, by projecting the captured inputs ``a`` and
-    output gradients ``ds`` first and summing their outer products over positions
-    (sequence steps, conv output pixels, repeated calls): the full per-sample
-    gradient is never formed. Matrix forms ``(d_out, d_in)``: ``Linear``
-    ``(out, in)``; ``Conv2d`` ``(C_out, C_in / groups * kh * kw)``; ``Embedding``
-    ``(num_embeddings, embedding_dim)``. Bias: if the layer has a bias and
-    ``proj_in[name]`` has ``d_in + 1`` columns, a column of ones is appended to
-    ``a`` so that ``G = [grad_W | grad_b]`` (bias last); with ``d_in`` columns the
-    bias is left out.
-
-    Args:
-        model: The model the loss calls.
-        loss_func: ``loss_func(params, sample) -> scalar``.
-        params: ALL parameters by name.
-        data: One batch with leading dimension ``B``.
-        module_names: Layers (``model.named_modules()`` names); ``None``: every
-            ``Linear``/``Conv2d``/``Embedding`` layer.
-        proj_in: ``{name: (k_in, d_in [+1])}``.
-        proj_out: ``{name: (k_out, d_out)}``.
-        keep_batch_dim: Loss sample convention (see :func:`per_sample_grad`).
-        chunk_size: Max samples processed at once.
-        verbose: Show a progress bar over chunks.
-
-    Returns:
-        ``{name: (B, k_out * k_in)}``: row-major flattening of ``(k_out, k_in)``,
-        equal to ``(P_out ⊗ P_in) vec(G)`` with ``vec`` row-major. Dtype of the
-        layer output gradients (projectors are cast to it), detached.
-
-    Raises:
-        ValueError: For unknown/unsupported layers, missing or mis-shaped
-            projectors, NaN/inf results (naming the samples), or layer parameters
-            that reach the loss outside their layer.
-    """
-    modules, checked = _layer_modules(
-        model, params, module_names, ("linear", "conv2d", "embedding")
-    )
-    for n, m in modules.items():
-        if n not in proj_in or n not in proj_out:
-            msg = f"proj_in and proj_out need an entry for every module; missing {n!r}."
-            raise ValueError(msg)
-        check_kron_shapes(m, proj_in[n], proj_out[n])
-    b = _batch_size(data)
-    out: dict[str, Tensor] = {}
-    bad: Tensor | None = None
-    for s, e, factors in _capture_layers(
-        loss_func,
-        params,
-        data,
-        modules,
-        checked,
-        keep_batch_dim,
-        chunk_size,
-        verbose,
-        "per_sample_kron_projected",
-    ):
-        for n, m in modules.items():
-            res = None
-            for a, ds in factors[n]:
-                r = kron_project(m, a, ds, proj_in[n], proj_out[n])
-                res = r if res is None else res + r
-            if res is None:  # layer never called: zero gradient
-                k = proj_out[n].shape[0] * proj_in[n].shape[0]
-                p_any = next(iter(params.values()))
-                res = p_any.new_zeros(e - s, k)
-            if n not in out:
-                out[n] = res.new_empty(b, res.shape[1])
-            if bad is None:
-                bad = torch.zeros(b, dtype=torch.bool, device=res.device)
-            out[n][s:e] = res
-            bad[s:e] |= _nonfinite_rows(res).to(bad.device)
-    _raise_nonfinite(bad)
-    return out
-
-
-def per_sample_layer_factors(
-    model: nn.Module,
-    loss_func: Callable,
-    params: Mapping[str, Tensor],
-    data: Any,
-    module_names: Sequence[str] | None,
-    keep_batch_dim: bool = False,
-    chunk_size: int | None = None,
-    *,
-    bias_column: bool = True,
-    verbose: bool = False,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per-sample linearised layer factors ``(A, S)`` (for EK-FAC, DataInf, ghost dots).
-
-    ``S`` holds gradients of each sample's loss with respect to the layer output;
-    ``A`` the matching input representation, such that the per-sample gradient is
-    ``sum_t S[b, t] A[b, t]^T`` (Linear, Conv2d: ``[grad_W | grad_b]`` when the bias
-    column is present), ``sum_t S[b, t] * A[b, t]`` (LayerNorm weight; bias
-    ``sum_t S[b, t]``) or ``sum_t onehot(A[b, t]) S[b, t]^T`` (Embedding). Repeated
-    calls of a layer are concatenated along ``T``.
-
-    - ``Linear``: ``A (B, T, d_in [+1])``, ``S (B, T, d_out)``.
-    - ``Conv2d`` (groups = 1): ``A (B, T, C_in * kh * kw [+1])`` unfolded patches
-      (``T`` = output positions), ``S (B, T, C_out)``.
-    - ``Embedding``: ``A (B, T)`` token indices, ``S (B, T, D)`` (zero at
-      ``padding_idx``).
-    - ``LayerNorm``: ``A (B, T, n)`` normalised input, ``S (B, T, n)``,
-      ``n = prod(normalized_shape)``.
-
-    Args:
-        model: The model the loss calls.
-        loss_func: ``loss_func(params, sample) -> scalar``.
-        params: ALL parameters by name.
-        data: One batch with leading dimension ``B``.
-        module_names: Layers (``model.named_modules()`` names); ``None``: every
-            supported layer.
-        keep_batch_dim: Loss sample convention (see :func:`per_sample_grad`).
-        chunk_size: Max samples processed at once.
-        bias_column: Append a column of ones to ``A`` of layers with a bias.
-        verbose: Show a progress bar over chunks.
-
-    Returns:
-        ``{name: (A, S)}`` as above, detached.
-
-    Raises:
-        ValueError: For unknown/unsupported layers, NaN/inf factors (naming the
-            samples) or layer parameters that reach the loss outside their layer.
-        NotImplementedError: For grouped convolutions.
-    """
-    modules, checked = _layer_modules(
-        model, params, module_names, ("linear", "conv2d", "embedding", "layernorm")
-    )
-    for n, m in modules.items():
-        if layer_kind(m) == "conv2d" and m.groups != 1:
-            msg = (
-                f"Layer {n!r} is a grouped Conv2d; its factors are block-diagonal and "
-                "not returned. Use per_sample_grad_dict or per_sample_kron_projected."
-            )
-            raise NotImplementedError(msg)
-    b = _batch_size(data)
-    parts: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in modules}
-    bad = torch.zeros(b, dtype=torch.bool)
-    for s, e, factors in _capture_layers(
-        loss_func,
-        params,
-        data,
-        modules,
-        checked,
-        keep_batch_dim,
-        chunk_size,
-        verbose,
-        "per_sample_layer_factors",
-    ):
-        for n, m in modules.items():
-            calls = [linear_factors(m, a, ds, bias_column) for a, ds in factors[n]]
-            if not calls:
-                msg = f"Layer {n!r} was not called by loss_func; it has no factors."
-                raise ValueError(msg)
-            a_cat = torch.cat([c[0] for c in calls], dim=1)
-            s_cat = torch.cat([c[1] for c in calls], dim=1)
-            nonfinite = _nonfinite_rows(s_cat.reshape(e - s, -1))
-            if a_cat.is_floating_point():
-                nonfinite |= _nonfinite_rows(a_cat.reshape(e - s, -1))
-            bad[s:e] |= nonfinite.cpu()
-            parts[n].append((a_cat, s_cat))
-    _raise_nonfinite(bad)
-    return {
-        n: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for n, ps in parts.items()
-    }

@@ -100,6 +100,7 @@ class BasicProjector(_EngineProjector):
         max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
         param_sizes: Sequence[int] | None = None,
         max_batch_size: int | None = None,
+        verbose: bool = False,
     ) -> None:
         """Create the projector (random matrices are generated lazily).
 
@@ -120,6 +121,7 @@ class BasicProjector(_EngineProjector):
             max_memory_bytes: Cache budget for random matrices.
             param_sizes: Optional per-parameter sizes for checking dict inputs.
             max_batch_size: Optional cap on rows projected at once.
+            verbose: Show a tqdm bar while a dense matrix is generated.
         """
         super().__init__(feature_dim, proj_dim, seed, proj_type, device)
         check_positive_int(block_size, "block_size")
@@ -138,6 +140,7 @@ class BasicProjector(_EngineProjector):
             max_memory_bytes=max_memory_bytes,
             param_sizes=param_sizes,
             max_batch_size=max_batch_size,
+            verbose=verbose,
         )
 
     def project(
@@ -175,6 +178,7 @@ class CudaProjector(_EngineProjector):
         sjlt_nnz: int = 1,
         max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
         param_sizes: Sequence[int] | None = None,
+        verbose: bool = False,
     ) -> None:
         """Create the projector.
 
@@ -190,6 +194,7 @@ class CudaProjector(_EngineProjector):
             sjlt_nnz: Non-zeros per input coordinate of ``sjlt``.
             max_memory_bytes: Cache budget for random matrices.
             param_sizes: Optional per-parameter sizes for checking dict inputs.
+            verbose: Show a tqdm bar while a dense matrix is generated.
 
         Raises:
             ValueError: If ``device`` is not a CUDA device.
@@ -214,6 +219,7 @@ class CudaProjector(_EngineProjector):
             max_memory_bytes=max_memory_bytes,
             param_sizes=param_sizes,
             max_batch_size=max_batch_size,
+            verbose=verbose,
         )
 
 

@@ -25,6 +25,7 @@ from enum import Enum
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from dattri.func.projection_rng import (
     derive_key,
@@ -208,7 +209,9 @@ class _DenseState:
         device: torch.device,
         cache_rows: int,
         chunk_rows: int,
+        verbose: bool = False,
     ) -> None:
+        self.verbose = verbose
         self.block_fn = block_fn
         self.key = key
         self.feature_dim = feature_dim
@@ -223,7 +226,8 @@ class _DenseState:
         self.cache = torch.empty(
             self.cache_rows, self.proj_dim, dtype=torch.float16, device=self.device
         )
-        for start in range(0, self.cache_rows, self.chunk_rows):
+        starts = range(0, self.cache_rows, self.chunk_rows)
+        for start in tqdm(starts, desc="Generating projection matrix", disable=not self.verbose):
             stop = min(self.cache_rows, start + self.chunk_rows)
             self.block_fn(
                 self.key,
@@ -386,6 +390,7 @@ class ProjectionEngine:
         param_sizes: Sequence[int] | None = None,
         max_batch_size: int | None = None,
         chunk_bytes: int | None = None,
+        verbose: bool = False,
     ) -> None:
         """Validate the configuration; randomness is generated lazily.
 
@@ -406,6 +411,7 @@ class ProjectionEngine:
             max_batch_size: Optional cap on rows projected at once.
             chunk_bytes: Size of the working chunks (default 8 MiB on CPU,
                 256 MiB on CUDA).
+            verbose: Show a tqdm bar while a dense matrix is generated and cached.
 
         Raises:
             TypeError: For arguments of the wrong type.
@@ -464,6 +470,7 @@ class ProjectionEngine:
         if self.proj_type == ProjectionType.sjlt and self.sjlt_nnz > self.proj_dim:
             msg = f"sjlt_nnz={self.sjlt_nnz} must be <= proj_dim={self.proj_dim}."
             raise ValueError(msg)
+        self.verbose = bool(verbose)
         self._states: OrderedDict[int, object] = OrderedDict()
         self._work: dict[str, Tensor] = {}
 
@@ -522,6 +529,7 @@ class ProjectionEngine:
                 self.device,
                 cache_rows=min(p, budget // (2 * k)),
                 chunk_rows=max(1, self.chunk_bytes // (16 * k)),
+                verbose=self.verbose,
             )
         elif ptype == ProjectionType.sjlt:
             wanted = self.sjlt_nnz * p * 12
@@ -654,10 +662,21 @@ class ProjectionEngine:
                 casting back to the input dtype.
 
         Returns:
-            ``(B, proj_dim)`` tensor (``(B, feature_dim)`` for identity) on
-            ``self.device`` with the input dtype.
+            ``(B, proj_dim)`` tensor (``(B, feature_dim)`` for identity, the
+            input itself without copy for a tensor input) on ``self.device``
+            with the input dtype. The projection is not differentiable (it
+            runs under ``torch.no_grad``).
         """
         ensemble_id = _check_ensemble_id(ensemble_id)
+        with torch.no_grad():
+            return self._project(features, ensemble_id, keep_work_dtype)
+
+    def _project(
+        self,
+        features: Tensor | Mapping[str, Tensor],
+        ensemble_id: int,
+        keep_work_dtype: bool,
+    ) -> Tensor:
         blocks, batch, dtype = self._blocks(features)
         if self.proj_type == ProjectionType.identity:
             out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
