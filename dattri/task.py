@@ -384,6 +384,160 @@ class AttributionTask:
         Returns:
             ``(B, p_selected)`` gradients, columns in ``layer_name`` order.
         """
+        from dattri.func.per_sample_grad import per_sample_grad
+
+        self._load_checkpoints(ckpt_idx)
+        names = self.selected_param_names(layer_name)
+        selected = {n: self.named_parameters[n] for n in names}
+        if layer_split:
+            if param_layer_map is None:
+                param_layer_map = self._generate_param_layer_map(selected)
+            elif len(param_layer_map) != len(selected):
+                msg = (
+                    f"param_layer_map has {len(param_layer_map)} entries but "
+                    f"{len(selected)} parameters are selected."
+                )
+                raise ValueError(msg)
+            return tuple(p.detach().reshape(-1) for p in selected.values()), list(param_layer_map)
+        return torch.cat([p.detach().reshape(-1) for p in selected.values()]), None
+
+    def get_param_dict(self, ckpt_idx: int = 0) -> dict[str, Tensor]:
+        """Return ``{name: detached tensor}`` of all trainable parameters of a checkpoint."""
+        self._load_checkpoints(ckpt_idx)
+        return {n: p.detach() for n, p in self.named_parameters.items()}
+
+    # ---------------------------------------------------------------- functions
+    def _select_func(
+        self,
+        func: Callable,
+        original: Callable,
+        flatten: bool,
+        layer_name: str | Sequence[str] | None,
+        ckpt_idx: int | None,
+    ) -> Callable:
+        if not flatten:
+            if layer_name is not None:
+                msg = "flatten=False cannot be combined with layer_name."
+                raise ValueError(msg)
+            return original
+        if layer_name is None:
+            return func
+        self._load_checkpoints(0 if ckpt_idx is None else ckpt_idx)
+        names = self.selected_param_names(layer_name)
+        full = {n: p.detach() for n, p in self.named_parameters.items()}
+        return partial_param(full, names)(func)
+
+    def get_loss_func(
+        self,
+        flatten: bool = True,
+        layer_name: str | Sequence[str] | None = None,
+        ckpt_idx: int | None = None,
+    ) -> Callable:
+        """Return the loss function.
+
+        Args:
+            flatten: if True, the function takes flat parameters ``(p,)``; else the
+                user's dict-form function is returned unchanged.
+            layer_name: restrict the flat parameters to these parameter(s); the rest
+                are frozen at checkpoint ``ckpt_idx``.
+            ckpt_idx: checkpoint used for the frozen parameters (default 0).
+
+        Returns:
+            ``f(params, data) -> scalar``.
+        """
+        return self._select_func(
+            self.loss_func, self.original_loss_func, flatten, layer_name, ckpt_idx
+        )
+
+    def get_target_func(
+        self,
+        flatten: bool = True,
+        layer_name: str | Sequence[str] | None = None,
+        ckpt_idx: int | None = None,
+    ) -> Callable:
+        """Return the target function (same arguments as :meth:`get_loss_func`)."""
+        return self._select_func(
+            self.target_func, self.original_target_func, flatten, layer_name, ckpt_idx
+        )
+
+    def _grad_func(
+        self,
+        which: str,
+        in_dims: tuple,
+        layer_name: str | Sequence[str] | None,
+        ckpt_idx: int | None,
+    ) -> Callable:
+        key = (
+            which,
+            tuple(in_dims),
+            None if layer_name is None else tuple(self.selected_param_names(layer_name)),
+            ckpt_idx if layer_name is not None else None,
+        )
+        if key not in self._grad_func_memo:
+            getter = self.get_loss_func if which == "loss" else self.get_target_func
+            func = getter(layer_name=layer_name, ckpt_idx=ckpt_idx)
+            self._grad_func_memo = {
+                key: torch.func.vmap(torch.func.grad(func), in_dims=in_dims, randomness="different")
+            }
+        return self._grad_func_memo[key]
+
+    def get_grad_loss_func(
+        self,
+        in_dims: tuple = (None, 1),
+        layer_name: str | Sequence[str] | None = None,
+        ckpt_idx: int | None = None,
+    ) -> Callable:
+        """Per-sample gradient of the loss: ``vmap(grad(loss), in_dims)``.
+
+        Args:
+            in_dims: vmap ``in_dims``; the default ``(None, 1)`` expects data
+                pre-unsqueezed to ``(1, B, ...)`` so the loss sees ``(1, ...)``.
+            layer_name: restrict to these parameter(s).
+            ckpt_idx: checkpoint for frozen parameters when ``layer_name`` is given.
+
+        Returns:
+            ``f(params, data) -> (B, p_selected)``.
+        """
+        return self._grad_func("loss", in_dims, layer_name, ckpt_idx)
+
+    def get_grad_target_func(
+        self,
+        in_dims: tuple = (None, 1),
+        layer_name: str | Sequence[str] | None = None,
+        ckpt_idx: int | None = None,
+    ) -> Callable:
+        """Per-sample gradient of the target (see :meth:`get_grad_loss_func`)."""
+        return self._grad_func("target", in_dims, layer_name, ckpt_idx)
+
+    def per_sample_grads(
+        self,
+        data: Any,
+        ckpt_idx: int = 0,
+        layer_name: str | Sequence[str] | None = None,
+        target: bool = False,
+        keep_batch_dim: bool = False,
+        route: str = "auto",
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """Per-sample gradients of the loss (or target) for one batch.
+
+        Uses the fast hook route of :func:`dattri.func.per_sample_grad.per_sample_grad`
+        where every selected parameter belongs to a supported layer, and
+        ``vmap(grad)`` otherwise.
+
+        Args:
+            data: one batch (tensor, tuple/list or dict of tensors with batch dim B).
+            ckpt_idx: checkpoint index.
+            layer_name: None (all), a parameter name, or a list of names.
+            target: differentiate ``target_func`` instead of ``loss_func``.
+            keep_batch_dim: whether the user's function sees a sample as ``(1, ...)``
+                (IF convention) rather than un-batched (TRAK/TracIn convention).
+            route: ``"auto"``, ``"hook"`` or ``"vmap"``.
+            chunk_size: maximum samples per vmap chunk.
+
+        Returns:
+            ``(B, p_selected)`` gradients, columns in ``layer_name`` order.
+        """
         try:
             from dattri.func.per_sample_grad import per_sample_grad
         except ImportError:  # TEMPORARY until the engine lands
