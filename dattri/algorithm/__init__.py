@@ -1,4 +1,4 @@
-"""Attributors. Every class shares the base API in :mod:`dattri.algorithm.base`:
+"""Attributors, all sharing the base API of :mod:`dattri.algorithm.base`.
 
 ``cache(train_loader)``, ``attribute(...)`` -> ``(n_train, n_test)`` (larger = the
 training sample helps the test target), ``self_attribute(train_loader)`` -> ``(n_train,)``
@@ -10,8 +10,10 @@ and ``attribute_topk(...)``. Exceptions kept from upstream dattri 0.3:
 """
 
 from dattri.algorithm.base import BaseAttributor, BaseInnerProductAttributor
+from dattri.algorithm.block_projected_if import BlockProjectedIFAttributor
 from dattri.algorithm.data_shapley import KNNShapleyAttributor
 from dattri.algorithm.dvemb import DVEmbAttributor
+from dattri.algorithm.factgrass import FactGraSSAttributor
 from dattri.algorithm.influence_function import (
     IFAttributorArnoldi,
     IFAttributorCG,
@@ -20,6 +22,7 @@ from dattri.algorithm.influence_function import (
     IFAttributorExplicit,
     IFAttributorLiSSA,
 )
+from dattri.algorithm.logra import LoGraAttributor
 from dattri.algorithm.rps import RPSAttributor
 from dattri.algorithm.topk import TopKResult
 from dattri.algorithm.tracin import TracInAttributor
@@ -28,7 +31,9 @@ from dattri.algorithm.trak import TRAKAttributor
 __all__ = [
     "BaseAttributor",
     "BaseInnerProductAttributor",
+    "BlockProjectedIFAttributor",
     "DVEmbAttributor",
+    "FactGraSSAttributor",
     "IFAttributorArnoldi",
     "IFAttributorCG",
     "IFAttributorDataInf",
@@ -36,6 +41,7 @@ __all__ = [
     "IFAttributorExplicit",
     "IFAttributorLiSSA",
     "KNNShapleyAttributor",
+    "LoGraAttributor",
     "RPSAttributor",
     "TRAKAttributor",
     "TopKResult",
