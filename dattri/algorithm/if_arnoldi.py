@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from dattri.algorithm.if_base import IFBase
-from dattri.func.hessian import _arnoldi
+from dattri.func.hessian import arnoldi_eigs
 from dattri.task import AttributionTask
 
 __all__ = ["IFAttributorArnoldi"]
@@ -105,7 +105,7 @@ class IFAttributorArnoldi(IFBase):
         op = self.mean_hvp_operator(ckpt_idx, "rev-rev", self.regularization)
         gen = torch.Generator().manual_seed(self.seed)
         nc = self.norm_constant
-        evals, evecs = _arnoldi(
+        evals, evecs = arnoldi_eigs(
             lambda m: op(m) / nc, gen, params, min(self.max_iter, p), self.tol, self.verbose
         )
         evals = evals * nc

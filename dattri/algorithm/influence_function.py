@@ -59,7 +59,7 @@ from dattri.algorithm.if_base import IFBase
 from dattri.algorithm.if_datainf import IFAttributorDataInf
 from dattri.algorithm.if_ekfac import IFAttributorEKFAC
 from dattri.algorithm.if_lissa import IFAttributorLiSSA
-from dattri.func.hessian import _batched_cg
+from dattri.func.hessian import cg_solve
 from dattri.task import AttributionTask
 
 __all__ = [
@@ -279,7 +279,7 @@ class IFAttributorCG(IFBase):
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """Batched CG solve of ``(H + lambda I) x = g`` for every row, ``(B, p)``."""
         rhs = test_rep.to(self._dtypes[ckpt_idx])
-        sol, info = _batched_cg(self._ops[ckpt_idx], rhs, self.max_iter, self.tol)
+        sol, info = cg_solve(self._ops[ckpt_idx], rhs, self.max_iter, self.tol)
         self.last_cg_info = info
         if not bool(info.converged.all()):
             warnings.warn(

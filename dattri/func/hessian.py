@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 __all__ = [
     "CGInfo",
     "IHVPUsageError",
+    "arnoldi_eigs",
+    "cg_solve",
     "hvp",
     "hvp_at_x",
     "ihvp_arnoldi",
@@ -406,7 +408,7 @@ def ihvp_at_x_explicit(
 
 
 # --------------------------------------------------------------------------- CG
-def _batched_cg(
+def cg_solve(
     op: Callable[[Tensor], Tensor], rhs: Tensor, max_iter: int, tol: float
 ) -> tuple[Tensor, CGInfo]:
     """Conjugate gradient on every row of ``rhs`` ``(k, p)`` at once (x0 = 0).
@@ -527,7 +529,7 @@ def ihvp_at_x_cg(
 
     def _ihvp(v: Tensor) -> Tensor:
         mat, restore = _rows(v, x[argnums])
-        sol, _ihvp.info = _batched_cg(op, mat, max_iter, tol)
+        sol, _ihvp.info = cg_solve(op, mat, max_iter, tol)
         return restore(sol)
 
     _ihvp.info = None
@@ -737,7 +739,7 @@ def ihvp_arnoldi(
     return lambda x, v: get(x)(v)
 
 
-def _arnoldi(
+def arnoldi_eigs(
     op: Callable[[Tensor], Tensor],
     gen: torch.Generator,
     ref: Tensor,
@@ -840,7 +842,7 @@ def ihvp_at_x_arnoldi(
     p = ref.numel()
     op = _regularized_matvec(func, x, argnums, mode, regularization)
     gen = torch.Generator().manual_seed(seed)
-    evals, evecs = _arnoldi(
+    evals, evecs = arnoldi_eigs(
         lambda m: op(m) / norm_constant, gen, ref, min(max_iter, p), tol, verbose
     )
     evals = evals * norm_constant

@@ -7,6 +7,8 @@ its public names so both import paths give the same objects.
 from dattri.func.hessian import (
     CGInfo,
     IHVPUsageError,
+    arnoldi_eigs,
+    cg_solve,
     hvp,
     hvp_at_x,
     ihvp_arnoldi,
@@ -22,6 +24,8 @@ from dattri.func.hessian import (
 __all__ = [
     "CGInfo",
     "IHVPUsageError",
+    "arnoldi_eigs",
+    "cg_solve",
     "hvp",
     "hvp_at_x",
     "ihvp_arnoldi",

@@ -1,0 +1,194 @@
+"""Per-ensemble-member random state of the projection engine.
+
+Each state holds (or regenerates on demand) the randomness of one ensemble
+member and adds the projection of a block of input coordinates to an
+accumulator: :class:`DenseState` (``normal``/``rademacher``),
+:class:`SjltState` (``sjlt``) and :class:`MaskState` (``random_mask`` and
+``grass``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from dattri.func.projection_rng import scratch, select_coordinates, sjlt_block
+
+
+class DenseState:
+    """Dense ``(p, k)`` matrix of one ensemble member, partially cached."""
+
+    def __init__(
+        self,
+        block_fn: Callable[..., Tensor],
+        key: int,
+        feature_dim: int,
+        proj_dim: int,
+        device: torch.device,
+        cache_rows: int,
+        chunk_rows: int,
+        verbose: bool = False,
+    ) -> None:
+        self.verbose = verbose
+        self.block_fn = block_fn
+        self.key = key
+        self.feature_dim = feature_dim
+        self.proj_dim = proj_dim
+        self.device = device
+        self.cache_rows = cache_rows
+        self.chunk_rows = chunk_rows
+        self.cache: Tensor | None = None
+        self.nbytes = cache_rows * proj_dim * 2
+
+    def _fill_cache(self, work: dict[str, Tensor]) -> None:
+        self.cache = torch.empty(
+            self.cache_rows, self.proj_dim, dtype=torch.float16, device=self.device
+        )
+        starts = range(0, self.cache_rows, self.chunk_rows)
+        for start in tqdm(starts, desc="Generating projection matrix", disable=not self.verbose):
+            stop = min(self.cache_rows, start + self.chunk_rows)
+            self.block_fn(
+                self.key,
+                start,
+                stop - start,
+                self.proj_dim,
+                self.device,
+                out=self.cache[start:stop],
+                work=work,
+            )
+
+    def accumulate(self, x: Tensor, offset: int, out: Tensor, work: dict[str, Tensor]) -> None:
+        """Add ``x @ P[offset:offset + n]`` (unscaled) to ``out``.
+
+        Args:
+            x: Features ``(B, n)`` for global rows ``[offset, offset + n)``.
+            offset: First global row.
+            out: Accumulator ``(B, k)`` in the working dtype.
+            work: Scratch buffers.
+        """
+        if self.cache is None and self.cache_rows > 0:
+            self._fill_cache(work)
+        end = offset + x.shape[1]
+        pos = offset
+        while pos < end:
+            if pos < self.cache_rows:
+                stop = min(end, self.cache_rows, pos + self.chunk_rows)
+                block = self.cache[pos:stop]
+            else:
+                stop = min(end, pos + self.chunk_rows)
+                block = self.block_fn(
+                    self.key,
+                    pos,
+                    stop - pos,
+                    self.proj_dim,
+                    self.device,
+                    out=scratch(work, "gen", (stop - pos, self.proj_dim), torch.float16, x.device),
+                    work=work,
+                )
+            mat = scratch(work, "mat", tuple(block.shape), out.dtype, x.device)
+            mat.copy_(block)
+            xs = x[:, pos - offset : stop - offset]
+            if xs.dtype != out.dtype:
+                xs = scratch(work, "xs", tuple(xs.shape), out.dtype, x.device).copy_(xs)
+            out.addmm_(xs, mat)
+            pos = stop
+
+
+class SjltState:
+    """Buckets and signs of a sparse JL transform of one ensemble member."""
+
+    def __init__(
+        self,
+        key: int,
+        feature_dim: int,
+        proj_dim: int,
+        nnz: int,
+        device: torch.device,
+        cache: bool,
+        chunk_bytes: int,
+    ) -> None:
+        self.key = key
+        self.feature_dim = feature_dim
+        self.proj_dim = proj_dim
+        self.nnz = nnz
+        self.device = device
+        self.chunk_bytes = chunk_bytes
+        self.buckets: Tensor | None = None
+        self.signs: Tensor | None = None
+        self.cached = cache
+        self.nbytes = nnz * feature_dim * 12 if cache else 0
+
+    def accumulate(self, x: Tensor, offset: int, out: Tensor, work: dict[str, Tensor]) -> None:
+        """Add the (unscaled) sparse sketch of ``x`` to ``out``.
+
+        Args:
+            x: Features ``(B, n)`` for global coordinates ``[offset, offset + n)``.
+            offset: First global coordinate.
+            out: Accumulator ``(B, k)`` in the working dtype.
+            work: Scratch buffers.
+        """
+        if self.cached and self.buckets is None:
+            self.buckets, self.signs = sjlt_block(
+                self.key, 0, self.feature_dim, self.proj_dim, self.nnz, self.device
+            )
+        batch, n = x.shape
+        step = max(1024, self.chunk_bytes // (8 * max(batch, 1)))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            lo, hi = offset + start, offset + stop
+            if self.cached:
+                buckets, signs = self.buckets[:, lo:hi], self.signs[:, lo:hi]
+            else:
+                buckets, signs = sjlt_block(
+                    self.key, lo, hi - lo, self.proj_dim, self.nnz, self.device
+                )
+            buf = scratch(work, "sjlt", (batch, stop - start), out.dtype, x.device)
+            for j in range(self.nnz):
+                torch.mul(x[:, start:stop], signs[j], out=buf)
+                out.index_add_(1, buckets[j], buf)
+
+
+class MaskState:
+    """Sorted random coordinate subset, optionally followed by an SJLT (GraSS)."""
+
+    def __init__(
+        self,
+        key: int,
+        feature_dim: int,
+        mask_dim: int,
+        device: torch.device,
+        sjlt_key: int | None = None,
+        proj_dim: int | None = None,
+    ) -> None:
+        self.selected = select_coordinates(key, feature_dim, mask_dim, device)
+        self.selected_list = self.selected.tolist()
+        self.buckets: Tensor | None = None
+        self.signs: Tensor | None = None
+        if sjlt_key is not None and proj_dim is not None:
+            buckets, signs = sjlt_block(sjlt_key, 0, mask_dim, proj_dim, 1, device)
+            self.buckets, self.signs = buckets[0], signs[0]
+        self.nbytes = mask_dim * (8 if self.buckets is None else 20)
+
+    def accumulate(self, x: Tensor, offset: int, out: Tensor, work: dict[str, Tensor]) -> None:
+        """Write (mask) or add (GraSS) the selected coordinates of ``x`` to ``out``.
+
+        Args:
+            x: Features ``(B, n)`` for global coordinates ``[offset, offset + n)``.
+            offset: First global coordinate.
+            out: Output ``(B, k)`` in the working dtype.
+            work: Scratch buffers (unused).
+        """
+        del work
+        lo = bisect_left(self.selected_list, offset)
+        hi = bisect_left(self.selected_list, offset + x.shape[1])
+        if hi <= lo:
+            return
+        cols = x.index_select(1, self.selected[lo:hi] - offset)
+        if self.buckets is None:
+            out[:, lo:hi] = cols
+        else:
+            out.index_add_(1, self.buckets[lo:hi], cols * self.signs[lo:hi])
