@@ -159,6 +159,12 @@ def test_dense_projection_equals_hand_computation_with_same_projector():
         },
     )
     torch.testing.assert_close(old.attribute(train, test), scores, rtol=0, atol=0)
+    # any params object with the projection fields is accepted
+    rp = RandomProjectionParams(
+        proj_dim=64, proj_seed=3, proj_max_batch_size=8, feature_batch_size=5, device="cpu"
+    )
+    other = TracInAttributor(task, weights, normalized_grad=False, proj_params=rp, verbose=False)
+    torch.testing.assert_close(other.attribute(train, test), scores, rtol=0, atol=0)
     # a different target: the diagonal uses loss x target gradients
     torch.testing.assert_close(
         attr.self_attribute(train),

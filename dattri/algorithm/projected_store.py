@@ -33,6 +33,9 @@ __all__ = [
 
 #: keys accepted in the older ``projector_kwargs`` dict form.
 _PROJECTOR_KWARGS = ("proj_dim", "proj_max_batch_size", "proj_seed", "proj_type", "device")
+#: fields of a params object that define the projection (others, e.g. a
+#: ``RandomProjectionParams``' ``feature_batch_size``/``device``, are ignored).
+_PROJECTION_FIELDS = ("proj_dim", "proj_max_batch_size", "proj_seed", "proj_type")
 
 
 def resolve_projection(
@@ -142,11 +145,9 @@ class GradientFeaturizer:
             from dattri.params.projection import RandomProjectionParams
 
             template = torch.zeros(1, self.feature_dim, dtype=dtype, device=self.device)
-            params = RandomProjectionParams(
-                feature_batch_size=1,
-                device=self.device,
-                **self.proj_params.model_dump(),
-            )
+            dump = self.proj_params.model_dump()
+            fields = {k: dump[k] for k in _PROJECTION_FIELDS if k in dump}
+            params = RandomProjectionParams(feature_batch_size=1, device=self.device, **fields)
             self._projectors[dtype] = random_project(template, params)
         return self._projectors[dtype]
 

@@ -162,8 +162,10 @@ class TracInAttributor(BaseAttributor):
         """Store the projected training gradients of every checkpoint.
 
         Later :meth:`attribute` / :meth:`self_attribute` calls with this same loader
-        object reuse them instead of recomputing. Upstream's ``cache()`` takes no
-        argument; calling it without one is accepted and does nothing.
+        object reuse them instead of recomputing (the store is keyed on the loader
+        object: call ``cache`` again if its data change). Memory: ``K x (n, d)``
+        tensors on ``device``. Upstream's ``cache()`` takes no argument; calling it
+        without one is accepted and does nothing.
 
         Args:
             full_train_dataloader: the training data (not shuffled), or None.

@@ -281,6 +281,10 @@ class TRAKAttributor(BaseAttributor):
     def cache(self, full_train_dataloader: Iterable) -> None:
         """Compute and keep ``Phi_k``, the Cholesky factor of each kernel and ``Q``.
 
+        Memory: ``K x (n, d)`` features plus ``K`` ``(d, d)`` float64 factors on
+        ``device``. Passing this same loader object to :meth:`attribute` /
+        :meth:`self_attribute` reuses the stored rows.
+
         Args:
             full_train_dataloader: the training set (not shuffled); it defines the
                 kernel and the default rows of :meth:`attribute`.

@@ -2,7 +2,8 @@
 
 Types (:class:`ProjectionType`), for features ``X`` of shape ``(B, p)``:
 
-- ``identity``: ``X`` unchanged (``proj_dim`` ignored).
+- ``identity``: ``X`` unchanged (``proj_dim`` ignored; a tensor input is
+  returned without copy).
 - ``normal`` / ``rademacher``: ``X P / sqrt(k)`` with ``P`` of i.i.d. N(0, 1)
   (stored as float16 values) or ±1 entries.
 - ``sjlt``: sparse JL transform; every input coordinate is added, with a random
