@@ -226,8 +226,9 @@ class ProjectionEngine:
             param_sizes: Optional per-parameter sizes; dict inputs are checked
                 against them.
             max_batch_size: Optional cap on rows projected at once.
-            chunk_bytes: Size of the working chunks (default 8 MiB on CPU,
-                256 MiB on CUDA).
+            chunk_bytes: Size of the working chunks of dense types (default
+                32 MiB on CPU, 256 MiB on CUDA; ``sjlt`` uses a quarter). Larger
+                chunks mean fewer, larger torch ops, which matters on busy CPUs.
             verbose: Show a tqdm bar while a dense matrix is generated and cached.
 
         Raises:
@@ -265,7 +266,7 @@ class ProjectionEngine:
         self.max_batch_size = (
             None if max_batch_size is None else check_positive_int(max_batch_size, "max_batch_size")
         )
-        default_chunk = (256 if self.device.type == "cuda" else 8) << 20
+        default_chunk = (256 if self.device.type == "cuda" else 32) << 20
         self.chunk_bytes = (
             default_chunk if chunk_bytes is None else check_positive_int(chunk_bytes, "chunk_bytes")
         )
@@ -347,6 +348,7 @@ class ProjectionEngine:
                 cache_rows=min(p, budget // (2 * k)),
                 chunk_rows=max(1, self.chunk_bytes // (16 * k)),
                 verbose=self.verbose,
+                copy_rows=max(1, self.chunk_bytes // (4 * k)),
             )
         elif ptype == ProjectionType.sjlt:
             wanted = self.sjlt_nnz * p * 12
@@ -358,7 +360,7 @@ class ProjectionEngine:
                 self.sjlt_nnz,
                 self.device,
                 cache=wanted <= budget,
-                chunk_bytes=self.chunk_bytes,
+                chunk_bytes=max(1, self.chunk_bytes // 4),
             )
         elif ptype == ProjectionType.random_mask:
             state = MaskState(key, p, k, self.device)

@@ -32,6 +32,7 @@ class DenseState:
         cache_rows: int,
         chunk_rows: int,
         verbose: bool = False,
+        copy_rows: int | None = None,
     ) -> None:
         self.verbose = verbose
         self.block_fn = block_fn
@@ -40,7 +41,9 @@ class DenseState:
         self.proj_dim = proj_dim
         self.device = device
         self.cache_rows = cache_rows
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = chunk_rows  # rows generated per step
+        # rows of the cached matrix converted per matmul (fewer, larger ops)
+        self.copy_rows = chunk_rows if copy_rows is None else copy_rows
         self.cache: Tensor | None = None
         self.nbytes = cache_rows * proj_dim * 2
 
@@ -76,7 +79,7 @@ class DenseState:
         pos = offset
         while pos < end:
             if pos < self.cache_rows:
-                stop = min(end, self.cache_rows, pos + self.chunk_rows)
+                stop = min(end, self.cache_rows, pos + self.copy_rows)
                 block = self.cache[pos:stop]
             else:
                 stop = min(end, pos + self.chunk_rows)
