@@ -12,6 +12,8 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,31 +48,56 @@ def test_every_example_is_tested() -> None:
     assert scripts == set(EXPECTED), "add new examples to EXPECTED (and remove deleted ones)"
 
 
-@pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_example_quick(script: str, tmp_path: Path) -> None:
-    if script == "hf_gpt2_dict_batches.py" and not HAS_TRANSFORMERS:
-        pytest.skip(
-            "transformers is not installed (pip install transformers, or the examples extra)"
-        )
-    args, expected = EXPECTED[script]
-    args = [a.format(tmp=tmp_path) for a in args]
-    proc = subprocess.run(
+def _run_example(script: str, tmp: Path) -> subprocess.CompletedProcess:
+    args = [a.format(tmp=tmp) for a in EXPECTED[script][0]]
+    return subprocess.run(
         [sys.executable, str(EXAMPLES / script), "--quick", *args],
-        cwd=tmp_path,
-        env=_env(tmp_path),
+        cwd=tmp,
+        env=_env(tmp),
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def example_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future]]:
+    """Start the selected examples, two at a time (each is single-threaded)."""
+    selected = {
+        item.callspec.params["script"]
+        for item in request.session.items
+        if item.originalname == "test_example_quick"
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {}
+        for script in sorted(selected):
+            if script == "hf_gpt2_dict_batches.py" and not HAS_TRANSFORMERS:
+                continue
+            tmp = tmp_path_factory.mktemp(script.removesuffix(".py"))
+            runs[script] = pool.submit(_run_example, script, tmp)
+            runs[script].tmp = tmp  # type: ignore[attr-defined]
+        yield runs
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_example_quick(script: str, example_runs: dict[str, Future]) -> None:
+    if script == "hf_gpt2_dict_batches.py" and not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (pip install transformers; examples extra)")
+    future = example_runs[script]
+    proc, tmp = future.result(), future.tmp  # type: ignore[attr-defined]
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
-    for text in expected:
+    for text in EXPECTED[script][1]:
         assert text in proc.stdout, f"{script}: {text!r} not in its output:\n{proc.stdout}"
     if script == "proponents_opponents.py":
-        png = (tmp_path / "picture.png").read_bytes()
+        png = (tmp / "picture.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
     if script == "lds_benchmark.py":
-        assert (tmp_path / "out").is_dir() and any((tmp_path / "out").glob("*.json"))
+        assert any((tmp / "out").glob("*.json")) and any((tmp / "out").glob("*.png"))
+    if script == "custom_retraining.py":
+        assert (tmp / "lds" / "metadata.yml").exists()
 
 
 def test_gpt2_example_skips_cleanly_without_transformers(tmp_path: Path) -> None:
@@ -118,6 +145,7 @@ def test_notebook_runs(notebook: str, tmp_path: Path, monkeypatch: pytest.Monkey
         pytest.fail(f"{exc}: install nbclient, nbformat and ipykernel (pip install -e '.[test]')")
     for key, value in _env(tmp_path).items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MPLBACKEND")  # the kernel's inline backend captures the plots
     book = nbformat.read(NOTEBOOKS / notebook, as_version=4)
     client = nbclient.NotebookClient(
         book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

@@ -84,7 +84,7 @@ def _prob_sample(model: nn.Module) -> Callable:
     return prob
 
 
-def _eager_loss(model: nn.Module, batch: tuple, device: Any = "cpu") -> Tensor:
+def _eager_loss(model: nn.Module, batch: tuple, device: Any) -> Tensor:
     x, y = batch
     return nn.functional.cross_entropy(model(x.to(device)), y.to(device))
 
