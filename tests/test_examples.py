@@ -1,14 +1,16 @@
 """Run every example script in ``--quick`` mode and execute every notebook.
 
-Each example runs as a subprocess (as a user would run it) and must exit with code 0
-and print its result table; each notebook is executed top to bottom with nbclient and
-must raise no error. ``OMP_NUM_THREADS=1`` keeps the tiny workloads from fighting over
-cores with other processes (it does not change any result).
+Each example runs as a subprocess, as a user would run it, and must exit with code 0
+and print its result; each notebook is executed top to bottom by nbclient (in a
+subprocess, with a Jupyter kernel) and must raise no error and draw its plots. The
+selected runs are started together, two at a time, each single-threaded
+(``OMP_NUM_THREADS=1``: the workloads are tiny, and it changes no result).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -21,8 +23,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 NOTEBOOKS = ROOT / "notebooks"
+NOTEBOOK_NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 
-#: example script -> (extra arguments, text its output must contain)
+#: example script -> (extra arguments, texts its output must contain)
 EXPECTED = {
     "noisy_label_detection.py": ([], ["IF (explicit)", "TracInCP", "TRAK", "AUC"]),
     "lds_benchmark.py": (["--cache-dir", "{tmp}/cache", "--out", "{tmp}/out"], ["| if-explicit |"]),
@@ -33,14 +36,75 @@ EXPECTED = {
     "proponents_opponents.py": (["--out", "{tmp}/picture.png"], ["wrote"]),
 }
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+NO_TRANSFORMERS = "transformers is not installed (pip install transformers; the examples extra)"
+
+#: executes notebook argv[1] with working directory argv[2], writes it to argv[3]
+RUN_NOTEBOOK = """
+import sys
+import nbclient, nbformat
+book = nbformat.read(sys.argv[1], as_version=4)
+client = nbclient.NotebookClient(
+    book, timeout=300, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}}
+)
+try:
+    client.execute()
+finally:
+    nbformat.write(book, sys.argv[3])
+"""
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+def _env(tmp: Path, plots_inline: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    env["MPLBACKEND"] = "Agg"
-    env["DATTRI_BENCH_CACHE"] = str(tmp_path / "bench-cache")
+    env["DATTRI_BENCH_CACHE"] = str(tmp / "bench-cache")
+    if plots_inline:
+        env.pop("MPLBACKEND", None)  # the kernel's inline backend captures the plots
+    else:
+        env["MPLBACKEND"] = "Agg"
     return env
+
+
+def _run(cmd: list[str], tmp: Path, plots_inline: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd,
+        cwd=tmp,
+        env=_env(tmp, plots_inline),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+
+
+def _example_cmd(script: str, tmp: Path) -> list[str]:
+    args = [a.format(tmp=tmp) for a in EXPECTED[script][0]]
+    return [sys.executable, str(EXAMPLES / script), "--quick", *args]
+
+
+def _notebook_cmd(name: str, tmp: Path) -> list[str]:
+    return [sys.executable, "-c", RUN_NOTEBOOK, str(NOTEBOOKS / name), str(tmp), str(tmp / name)]
+
+
+@pytest.fixture(scope="module")
+def runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[Future, Path]]]:
+    """Start the selected examples and notebooks, two at a time."""
+    jobs = {}
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.originalname == "test_example_quick":
+            script = params["script"]
+            if script != "hf_gpt2_dict_batches.py" or HAS_TRANSFORMERS:
+                jobs[script] = (_example_cmd, False)
+        elif item.originalname == "test_notebook_runs":
+            jobs[params["notebook"]] = (_notebook_cmd, True)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started = {}
+        for name, (make_cmd, inline) in sorted(jobs.items()):
+            tmp = tmp_path_factory.mktemp(name.replace(".", "_"))
+            started[name] = (pool.submit(_run, make_cmd(name, tmp), tmp, inline), tmp)
+        yield started
 
 
 def test_every_example_is_tested() -> None:
@@ -48,46 +112,12 @@ def test_every_example_is_tested() -> None:
     assert scripts == set(EXPECTED), "add new examples to EXPECTED (and remove deleted ones)"
 
 
-def _run_example(script: str, tmp: Path) -> subprocess.CompletedProcess:
-    args = [a.format(tmp=tmp) for a in EXPECTED[script][0]]
-    return subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--quick", *args],
-        cwd=tmp,
-        env=_env(tmp),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-@pytest.fixture(scope="module")
-def example_runs(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Future]]:
-    """Start the selected examples, two at a time (each is single-threaded)."""
-    selected = {
-        item.callspec.params["script"]
-        for item in request.session.items
-        if item.originalname == "test_example_quick"
-    }
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = {}
-        for script in sorted(selected):
-            if script == "hf_gpt2_dict_batches.py" and not HAS_TRANSFORMERS:
-                continue
-            tmp = tmp_path_factory.mktemp(script.removesuffix(".py"))
-            runs[script] = pool.submit(_run_example, script, tmp)
-            runs[script].tmp = tmp  # type: ignore[attr-defined]
-        yield runs
-
-
 @pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_example_quick(script: str, example_runs: dict[str, Future]) -> None:
+def test_example_quick(script: str, runs: dict[str, tuple[Future, Path]]) -> None:
     if script == "hf_gpt2_dict_batches.py" and not HAS_TRANSFORMERS:
-        pytest.skip("transformers is not installed (pip install transformers; examples extra)")
-    future = example_runs[script]
-    proc, tmp = future.result(), future.tmp  # type: ignore[attr-defined]
+        pytest.skip(NO_TRANSFORMERS)
+    future, tmp = runs[script]
+    proc = future.result()
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
     for text in EXPECTED[script][1]:
         assert text in proc.stdout, f"{script}: {text!r} not in its output:\n{proc.stdout}"
@@ -98,6 +128,31 @@ def test_example_quick(script: str, example_runs: dict[str, Future]) -> None:
         assert any((tmp / "out").glob("*.json")) and any((tmp / "out").glob("*.png"))
     if script == "custom_retraining.py":
         assert (tmp / "lds" / "metadata.yml").exists()
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_NAMES)
+def test_notebook_runs(notebook: str, runs: dict[str, tuple[Future, Path]]) -> None:
+    missing = [m for m in ("nbclient", "nbformat", "ipykernel") if not importlib.util.find_spec(m)]
+    if missing:  # CI installs them with the test extra: fail, do not skip
+        pytest.fail(f"missing {missing}: install nbclient, nbformat and ipykernel")
+    future, tmp = runs[notebook]
+    proc = future.result()
+    assert proc.returncode == 0, f"{notebook} failed:\n{proc.stderr[-5000:]}"
+    book = json.loads((tmp / notebook).read_text())
+    outputs = [o for cell in book["cells"] if cell["cell_type"] == "code" for o in cell["outputs"]]
+    assert any(o["output_type"] == "stream" and o["name"] == "stdout" for o in outputs)
+    assert any("image/png" in o.get("data", {}) for o in outputs), "expected at least one plot"
+
+
+def test_notebooks_are_committed_without_outputs() -> None:
+    assert len(NOTEBOOK_NAMES) >= 2
+    for name in NOTEBOOK_NAMES:
+        book = json.loads((NOTEBOOKS / name).read_text())
+        for cell in book["cells"]:
+            if cell["cell_type"] == "code":
+                assert cell["outputs"] == [] and cell["execution_count"] is None, (
+                    f"{name}: strip the outputs before committing"
+                )
 
 
 def test_gpt2_example_skips_cleanly_without_transformers(tmp_path: Path) -> None:
@@ -123,48 +178,8 @@ def test_example_rejects_unavailable_cuda(tmp_path: Path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here; the error path cannot be exercised")
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "brittleness.py"), "--quick", "--device", "cuda"],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    proc = _run(
+        [sys.executable, str(EXAMPLES / "brittleness.py"), "--quick", "--device", "cuda"], tmp_path
     )
     assert proc.returncode != 0
     assert "CUDA is not available" in proc.stderr
-
-
-@pytest.mark.parametrize("notebook", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
-def test_notebook_runs(notebook: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        import nbclient
-        import nbformat
-    except ImportError as exc:  # CI installs them with the test extra: fail, do not skip
-        pytest.fail(f"{exc}: install nbclient, nbformat and ipykernel (pip install -e '.[test]')")
-    for key, value in _env(tmp_path).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("MPLBACKEND")  # the kernel's inline backend captures the plots
-    book = nbformat.read(NOTEBOOKS / notebook, as_version=4)
-    client = nbclient.NotebookClient(
-        book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()  # raises CellExecutionError (with the cell and traceback) on failure
-    outputs = [o for cell in book.cells if cell.cell_type == "code" for o in cell.outputs]
-    assert any(o.get("output_type") == "stream" for o in outputs)
-    assert any("image/png" in o.get("data", {}) for o in outputs), "expected at least one plot"
-
-
-def test_notebooks_are_committed_without_outputs() -> None:
-    import json
-
-    books = sorted(NOTEBOOKS.glob("*.ipynb"))
-    assert len(books) >= 2
-    for path in books:
-        book = json.loads(path.read_text())
-        for cell in book["cells"]:
-            if cell["cell_type"] == "code":
-                assert cell["outputs"] == [] and cell["execution_count"] is None, (
-                    f"{path.name}: strip outputs before committing"
-                )

@@ -4,8 +4,10 @@ Types (:class:`ProjectionType`), for features ``X`` of shape ``(B, p)``:
 
 - ``identity``: ``X`` unchanged (``proj_dim`` ignored; a tensor input is
   returned without copy).
-- ``normal`` / ``rademacher``: ``X P / sqrt(k)`` with ``P`` of i.i.d. N(0, 1)
-  (stored as float16 values) or ±1 entries.
+- ``normal`` / ``rademacher``: ``X P / sqrt(k)`` with ``P`` of i.i.d. standard
+  normal entries (inverse CDF of 16-bit uniforms: an equiprobable
+  65536-level discretisation of N(0, 1), unit variance, stored as float16) or
+  ±1 entries.
 - ``sjlt``: sparse JL transform; every input coordinate is added, with a random
   sign, to ``c`` random output buckets (default ``c = 1``), scaled by
   ``1/sqrt(c)``.

@@ -8,9 +8,8 @@ torch arithmetic, which gives bit-identical integers on CPU and CUDA. Hence any
 block of rows of a projection matrix can be generated on its own, on any device,
 in any order, and always equals the same block of the full matrix.
 
-Only the float transforms applied afterwards (``log``/``cos``/``sin`` of the
-Box–Muller step) may differ by about one float32 ulp between devices; the
-resulting values are rounded to float16, so almost all entries agree exactly.
+All later steps (bit extraction, table look-up) are exact, so generated
+blocks are bit-identical on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -187,24 +186,6 @@ def hash_grid(
     return _mix64_(z, scratch(work, "t", (nrows, ncols), torch.int64, device))
 
 
-def _bits_to(z: Tensor, shift: int, bits: int, out: Tensor, tmp: Tensor) -> Tensor:
-    """Write ``bits`` bits of ``z`` starting at bit ``shift`` into ``out``.
-
-    Args:
-        z: int64 tensor.
-        shift: Lowest bit position.
-        bits: Number of bits (``shift + bits <= 64``).
-        out: Destination tensor (any dtype that holds the values exactly).
-        tmp: int64 scratch tensor shaped like ``z``.
-
-    Returns:
-        ``out``.
-    """
-    torch.bitwise_right_shift(z, shift, out=tmp)
-    tmp.bitwise_and_((1 << bits) - 1)
-    return out.copy_(tmp)
-
-
 def _logical_shift(z: Tensor, shift: int, bits: int) -> Tensor:
     """Extract ``bits`` bits of ``z`` starting at bit ``shift``.
 
@@ -219,6 +200,26 @@ def _logical_shift(z: Tensor, shift: int, bits: int) -> Tensor:
     return torch.bitwise_right_shift(z, shift).bitwise_and_((1 << bits) - 1)
 
 
+@lru_cache(maxsize=8)
+def normal_table(device: torch.device) -> Tensor:
+    """Equiprobable 16-bit discretisation of N(0, 1), as float16 on ``device``.
+
+    Entry ``b`` is ``Φ⁻¹((b + 0.5) / 65536)``, rescaled so that the table has
+    unit second moment; values lie in ``[-4.33, 4.33]``. It is computed on the
+    CPU in float64 and then moved, so it is identical on every device.
+
+    Args:
+        device: Target device.
+
+    Returns:
+        float16 tensor of shape ``(65536,)``.
+    """
+    quantiles = (torch.arange(65536, dtype=torch.float64) + 0.5) / 65536
+    table = torch.special.ndtri(quantiles)
+    table = table / table.square().mean().sqrt()
+    return table.to(torch.float16).to(device)
+
+
 def normal_block(
     key: int,
     row0: int,
@@ -230,8 +231,10 @@ def normal_block(
 ) -> Tensor:
     """Rows ``[row0, row0 + nrows)`` of a standard-normal matrix (float16 values).
 
-    One 64-bit hash gives two 24-bit uniforms, turned into a pair of normals by
-    Box–Muller (computed in float32, rounded to float16).
+    Each 64-bit hash is split into four 16-bit uniforms (little-endian int16
+    view, the same on CPU and CUDA), each mapped through :func:`normal_table`
+    (inverse-CDF method). Entry ``(r, c)`` is
+    ``normal_table[(h(r * ceil(k / 4) + c // 4) >> 16 * (c % 4)) & 0xFFFF]``.
 
     Args:
         key: Stream key.
@@ -245,26 +248,18 @@ def normal_block(
     Returns:
         float16 tensor of shape ``(nrows, ncols)`` (``out`` when given).
     """
-    half = (ncols + 1) // 2
-    z = hash_grid(key, row0, nrows, half, device, work)
-    tmp = scratch(work, "t", (nrows, half), torch.int64, device)
-    radius = scratch(work, "f0", (nrows, half), torch.float32, device)
-    angle = scratch(work, "f1", (nrows, half), torch.float32, device)
-    trig = scratch(work, "f2", (nrows, half), torch.float32, device)
-    _bits_to(z, 40, 24, radius, tmp).add_(0.5).mul_(2.0**-24)
-    radius.log_().mul_(-2.0).sqrt_()
-    _bits_to(z, 8, 24, angle, tmp).mul_(2.0 * math.pi * 2.0**-24)
-    if ncols % 2 == 0 and out is not None and out.is_contiguous():
-        pairs = out.view(nrows, half, 2)
-    else:
-        pairs = scratch(work, "h", (nrows, half, 2), torch.float16, device)
-    torch.mul(torch.cos(angle, out=trig), radius, out=pairs[..., 0])
-    torch.mul(torch.sin(angle, out=trig), radius, out=pairs[..., 1])
-    result = pairs.view(nrows, 2 * half)[:, :ncols]
+    words = (ncols + 3) // 4
+    z = hash_grid(key, row0, nrows, words, device, work)
+    idx = scratch(work, "i", (nrows, words * 4), torch.int32, device)
+    idx.copy_(z.view(torch.int16).view(nrows, words * 4))
+    idx.bitwise_and_(0xFFFF)
+    table = normal_table(torch.device(device))
     if out is None:
-        return result.clone() if work is not None else result
-    if result.data_ptr() != out.data_ptr():
-        out.copy_(result)
+        out = torch.empty(nrows, ncols, dtype=torch.float16, device=device)
+    if words * 4 == ncols and out.is_contiguous():
+        torch.index_select(table, 0, idx.view(-1), out=out.view(-1))
+    else:
+        out.copy_(table[idx[:, :ncols]])
     return out
 
 
