@@ -41,10 +41,11 @@ def plot(
     axes = axes.reshape(n_test, 2 * k + 1)
     for j in range(n_test):
         cells = [(test_img[j], f"test: {int(test_lbl[j])}", "black")]
-        for idx, s in zip(top.helpful_indices[j], top.helpful_scores[j]):
-            cells.append((train_img[idx], f"{int(train_lbl[idx])}  {float(s):+.3g}", "tab:green"))
-        for idx, s in zip(top.harmful_indices[j], top.harmful_scores[j]):
-            cells.append((train_img[idx], f"{int(train_lbl[idx])}  {float(s):+.3g}", "tab:red"))
+        for side, color in (("helpful", "tab:green"), ("harmful", "tab:red")):
+            indices = getattr(top, f"{side}_indices")[j].tolist()
+            scores = getattr(top, f"{side}_scores")[j].tolist()
+            for idx, s in zip(indices, scores):
+                cells.append((train_img[idx], f"{int(train_lbl[idx])}  {s:+.3g}", color))
         for ax, (img, title, color) in zip(axes[j], cells):
             ax.imshow(img.reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
             ax.set_title(title, fontsize=8, color=color)

@@ -173,13 +173,15 @@ def test_gpt2_example_skips_cleanly_without_transformers(tmp_path: Path) -> None
     assert "SKIPPED" in proc.stdout and "pip install transformers" in proc.stdout
 
 
-def test_example_rejects_unavailable_cuda(tmp_path: Path) -> None:
+def test_examples_reject_unavailable_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--device cuda`` without CUDA exits with a clear message (helper shared by all)."""
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is available here; the error path cannot be exercised")
-    proc = _run(
-        [sys.executable, str(EXAMPLES / "brittleness.py"), "--quick", "--device", "cuda"], tmp_path
-    )
-    assert proc.returncode != 0
-    assert "CUDA is not available" in proc.stderr
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    common = importlib.import_module("_common")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        common.device_from("cuda")
+    assert common.device_from("cpu") == torch.device("cpu")
+    for script in EXPECTED:  # every example goes through it
+        assert "device_from(args.device)" in (EXAMPLES / script).read_text(), script
