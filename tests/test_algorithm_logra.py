@@ -369,6 +369,14 @@ def test_dict_batches_eager_and_functional_losses_agree():
     eager.cache(train)
     torch.testing.assert_close(eager.attribute(train, test), expected, rtol=1e-10, atol=1e-12)
 
+    # an eager loss whose device argument has a default is still recognised as eager
+    def eager_with_default(model_, batch, device="cpu"):
+        return _eager_loss(model_, batch, device)
+
+    eager_d = LoGraAttributor(_task(model, loss=eager_with_default), **kw)
+    eager_d.cache(train)
+    torch.testing.assert_close(eager_d.attribute(train, test), expected, rtol=1e-10, atol=1e-12)
+
     # dict batches, functional and eager
     def dict_functional(params, batch):
         logits = functional_call(model, params, (batch["inputs"],))

@@ -307,6 +307,26 @@ def _required_args(func: Callable) -> int:
     )
 
 
+def _names_device_third(func: Callable) -> bool:
+    """Whether the third positional parameter is called ``device`` (eager loss with a default).
+
+    Args:
+        func: A callable.
+
+    Returns:
+        True for ``loss(model, batch, device="cpu")``-style signatures.
+    """
+    try:
+        params = [
+            p
+            for p in inspect.signature(func).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 3 and params[2].name == "device"
+
+
 class _EagerLossModule(nn.Module):
     """Module whose forward evaluates an eager ``loss(model, batch, device)``."""
 
@@ -334,7 +354,8 @@ def functional_loss(
     """Turn a user loss into the functional per-sample form ``f(params, sample)``.
 
     Two formats are accepted, detected by the number of required positional
-    arguments:
+    arguments (a third positional parameter named ``device`` marks an eager loss
+    even when it has a default):
 
     * functional ``f(params, data)`` (the task's dict-of-parameters convention), used
       as is; the sample it receives has a leading axis of size 1 (IF convention);
@@ -357,9 +378,9 @@ def functional_loss(
         ValueError: "Wrong loss function format" if the signature matches neither.
     """
     n_args = _required_args(func)
-    if n_args == 2:
+    if n_args == 2 and not _names_device_third(func):
         return func
-    if n_args == 3:
+    if n_args == 3 or _names_device_third(func):
         wrapper = _EagerLossModule(model, func, device)
 
         def eager_as_functional(params: dict[str, Tensor], sample: Any) -> Tensor:
