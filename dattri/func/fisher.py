@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from dattri.func.hessian import _as_tuple, _check_nonneg, _norm_argnums, _SymmetricSolver
+from dattri.func.hvp_core import _as_tuple, _check_nonneg, _norm_argnums, _SymmetricSolver
 
 __all__ = [
     "IFVPUsageError",

@@ -1,0 +1,513 @@
+"""HVP core, explicit and conjugate-gradient inverse-HVP (see :mod:`dattri.func.hessian`)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CGInfo",
+    "IHVPUsageError",
+    "cg_solve",
+    "hvp",
+    "hvp_at_x",
+    "ihvp_at_x_cg",
+    "ihvp_at_x_explicit",
+    "ihvp_cg",
+    "ihvp_explicit",
+]
+
+_MODES = ("rev-rev", "rev-fwd")
+
+
+class IHVPUsageError(ValueError):
+    """Raised when an HVP/IHVP function is called with invalid arguments."""
+
+
+@dataclass
+class CGInfo:
+    """Convergence report of the last conjugate-gradient solve.
+
+    Attributes:
+        iterations: Number of CG iterations (batched HVPs) performed.
+        residuals: Relative residuals ``||v - (H + reg I) x|| / ||v||`` per row, shape
+            ``(k,)`` (0 for all-zero rows of ``v``).
+        converged: Per-row flags ``residuals <= tol``, shape ``(k,)``.
+    """
+
+    iterations: int
+    residuals: Tensor
+    converged: Tensor
+
+
+# --------------------------------------------------------------------------- checks
+def _check_mode(mode: str) -> None:
+    if mode not in _MODES:
+        msg = f"Unknown `mode`={mode!r}; use one of {_MODES}."
+        raise IHVPUsageError(msg)
+
+
+def _check_nonneg(value: float, name: str, err: type[Exception] = IHVPUsageError) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        msg = f"`{name}` must be a finite number >= 0, got {value!r}."
+        raise err(msg)
+
+
+def _check_pos_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"`{name}` must be a positive integer, got {value!r}."
+        raise IHVPUsageError(msg)
+
+
+def _as_tuple(x: Tensor | Sequence[Tensor]) -> tuple:
+    if isinstance(x, Tensor):
+        return (x,)
+    if isinstance(x, (tuple, list)):
+        return tuple(x)
+    msg = f"`x` must be a tuple of tensors (the arguments of func), got {type(x)}."
+    raise IHVPUsageError(msg)
+
+
+def _norm_argnums(argnums: int, n_args: int) -> int:
+    if isinstance(argnums, bool) or not isinstance(argnums, int):
+        msg = f"`argnums` must be an int, got {argnums!r}."
+        raise IHVPUsageError(msg)
+    if not -n_args <= argnums < n_args:
+        msg = f"`argnums`={argnums} is out of range for {n_args} argument(s) of func."
+        raise IHVPUsageError(msg)
+    return argnums % n_args
+
+
+def _is_traced(t: Tensor) -> bool:
+    """True when ``t`` is wrapped by a torch.func transform (e.g. under ``vmap``)."""
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
+def _all_finite(t: Tensor) -> bool:
+    return _is_traced(t) or bool(torch.isfinite(t).all())
+
+
+def _rows(v: Tensor, target: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Reshape ``v`` to ``(k, p)`` on ``target``'s device/dtype; return an inverse map."""
+    if not isinstance(v, Tensor) or not v.is_floating_point():
+        msg = f"`v` must be a floating-point tensor, got {type(v).__name__}."
+        raise IHVPUsageError(msg)
+    p, shape = target.numel(), tuple(target.shape)
+    if tuple(v.shape) in (shape, (p,)):
+        batched = False
+    elif v.dim() >= 1 and tuple(v.shape[1:]) in (shape, (p,)):
+        batched = True
+    else:
+        msg = (
+            f"`v` has shape {tuple(v.shape)}; expected {shape} or ({p},) for one vector, "
+            f"or (k, *{shape}) / (k, {p}) for k vectors."
+        )
+        raise IHVPUsageError(msg)
+    if not _all_finite(v):
+        msg = "`v` contains NaN or inf; pass finite vectors."
+        raise IHVPUsageError(msg)
+    v_shape, v_dtype, v_device = v.shape, v.dtype, v.device
+    mat = v.reshape(-1, p) if batched else v.reshape(1, p)
+    mat = mat.to(device=target.device, dtype=target.dtype)
+
+    def restore(out: Tensor) -> Tensor:
+        return out.reshape(v_shape).to(device=v_device, dtype=v_dtype)
+
+    return mat, restore
+
+
+def _check_product(out: Tensor) -> Tensor:
+    if not _all_finite(out):
+        msg = (
+            "The Hessian-vector product contains NaN or inf: func(*x) or its derivatives "
+            "are not finite at x (check the loss, the data and the parameters)."
+        )
+        raise IHVPUsageError(msg)
+    return out
+
+
+# --------------------------------------------------------------------------- HVP core
+def _make_matvec(func: Callable, x: tuple, argnums: int, mode: str) -> Callable[[Tensor], Tensor]:
+    """Batched HVP at ``x``: maps ``(k, p)`` to ``(k, p)`` (no regularization).
+
+    ``rev-rev`` linearises the gradient once (one backward graph) and vmaps the VJP;
+    ``rev-fwd`` vmaps a JVP of the gradient. Other arguments are closed over (constants),
+    so no tangents are created for them.
+    """
+    xi = x[argnums]
+    shape = xi.shape
+
+    def partial_func(arg: Tensor) -> Tensor:
+        return func(*x[:argnums], arg, *x[argnums + 1 :])
+
+    grad_fn = torch.func.grad(partial_func)
+    if mode == "rev-rev":
+        _, vjp_fn = torch.func.vjp(grad_fn, xi)
+
+        def one(u: Tensor) -> Tensor:
+            return vjp_fn(u.reshape(shape))[0].reshape(-1)
+
+    else:
+
+        def one(u: Tensor) -> Tensor:
+            return torch.func.jvp(grad_fn, (xi,), (u.reshape(shape),))[1].reshape(-1)
+
+    batched = torch.func.vmap(one)
+
+    def matvec(mat: Tensor) -> Tensor:
+        if mat.shape[0] == 1:
+            return one(mat[0]).unsqueeze(0)
+        return batched(mat)
+
+    return matvec
+
+
+def hvp(
+    func: Callable,
+    argnums: int = 0,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[tuple, Tensor], Tensor]:
+    """Build ``f(x, v) = (H(x) + regularization * I) v``.
+
+    Args:
+        func: Scalar function ``func(*x)``.
+        argnums: Index of the argument of ``func`` to differentiate.
+        mode: ``"rev-rev"`` (VJP of the gradient) or ``"rev-fwd"`` (JVP of the gradient).
+        regularization: ``>= 0``, added as ``regularization * v``.
+
+    Returns:
+        ``f(x, v)``: ``x`` a tuple of arguments, ``v`` of shape ``(p,)``/``(k, p)`` (or the
+        ``x[argnums]``-shaped equivalents); returns a tensor of ``v``'s shape.
+    """
+    _check_mode(mode)
+    _check_nonneg(regularization, "regularization")
+
+    def _hvp(x: tuple, v: Tensor) -> Tensor:
+        return hvp_at_x(func, x, argnums, mode, regularization)(v)
+
+    return _hvp
+
+
+def hvp_at_x(
+    func: Callable,
+    x: tuple,
+    argnums: int = 0,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[Tensor], Tensor]:
+    """Build ``f(v) = (H(x) + regularization * I) v`` at a fixed ``x``.
+
+    With ``mode="rev-rev"`` the gradient is linearised once here and every call only runs
+    (vmapped) VJPs. The returned function also works under ``torch.func.vmap`` over ``v``
+    (finiteness checks are skipped on traced tensors).
+
+    Args:
+        func: Scalar function ``func(*x)``.
+        x: Tuple of arguments of ``func``.
+        argnums: Index of the argument to differentiate.
+        mode: ``"rev-rev"`` or ``"rev-fwd"``.
+        regularization: ``>= 0``.
+
+    Returns:
+        ``f(v)`` with ``v`` of shape ``(p,)`` or ``(k, p)``; output has ``v``'s shape.
+    """
+    _check_mode(mode)
+    _check_nonneg(regularization, "regularization")
+    x = _as_tuple(x)
+    argnums = _norm_argnums(argnums, len(x))
+    matvec = _make_matvec(func, x, argnums, mode)
+
+    def _hvp_at_x(v: Tensor) -> Tensor:
+        mat, restore = _rows(v, x[argnums])
+        out = matvec(mat)
+        if regularization:
+            out = out + regularization * mat
+        return restore(_check_product(out))
+
+    return _hvp_at_x
+
+
+def _regularized_matvec(
+    func: Callable, x: tuple, argnums: int, mode: str, regularization: float
+) -> Callable[[Tensor], Tensor]:
+    matvec = _make_matvec(func, x, argnums, mode)
+
+    def op(mat: Tensor) -> Tensor:
+        out = matvec(mat)
+        if regularization:
+            out = out + regularization * mat
+        return _check_product(out)
+
+    return op
+
+
+def _cached_builder(builder: Callable[..., Callable]) -> Callable[[tuple], Callable]:
+    """Return ``get(x)`` that rebuilds the at-``x`` solver only when ``x`` changes.
+
+    ``x`` counts as unchanged when it holds the same tensor objects with the same
+    in-place version counters (so an expensive factorisation or Krylov basis is reused
+    across calls ``f(x, v1)``, ``f(x, v2)``, ...).
+    """
+    state: dict = {}
+
+    def get(x: tuple) -> Callable:
+        x = _as_tuple(x)
+        key = tuple((id(t), getattr(t, "_version", None)) for t in x)
+        if state.get("key") != key or any(
+            a is not b for a, b in zip(state.get("x", ()), x, strict=False)
+        ):
+            state.update(key=key, x=x, solver=builder(*x))
+        return state["solver"]
+
+    return get
+
+
+# --------------------------------------------------------------------------- explicit
+class _SymmetricSolver:
+    """Factorise a symmetric matrix once; solve many right-hand sides.
+
+    Cholesky when positive definite, otherwise an eigendecomposition (indefinite but
+    non-singular matrices are inverted exactly). A (numerically) singular matrix raises.
+    """
+
+    def __init__(self, mat: Tensor, err: type[Exception] = IHVPUsageError, what: str = "H") -> None:
+        mat = 0.5 * (mat + mat.T)
+        if not bool(torch.isfinite(mat).all()):
+            msg = f"{what} contains NaN or inf; check func and x."
+            raise err(msg)
+        chol, info = torch.linalg.cholesky_ex(mat)
+        self.chol: Tensor | None = None
+        if int(info) == 0:
+            self.chol = chol
+            return
+        evals, evecs = torch.linalg.eigh(mat)
+        scale = evals.abs().max()
+        cutoff = mat.shape[0] * torch.finfo(mat.dtype).eps * scale
+        if scale == 0 or bool((evals.abs() <= cutoff).any()):
+            msg = (
+                f"{what} + regularization * I is singular (smallest |eigenvalue| "
+                f"{float(evals.abs().min()):.3g}); increase `regularization`."
+            )
+            raise err(msg)
+        self.evecs, self.inv_evals = evecs, 1.0 / evals
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """Solve for the rows of ``rhs`` ``(k, p)``; returns ``(k, p)``."""
+        if self.chol is not None:
+            return torch.cholesky_solve(rhs.T, self.chol).T
+        return ((rhs @ self.evecs) * self.inv_evals) @ self.evecs.T
+
+
+def _dense_hessian(op: Callable[[Tensor], Tensor], ref: Tensor, chunk: int) -> Tensor:
+    """Hessian ``(p, p)`` from batched HVPs with identity rows, ``chunk`` rows at a time."""
+    p = ref.numel()
+    eye = torch.eye(p, dtype=ref.dtype, device=ref.device)
+    return torch.cat([op(eye[i : i + chunk]) for i in range(0, p, chunk)])
+
+
+def ihvp_explicit(
+    func: Callable, argnums: int = 0, regularization: float = 0.0
+) -> Callable[[tuple, Tensor], Tensor]:
+    """Build ``f(x, v) = (H(x) + regularization * I)^{-1} v`` with a dense Hessian.
+
+    The Hessian and its factorisation are cached for the last ``x`` seen (same tensor
+    objects, unmodified), so repeated calls with new ``v`` only solve.
+
+    Args:
+        func: Scalar function ``func(*x)``.
+        argnums: Index of the argument to differentiate.
+        regularization: ``>= 0``.
+
+    Returns:
+        ``f(x, v)``; ``v`` of shape ``(p,)`` or ``(k, p)``; output has ``v``'s shape.
+    """
+    _check_nonneg(regularization, "regularization")
+    get = _cached_builder(
+        partial(ihvp_at_x_explicit, func, argnums=argnums, regularization=regularization)
+    )
+    return lambda x, v: get(x)(v)
+
+
+def ihvp_at_x_explicit(
+    func: Callable,
+    *x: Tensor,
+    argnums: int = 0,
+    regularization: float = 0.0,
+    chunk_size: int | None = None,
+) -> Callable[[Tensor], Tensor]:
+    """Build ``f(v) = (H(x) + regularization * I)^{-1} v`` with a dense, factorised Hessian.
+
+    The ``(p, p)`` Hessian is built here once (from batched HVPs of identity rows,
+    ``chunk_size`` rows at a time; default keeps each chunk under ~4M entries), made
+    exactly symmetric and factorised once (Cholesky, or ``eigh`` if indefinite); every
+    call is then two triangular solves (or two matmuls).
+
+    Args:
+        func: Scalar function ``func(*x)``.
+        *x: Arguments of ``func``.
+        argnums: Index of the argument to differentiate.
+        regularization: ``>= 0``.
+        chunk_size: Identity rows per batched HVP when building the Hessian.
+
+    Returns:
+        ``f(v)``; ``v`` of shape ``(p,)`` or ``(k, p)``; output has ``v``'s shape.
+
+    Raises:
+        IHVPUsageError: On bad arguments, a non-finite Hessian, or a singular
+            ``H + regularization * I``.
+    """
+    _check_nonneg(regularization, "regularization")
+    x = _as_tuple(x)
+    argnums = _norm_argnums(argnums, len(x))
+    ref = x[argnums]
+    p = ref.numel()
+    if chunk_size is None:
+        chunk_size = max(1, min(p, 2**22 // max(p, 1)))
+    _check_pos_int(chunk_size, "chunk_size")
+    op = _regularized_matvec(func, x, argnums, "rev-rev", regularization)
+    solver = _SymmetricSolver(_dense_hessian(op, ref, chunk_size))
+
+    def _ihvp(v: Tensor) -> Tensor:
+        mat, restore = _rows(v, ref)
+        return restore(solver.solve(mat))
+
+    return _ihvp
+
+
+# --------------------------------------------------------------------------- CG
+def cg_solve(
+    op: Callable[[Tensor], Tensor], rhs: Tensor, max_iter: int, tol: float
+) -> tuple[Tensor, CGInfo]:
+    """Conjugate gradient on every row of ``rhs`` ``(k, p)`` at once (x0 = 0).
+
+    Each row has its own step sizes; converged rows are frozen and dropped from the
+    batched HVP; a row with zero residual is never divided by.
+    """
+    sol = torch.zeros_like(rhs)
+    res = rhs.clone()
+    direction = res.clone()
+    rs = (res * res).sum(1)
+    thresh = tol * rs.sqrt()
+    active = rs.sqrt() > thresh
+    iters = 0
+    warned = False
+    while iters < max_iter and bool(active.any()):
+        iters += 1
+        idx = active.nonzero().squeeze(1)
+        d = direction[idx]
+        ad = op(d)
+        curv = (d * ad).sum(1)
+        bad = curv <= 0
+        if bool(bad.any()) and not warned:
+            warnings.warn(
+                "CG met non-positive curvature: H + regularization * I is not positive "
+                "definite; increase `regularization` (affected rows stop early).",
+                UserWarning,
+                stacklevel=3,
+            )
+            warned = True
+        alpha = torch.where(bad, torch.zeros_like(curv), rs[idx] / curv.where(~bad, 1))
+        sol[idx] += alpha[:, None] * d
+        r_new = res[idx] - alpha[:, None] * ad
+        rs_new = (r_new * r_new).sum(1)
+        beta = rs_new / rs[idx]
+        res[idx] = r_new
+        direction[idx] = r_new + beta[:, None] * d
+        rs[idx] = rs_new
+        active[idx] = (rs_new.sqrt() > thresh[idx]) & ~bad
+    norms = rhs.norm(dim=1)
+    rel = torch.where(norms > 0, rs.sqrt() / norms.where(norms > 0, 1), 0.0)
+    return sol, CGInfo(iters, rel, rel <= tol)
+
+
+def ihvp_cg(
+    func: Callable,
+    argnums: int = 0,
+    max_iter: int = 10,
+    tol: float = 1e-7,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[tuple, Tensor], Tensor]:
+    """Build ``f(x, v) ≈ (H(x) + regularization * I)^{-1} v`` by conjugate gradient.
+
+    See :func:`ihvp_at_x_cg`; the returned ``f`` also exposes ``f.info`` (:class:`CGInfo`)
+    of its last call.
+    """
+    _check_mode(mode)
+    get = _cached_builder(
+        partial(
+            ihvp_at_x_cg,
+            func,
+            argnums=argnums,
+            max_iter=max_iter,
+            tol=tol,
+            mode=mode,
+            regularization=regularization,
+        )
+    )
+
+    def _ihvp(x: tuple, v: Tensor) -> Tensor:
+        solver = get(x)
+        out = solver(v)
+        _ihvp.info = solver.info
+        return out
+
+    _ihvp.info = None
+    return _ihvp
+
+
+def ihvp_at_x_cg(
+    func: Callable,
+    *x: Tensor,
+    argnums: int = 0,
+    max_iter: int = 10,
+    tol: float = 1e-7,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[Tensor], Tensor]:
+    """Build ``f(v) ≈ (H(x) + regularization * I)^{-1} v`` by batched conjugate gradient.
+
+    All rows of ``v`` are solved together (one batched HVP per iteration) with per-row
+    step sizes, starting from 0. A row stops when its relative residual
+    ``||v - (H + reg I) u|| / ||v|| <= tol``; the solve stops when all rows stopped or
+    after ``max_iter`` iterations. ``H + regularization * I`` must be positive definite
+    (a ``UserWarning`` is raised otherwise). After each call, ``f.info`` holds a
+    :class:`CGInfo` (iterations, per-row residuals, converged flags).
+
+    Args:
+        func: Scalar function ``func(*x)``.
+        *x: Arguments of ``func``.
+        argnums: Index of the argument to differentiate.
+        max_iter: Maximum number of CG iterations (positive int).
+        tol: Relative-residual tolerance (``>= 0``).
+        mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
+        regularization: ``>= 0``.
+
+    Returns:
+        ``f(v)``; ``v`` of shape ``(p,)`` or ``(k, p)``; output has ``v``'s shape.
+    """
+    _check_mode(mode)
+    _check_pos_int(max_iter, "max_iter")
+    _check_nonneg(tol, "tol")
+    _check_nonneg(regularization, "regularization")
+    x = _as_tuple(x)
+    argnums = _norm_argnums(argnums, len(x))
+    op = _regularized_matvec(func, x, argnums, mode, regularization)
+
+    def _ihvp(v: Tensor) -> Tensor:
+        mat, restore = _rows(v, x[argnums])
+        sol, _ihvp.info = cg_solve(op, mat, max_iter, tol)
+        return restore(sol)
+
+    _ihvp.info = None
+    return _ihvp
