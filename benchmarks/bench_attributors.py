@@ -7,11 +7,24 @@ several interpreters are given the workers alternate between them.
     # upstream in a separate virtualenv (never a dependency of ours):
     python -m venv /tmp/upvenv
     /tmp/upvenv/bin/pip install torch==2.13.0 dattri==0.3.0 scikit-learn
-    python benchmarks/bench_attributors.py --python python /tmp/upvenv/bin/python
+    OMP_NUM_THREADS=1 python benchmarks/bench_attributors.py \
+        --python python /tmp/upvenv/bin/python --settings mlp-100k \
+        --n-test if-cg=20 --extrapolate if-cg if-lissa if-datainf --out results.jsonl
 
 Settings: digits-lr and digits-mlp (1000 train / 200 test, sklearn digits), mlp-100k
 (random data, 10k train / 200 test, an MLP with ~100k parameters). Models are trained
-here with plain torch (same code for both libraries); only cache + attribute are timed.
+here with plain torch (same code for both libraries); only cache + attribute are timed,
+each worker runs with ``--threads`` torch threads (default 1).
+
+``--n-test METHOD=N`` uses the first N test samples for that method (for every
+interpreter alike). ``--extrapolate METHOD ...`` times the *upstream* interpreters'
+``attribute`` on the first K1 and K2 training batches only (``--fracs``; ``cache`` always
+sees the whole loader) and extrapolates linearly to all batches, printing the per-batch
+time at both fractions as the linearity check (upstream recomputes the inverse-HVP of
+the test batch for every train batch, so its attribute time is linear in the batches).
+The interpreter whose ``dattri`` has no ``__version__`` is upstream 0.3.0; an interpreter
+that cannot import ``dattri`` from outside the repository gets the repository on
+``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -87,7 +100,7 @@ def _train(model, x, y, steps: int = 300) -> None:
     model.eval()
 
 
-def _worker(method: str, setting: str) -> dict:
+def _worker(method: str, setting: str, n_test: int | None, attr_batches: int | None) -> dict:
     import torch
     from torch import nn
     from torch.func import functional_call
@@ -100,15 +113,30 @@ def _worker(method: str, setting: str) -> dict:
     kw = {"verbose": False} if ours else {}
     torch.manual_seed(0)
     xtr, ytr, xte, yte = _data(setting)
+    if n_test is not None:
+        xte, yte = xte[:n_test], yte[:n_test]
     model = _model(setting)
-    _train(model, xtr, ytr)
+    # train once per setting; every later worker (either library) loads the same weights
+    path = os.path.join(tempfile.gettempdir(), f"dattri_bench_{setting}_{torch.__version__}.pt")
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path))
+        model.eval()
+    else:
+        _train(model, xtr, ytr)
+        tmp = f"{path}.{os.getpid()}"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
     p = sum(q.numel() for q in model.parameters())
     train = DataLoader(TensorDataset(xtr, ytr), batch_size=500)
     test = DataLoader(TensorDataset(xte, yte), batch_size=200)
+    n_batches = len(train)
+    k = n_batches if attr_batches is None or method == "trak" else min(attr_batches, n_batches)
+    # attribute only over the first k train batches (cache always sees all of them)
+    attr_train = DataLoader(TensorDataset(xtr[: k * 500], ytr[: k * 500]), batch_size=500)
 
-    def loss_if(params, data):
+    def loss_if(params, data):  # .long(): upstream LiSSA's collate casts labels to float
         x, y = data
-        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y.long())
 
     def loss_sample(params, data):
         x, y = data
@@ -143,10 +171,10 @@ def _worker(method: str, setting: str) -> dict:
             "if-ekfac": (A.IFAttributorEKFAC, {"damping": 1e-2}),
         }[method]
         attr = cls(task, **args, **kw)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         attr.cache(train)
-        t1 = time.perf_counter()
-        scores = attr.attribute(train, test)
+        t1, c1 = time.perf_counter(), time.process_time()
+        scores = attr.attribute(attr_train, test)
     elif method in ("tracin", "grad-dot", "grad-cos"):
         task = AttributionTask(loss_func=loss_sample, model=model, checkpoints=[ckpt])
         attr = A.TracInAttributor(
@@ -156,10 +184,10 @@ def _worker(method: str, setting: str) -> dict:
             projector_kwargs={"proj_dim": 512, "proj_max_batch_size": 32},
             **kw,
         )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         attr.cache() if not ours else attr.cache(train)
-        t1 = time.perf_counter()
-        scores = attr.attribute(train, test)
+        t1, c1 = time.perf_counter(), time.process_time()
+        scores = attr.attribute(attr_train, test)
     elif method == "trak":
         task = AttributionTask(loss_func=margin_sample, model=model, checkpoints=[ckpt])
         attr = A.TRAKAttributor(
@@ -168,32 +196,38 @@ def _worker(method: str, setting: str) -> dict:
             projector_kwargs={"proj_dim": 512, "proj_max_batch_size": 32},
             **kw,
         )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         attr.cache(train)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         scores = attr.attribute(test)
     elif method == "rps":
 
         def ce(logits, targets):
             return nn.functional.cross_entropy(logits, targets)
 
-        task = AttributionTask(loss_func=ce, model=model, checkpoints=ckpt, target_func=ce)
         last = "0" if setting == "digits-lr" else str(len(model) - 1)
-        if not ours:  # upstream needs a top-level attribute name
+        if not ours:  # upstream needs a top-level attribute name (in the checkpoint too)
             model.final = model[int(last)]
             last = "final"
+            ckpt = model.state_dict()
+        task = AttributionTask(loss_func=ce, model=model, checkpoints=ckpt, target_func=ce)
         attr = A.RPSAttributor(task, final_linear_layer_name=last, **kw)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         attr.cache(train)
-        t1 = time.perf_counter()
-        scores = attr.attribute(train, test)
+        t1, c1 = time.perf_counter(), time.process_time()
+        scores = attr.attribute(attr_train, test)
     else:
         raise ValueError(method)
-    t2 = time.perf_counter()
-    assert scores.shape == (len(ytr), len(yte)), scores.shape
+    t2, c2 = time.perf_counter(), time.process_time()
+    assert scores.shape == (min(len(ytr), k * 500), len(yte)), scores.shape
     return {
+        "attr_batches": k,
+        "n_batches": n_batches,
+        "n_test": len(yte),
         "cache_s": t1 - t0,
         "attribute_s": t2 - t1,
+        "cache_cpu_s": c1 - c0,
+        "attribute_cpu_s": c2 - c1,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "finite": bool(torch.isfinite(scores).all()),
         "p": p,
@@ -201,8 +235,33 @@ def _worker(method: str, setting: str) -> dict:
 
 
 # --------------------------------------------------------------------------- driver
-def _run(python: str, method: str, setting: str, timeout: float) -> dict:
+def _env_for(python: str) -> dict:
+    """Environment in which ``python`` imports a dattri from outside the repository."""
+    env = dict(os.environ)
+    probe = [python, "-c", "import dattri"]
+    kw = {"capture_output": True, "check": False, "cwd": tempfile.gettempdir()}
+    if subprocess.run(probe, env=env, **kw).returncode != 0:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(
+    python: str,
+    env: dict,
+    method: str,
+    setting: str,
+    timeout: float,
+    n_test: int | None = None,
+    attr_batches: int | None = None,
+    threads: int = 1,
+) -> dict:
     cmd = [python, os.path.abspath(__file__), "--worker", method, setting]
+    cmd += ["--threads", str(threads)]
+    if n_test is not None:
+        cmd += ["--worker-n-test", str(n_test)]
+    if attr_batches is not None:
+        cmd += ["--worker-attr-batches", str(attr_batches)]
     try:  # cwd outside the repo: the interpreter must import its own installed dattri
         out = subprocess.run(
             cmd,
@@ -211,54 +270,194 @@ def _run(python: str, method: str, setting: str, timeout: float) -> dict:
             timeout=timeout,
             check=False,
             cwd=tempfile.gettempdir(),
+            env={**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timeout > {timeout:.0f}s"}
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode < 0:
+        return {"error": f"killed by signal {-out.returncode} (out of memory?)"}
     if out.returncode != 0 or not lines:
-        tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+        errs = [ln for ln in out.stderr.splitlines() if "Error" in ln or "error" in ln]
+        tail = (errs or out.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": tail[:90]}
     return json.loads(lines[-1])
 
 
-def _cell(r: dict) -> str:
+def _extrapolated(r1: dict, r2: dict) -> dict:
+    """Linear extrapolation of the attribute time from two train-batch fractions."""
+    if "cache_s" not in r1 or "cache_s" not in r2:
+        return r2 if "cache_s" not in r2 else r1
+    k1, k2, n = r1["attr_batches"], r2["attr_batches"], r2["n_batches"]
+    out = {**r2, "peak_rss_mb": max(r1["peak_rss_mb"], r2["peak_rss_mb"])}
+    if k2 == k1 or k2 >= n:
+        return out
+    for key in ("attribute_s", "attribute_cpu_s"):
+        slope = (r2[key] - r1[key]) / (k2 - k1)
+        out[key] = r2[key] + slope * (n - k2)
+    out["note"] = (
+        f"upstream attribute extrapolated from {k1} and {k2} of {n} train batches "
+        f"(CPU {r1['attribute_cpu_s'] / k1:.1f} / {r2['attribute_cpu_s'] / k2:.1f} s per batch)"
+    )
+    return out
+
+
+def _fmt(r: dict) -> list[str]:
     if "error" in r:
-        return f"error: {r['error']}"
+        return [f"error: {r['error']}", "", ""]
     if "skipped" in r:
-        return "skipped"
-    return f"{r['cache_s'] + r['attribute_s']:.2f} s / {r['peak_rss_mb']:.0f} MB"
+        return [f"n/a ({r['skipped']})", "", ""]
+    cpu = [f" ({r[k]:.2f})" if k in r else "" for k in ("cache_cpu_s", "attribute_cpu_s")]
+    return [
+        f"{r['cache_s']:.2f}{cpu[0]}",
+        f"{r['attribute_s']:.2f}{cpu[1]}",
+        f"{r['peak_rss_mb']:.0f}",
+    ]
+
+
+def _speedup(results: list[dict]) -> list[str]:
+    """``[speedup wall (cpu), RSS ratio]`` of the second interpreter over the first."""
+    if len(results) != 2:
+        return []
+    if not all("cache_s" in r for r in results):
+        return ["", ""]
+    wall = [r["cache_s"] + r["attribute_s"] for r in results]
+    rss = f"{results[0]['peak_rss_mb'] / results[1]['peak_rss_mb']:.2f}"
+    if not all("cache_cpu_s" in r for r in results):
+        return [f"{wall[1] / wall[0]:.1f}x", rss]
+    cpu = [r["cache_cpu_s"] + r["attribute_cpu_s"] for r in results]
+    return [f"{wall[1] / wall[0]:.1f}x ({cpu[1] / cpu[0]:.1f}x)", rss]
+
+
+def _key_values(items: list[str], what: str) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, _, val = item.partition("=")
+        if not val.isdigit():
+            msg = f"{what} entries must look like METHOD=N, got {item!r}."
+            raise SystemExit(msg)
+        out[name] = int(val)
+    return out
+
+
+def _header(labels: list[str]) -> None:
+    cols = ["cache s", "attribute s", "peak RSS MB"]
+    head = [f"{lab}: {c}" for lab in labels for c in cols]
+    speed = ["speedup (cache+attribute)", "RSS ratio"] if len(labels) == 2 else []
+    print("| method | " + " | ".join(head + speed) + " | notes |")
+    print("|---|" + "---|" * (len(head) + len(speed) + 1))
+
+
+def _row(method: str, results: list[dict]) -> None:
+    cells = [c for r in results for c in _fmt(r)] + _speedup(results)
+    n_tests = {r["n_test"] for r in results if "n_test" in r}
+    notes = [f"n_test={min(n_tests)} (both)"] if n_tests and min(n_tests) < 200 else []
+    notes += [r["note"] for r in results if r.get("note")]
+    print(f"| {method} | " + " | ".join(cells) + f" | {'; '.join(notes)} |", flush=True)
+
+
+def _report(paths: list[str]) -> None:
+    """Print the tables of results saved with ``--out`` (latest result per cell)."""
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    labels: list[str] = []
+    for path in paths:
+        with open(path) as fh:
+            for line in fh:
+                r = json.loads(line)
+                if r.get("partial"):
+                    continue
+                cells.setdefault((r["setting"], r["method"]), {})[r["label"]] = r
+                if r["label"] not in labels:
+                    labels.append(r["label"])
+    labels.sort(key=lambda lab: "upstream" in lab)  # ours first
+    print(_LEGEND)
+    for setting in SETTINGS:
+        methods = [m for m in METHODS if (setting, m) in cells]
+        if not methods:
+            continue
+        print(f"### {setting}\n")
+        _header(labels)
+        for m in methods:
+            _row(m, [cells[setting, m].get(lab, {"error": "not run"}) for lab in labels])
+        print()
+
+
+_LEGEND = "times: wall s (process CPU s); speedup = 2nd / 1st column set; RSS ratio = 1st / 2nd\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "SETTING"))
+    ap.add_argument("--worker-n-test", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-attr-batches", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--python", nargs="+", default=[sys.executable])
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--settings", nargs="+", default=SETTINGS)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--n-test", nargs="*", default=[], metavar="METHOD=N")
+    ap.add_argument("--extrapolate", nargs="*", default=[], metavar="METHOD")
+    ap.add_argument("--fracs", nargs=2, type=int, default=[1, 2], metavar=("K1", "K2"))
+    ap.add_argument("--out", default=None, help="append every result as a JSON line")
+    ap.add_argument("--report", nargs="+", default=None, help="print tables of --out files")
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(_worker(*args.worker)))
+    if args.report:
+        _report(args.report)
         return
-    labels = []
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        res = _worker(*args.worker, args.worker_n_test, args.worker_attr_batches)
+        print(json.dumps(res))
+        return
+    n_test = _key_values(args.n_test, "--n-test")
+    if args.extrapolate and not 0 < args.fracs[0] < args.fracs[1]:
+        msg = "--fracs K1 K2 needs 0 < K1 < K2."
+        raise SystemExit(msg)
+    labels, envs, upstream = [], [], []
     for py in args.python:
+        env = _env_for(py)
         out = subprocess.run(
-            [py, "-c", "import dattri; print(getattr(dattri, '__version__', '0.3.0 (upstream)'))"],
+            [py, "-c", "import dattri; print(getattr(dattri, '__version__', ''))"],
             capture_output=True,
             text=True,
             check=False,
             cwd=tempfile.gettempdir(),
+            env=env,
         )
-        labels.append(f"dattri {out.stdout.strip()}")
-    print("cache+attribute time / peak RSS (whole process, incl. torch) per method\n")
+        version = out.stdout.strip()
+        envs.append(env)
+        upstream.append(not version)
+        labels.append(f"dattri {version or '0.3.0 (upstream)'}")
+    print(f"threads per worker: {args.threads}; load average {os.getloadavg()}\n")
+    print(_LEGEND)
     for setting in args.settings:
         print(f"### {setting}\n")
-        print("| method | " + " | ".join(labels) + " |")
-        print("|---|" + "---|" * len(labels))
+        _header(labels)
         for method in args.methods:
-            cells = [_cell(_run(py, method, setting, args.timeout)) for py in args.python]
-            print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
-        print()
+            results = []
+            for py, env, up in zip(args.python, envs, upstream):
+                kw = {"n_test": n_test.get(method), "threads": args.threads}
+                if up and method in args.extrapolate:
+                    k1, k2 = args.fracs
+                    r1 = _run(py, env, method, setting, args.timeout, attr_batches=k1, **kw)
+                    r2 = _run(py, env, method, setting, args.timeout, attr_batches=k2, **kw)
+                    if args.out:  # keep the raw fractions too (skipped by --report)
+                        with open(args.out, "a") as fh:
+                            for r in (r1, r2):
+                                part = {**r, "method": method, "setting": setting}
+                                fh.write(json.dumps({**part, "partial": True}) + "\n")
+                    res = _extrapolated(r1, r2)
+                else:
+                    res = _run(py, env, method, setting, args.timeout, **kw)
+                res.update(method=method, setting=setting, python=py, label=labels[len(results)])
+                results.append(res)
+                if args.out:
+                    with open(args.out, "a") as fh:
+                        fh.write(json.dumps(res) + "\n")
+            _row(method, results)
+        print(f"\nload average after {setting}: {os.getloadavg()}\n")
 
 
 if __name__ == "__main__":

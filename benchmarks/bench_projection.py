@@ -5,11 +5,12 @@ regenerates a dense N(0, 1) matrix in blocks of 100 columns (``torch.manual_seed
 per block) on every call and computes ``X @ P / sqrt(k)``.
 
 Reported per (type, k): time of the first call (includes generating/caching the
-random matrix), steady-state time per sample, speed-up over the baseline, the
+random matrix), steady-state time per sample (process CPU time on CPU, so use ``--threads 1``;
+wall time on CUDA), speed-up over the baseline, the
 mean relative error of pairwise distances within the batch (accuracy), and the
 cache size. Run by hand, e.g.::
 
-    python benchmarks/bench_projection.py --device cpu --threads 2
+    python benchmarks/bench_projection.py --device cpu --threads 1
     python benchmarks/bench_projection.py --device cuda
 """
 
@@ -58,12 +59,16 @@ def dist_error(y: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
 
 
 def time_calls(fn, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Seconds for ``fn`` over the batches: process CPU time on CPU (robust to other
+    jobs on a shared box; with one torch thread it equals the busy time), wall time
+    on CUDA."""
     _sync(device)
-    start = time.perf_counter()
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    start = clock()
     for xb in batches:
         fn(xb)
     _sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -75,7 +80,7 @@ def main() -> None:
     parser.add_argument("--baseline-batches", type=int, default=1)
     parser.add_argument("--ks", default="512,2048")
     parser.add_argument("--types", default=",".join(TYPES))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     parser.add_argument(
         "--max-memory-gib",
         type=float,

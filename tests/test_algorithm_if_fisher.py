@@ -76,7 +76,7 @@ def test_datainf_layer_name_ratio_and_fixed_regularization():
         task, layer_name=names, regularization=0.1, fim_estimate_data_ratio=0.5, verbose=False
     )
     attr.cache(pm.train_loader(16))  # 3 batches -> the first ceil(1.5) = 2 batches (32 rows)
-    assert attr._train_grads[0][0].shape == (32, 48)
+    assert attr.n_cached == 32 and attr.layer_sizes == [48]
     scores = attr.attribute(pm.train_loader(16), pm.test_loader(5))
     g_tr = exact_grads(pm.model, pm.loss_if, pm.x_train, pm.y_train, names)
     g_te = exact_grads(pm.model, pm.loss_if, pm.x_test, pm.y_test, names)

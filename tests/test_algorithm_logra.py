@@ -86,13 +86,15 @@ def _compressed(att, model, x, y, loss_one=None, stage2=True):
     return reps
 
 
-def _reference_scores(train_reps, test_reps, hessian, damping):
+def _reference_scores(train_reps, test_reps, hessian, damping, ranks=None):
+    """Explicit solves; the shift is ``damping * tr(F) / r`` (``r = d`` unless given)."""
     total = 0
-    for ctr, cte in zip(train_reps, test_reps):
+    for i, (ctr, cte) in enumerate(zip(train_reps, test_reps)):
         if hessian == "eFIM":
             fisher = ctr.T @ ctr / ctr.shape[0]
             d = fisher.shape[0]
-            mat = fisher + damping * torch.trace(fisher) / d * torch.eye(d, dtype=fisher.dtype)
+            r = d if ranks is None else ranks[i]
+            mat = fisher + damping * torch.trace(fisher) / r * torch.eye(d, dtype=fisher.dtype)
             total = total + ctr @ torch.linalg.solve(mat, cte.T)
         else:
             total = total + ctr @ cte.T
@@ -153,7 +155,14 @@ def test_logra_efim_identity_compression_equals_inverse_fisher(damping):
         g.reshape(6, -1)
         for g in (_layer_grad_mats(pb.model, n, pb.x_test, pb.y_test) for n in ("0", "2"))
     ]
-    ref = _reference_scores(tr, te, "eFIM", 0.1 if damping is None else damping)
+    if damping is None:
+        # automatic: 1.0 x mean non-zero eigenvalue; layer "0" has 36 coordinates but
+        # only 24 samples (rank <= 24), layer "2" has 21 coordinates
+        ranks = [24, 21]
+        ref = _reference_scores(tr, te, "eFIM", 1.0, ranks)
+        assert att._damping_used.startswith("auto")
+    else:
+        ref = _reference_scores(tr, te, "eFIM", damping)
     torch.testing.assert_close(scores, ref, rtol=1e-7, atol=1e-9)
     # damping really matters (the test would catch a wrong convention)
     other = _reference_scores(tr, te, "eFIM", 1.0)
@@ -569,6 +578,36 @@ def test_stable_inverse_relative_damping_and_fallback():
         pinv = stable_inverse(fisher, 0.0)
     assert any("pseudo-inverse" in str(w.message) for w in rec)
     torch.testing.assert_close(pinv, torch.linalg.pinv(fisher), rtol=1e-6, atol=1e-8)
+    # damping relative to the mean of the eigenvalues over a given rank
+    inv3 = stable_inverse(fisher, 0.5, rank=3)
+    ref3 = torch.linalg.inv(fisher + 0.5 * torch.trace(fisher) / 3 * torch.eye(5, dtype=a.dtype))
+    torch.testing.assert_close(inv3, ref3)
+    with pytest.raises(ValueError, match="rank"):
+        stable_inverse(fisher, 0.5, rank=0)
+
+
+def test_auto_damping_uses_attainable_rank_of_the_compression():
+    """Default damping = mean eigenvalue over min(k, n, rank of the factor map).
+
+    LoGra with 4x4 factors on layer "2" (d_out=3, d_in'=7): the compressed Fisher is
+    16x16 but its rank is at most min(4, 3) * min(4, 7) = 12; layer "0" (6 x 6)
+    has rank <= min(4, 6) * min(4, 6) = 16 = k.
+    """
+    pb = _mlp_problem()
+    att = LoGraAttributor(_task(pb.model), proj_params={"proj_dim_per_layer": 16}, verbose=False)
+    train, test = _loaders(pb)
+    att.cache(train)
+    assert att._attainable_ranks(24) == [16, 12]
+    assert att._attainable_ranks(10) == [10, 10]
+    tr = _compressed(att, pb.model, pb.x_train, pb.y_train)
+    te = _compressed(att, pb.model, pb.x_test, pb.y_test)
+    ref = _reference_scores(tr, te, "eFIM", 1.0, [16, 12])
+    torch.testing.assert_close(att.attribute(train, test), ref, rtol=1e-6, atol=1e-9)
+    # an explicit damping keeps upstream's meaning (trace / k)
+    att.compute_preconditioners(damping=1.0)
+    torch.testing.assert_close(
+        att.attribute(train, test), _reference_scores(tr, te, "eFIM", 1.0), rtol=1e-6, atol=1e-9
+    )
 
 
 def test_cache_dir_metadata_is_not_reloaded(tmp_path):

@@ -277,6 +277,40 @@ def test_singular_kernel_warns_and_approaches_pseudo_inverse():
     torch.testing.assert_close(pinv.matrix(), torch.linalg.pinv(phi[:5].T @ phi[:5]))
 
 
+def test_default_regularization_is_automatic_per_checkpoint():
+    """regularization=None: lambda_k = 0.1 * tr(Phi_k^T Phi_k) / min(n, d, p) per checkpoint."""
+    p, model, ckpts, task, prob = _setup(2)
+    attr = TRAKAttributor(task, prob, proj_params=IDENTITY, verbose=False)
+    assert attr.regularization is None
+    train, test = p.train_loader(batch_size=16), p.test_loader(batch_size=4)
+    attr.cache(train)
+    margin, _ = _make_funcs(model)
+    n_param = sum(v.numel() for v in model.parameters())
+    n = len(p.x_train)
+    assert n < n_param  # the rank bound is the sample count here
+    kern, lams = 0, []
+    for c in ckpts:
+        big = _loop_grads(model, c, margin, p.x_train, p.y_train) / n_param**0.5
+        small = _loop_grads(model, c, margin, p.x_test, p.y_test) / n_param**0.5
+        lam = 0.1 * (big * big).sum() / min(n, n_param)
+        lams.append(float(lam))
+        inv = torch.linalg.inv(big.T @ big + lam * torch.eye(n_param, dtype=big.dtype))
+        kern = kern + big @ inv @ small.T / len(ckpts)
+    q = sum(_q(model, c, p.x_train, p.y_train) for c in ckpts) / len(ckpts)
+    expected = q[:, None] * kern
+    used = [inv.regularization for inv in attr._store.state["inverse"]]
+    torch.testing.assert_close(torch.tensor(used), torch.tensor(lams), rtol=1e-9, atol=0)
+    torch.testing.assert_close(attr.attribute(test), expected, rtol=1e-6, atol=1e-10)
+    # the automatic value is scale-free: scaling the features leaves the scores unchanged
+    phi = torch.randn(30, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    a, b = factor_kernel(phi, None), factor_kernel(7.0 * phi, None)
+    assert a.regularization == pytest.approx(0.1 * float((phi * phi).sum()) / 8)
+    torch.testing.assert_close(7.0 * b.apply(7.0 * phi[:2]), a.apply(phi[:2]))
+    # max_rank bounds the averaging rank (e.g. fewer parameters than features)
+    c = factor_kernel(phi, None, max_rank=4)
+    assert c.regularization == pytest.approx(0.1 * float((phi * phi).sum()) / 4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():

@@ -27,23 +27,15 @@ def test_unknown_setting_and_method(tmp_path):
         run_benchmark(None, ["nope"])
 
 
+def _quick_run(tmp_path, *args):
+    """``dattri-bench run digits-lr --quick --quiet`` with a cache under ``tmp_path``."""
+    cache = str(tmp_path / "cache")
+    return main(["run", "digits-lr", "--quick", "--quiet", "--cache-dir", cache, *args])
+
+
 def test_quick_run_end_to_end(tmp_path, capsys):
-    code = main(
-        [
-            "run",
-            "digits-lr",
-            "--quick",
-            "--quiet",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--out",
-            str(tmp_path / "out"),
-            "--methods",
-            "if-explicit",
-            "grad-dot",
-            "trak-1",
-        ]
-    )
+    out_dir = str(tmp_path / "out")
+    code = _quick_run(tmp_path, "--out", out_dir, "--methods", "if-explicit", "grad-dot", "trak-1")
     assert code == 0
     out = capsys.readouterr().out
     assert "| if-explicit |" in out
@@ -59,21 +51,7 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert rows["if-explicit"]["loo"] > 0.6
     assert (tmp_path / "out" / "digits-lr-quick.png").exists()
     # A second run reuses the prepared cache (no retraining) and gives the same scores.
-    assert (
-        main(
-            [
-                "run",
-                "digits-lr",
-                "--quick",
-                "--quiet",
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--methods",
-                "if-explicit",
-            ]
-        )
-        == 0
-    )
+    assert _quick_run(tmp_path, "--methods", "if-explicit") == 0
     assert f"{rows['if-explicit']['lds']:.3f}" in capsys.readouterr().out
 
 

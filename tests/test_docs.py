@@ -210,6 +210,7 @@ INTERNAL_MODULES = {
     "dattri.algorithm.utils": "RPS/DVEmb numerical helpers",
     "dattri.algorithm.if_lissa": "top_eigenvalue helper (IFAttributorLiSSA is documented)",
     "dattri.algorithm.block_projected_if": "DEFAULT_DAMPING / stable_inverse helpers",
+    "dattri.algorithm.scaled_features": "store-backed feature collection behind TRAK/TracIn",
 }
 
 

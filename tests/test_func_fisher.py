@@ -27,15 +27,6 @@ from dattri.func.fisher import (
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny problems: one intra-op thread avoids oversubscription on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

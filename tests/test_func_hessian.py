@@ -25,15 +25,6 @@ from dattri.func.hessian import (
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny problems: one intra-op thread avoids oversubscription on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 

@@ -147,6 +147,11 @@ def test_normal_block_statistics_and_blocks():
         out = torch.empty(50, k, dtype=torch.float16)
         rng.normal_block(key, 123, 50, k, CPU, out=out, work={})
         assert torch.equal(out, part)
+        # wider destinations get exactly the float16 values (gathered in their dtype)
+        for dt in (torch.float32, torch.float64):
+            wide = torch.empty(50, k, dtype=dt)
+            rng.normal_block(key, 123, 50, k, CPU, out=wide, work={})
+            assert torch.equal(wide, part.to(dt))
 
 
 def test_rademacher_block_statistics_and_blocks():

@@ -111,17 +111,12 @@ def test_retrain_lds_vectorized_layout_matches_retrain_lds_and_resumes(digits, t
         calls.append(1)
         return logreg()
 
-    retrain_lds_vectorized(
-        factory,
-        (x, y),
-        tmp_path / "vec",
-        num_subsets=4,
-        subset_ratio=0.5,
-        num_runs_per_subset=2,
-        seed=5,
-        config=cfg,
-        verbose=False,
-    )
+    lds_args = dict(num_subsets=4, subset_ratio=0.5, num_runs_per_subset=2, seed=5, verbose=False)
+
+    def run_vectorized():
+        retrain_lds_vectorized(factory, (x, y), tmp_path / "vec", config=cfg, **lds_args)
+
+    run_vectorized()
     assert len(calls) == 8
     meta = yaml.safe_load((tmp_path / "vec" / "metadata.yml").read_text())
     assert meta["mode"] == "lds" and meta["num_subsets"] == 4 and meta["data_length"] == 60
@@ -130,16 +125,7 @@ def test_retrain_lds_vectorized_layout_matches_retrain_lds_and_resumes(digits, t
 
     # same subsets as the generic retrainer with the same seed
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
-    retrain_lds(
-        lambda ld, seed: logreg(),
-        loader,
-        tmp_path / "gen",
-        num_subsets=4,
-        subset_ratio=0.5,
-        num_runs_per_subset=2,
-        seed=5,
-        verbose=False,
-    )
+    retrain_lds(lambda ld, seed: logreg(), loader, tmp_path / "gen", **lds_args)
     for i in range(4):
         a = (tmp_path / "vec" / str(i) / "indices.txt").read_text()
         assert a == (tmp_path / "gen" / str(i) / "indices.txt").read_text()
@@ -156,30 +142,10 @@ def test_retrain_lds_vectorized_layout_matches_retrain_lds_and_resumes(digits, t
 
     # resume: nothing retrained; a deleted file is retrained identically
     calls.clear()
-    retrain_lds_vectorized(
-        factory,
-        (x, y),
-        tmp_path / "vec",
-        num_subsets=4,
-        subset_ratio=0.5,
-        num_runs_per_subset=2,
-        seed=5,
-        config=cfg,
-        verbose=False,
-    )
+    run_vectorized()
     assert calls == []
     (tmp_path / "vec" / "2" / "model_weights_1.pt").unlink()
-    retrain_lds_vectorized(
-        factory,
-        (x, y),
-        tmp_path / "vec",
-        num_subsets=4,
-        subset_ratio=0.5,
-        num_runs_per_subset=2,
-        seed=5,
-        config=cfg,
-        verbose=False,
-    )
+    run_vectorized()
     assert len(calls) == 1
     again = torch.load(tmp_path / "vec" / "2" / "model_weights_1.pt", weights_only=True)
     assert _max_diff([again], [stored]) < 1e-6

@@ -49,7 +49,8 @@ class FactGraSSAttributor(BlockProjectedIFAttributor):
         layer_names: ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` module names; None =
             every ``nn.Linear``.
         hessian: ``"eFIM"`` or ``"Identity"``.
-        damping: relative damping (None = 0.1, see
+        damping: relative damping ``damping * tr(F)/d`` (upstream's meaning); None =
+            automatic, the mean non-zero eigenvalue of each layer's Fisher (see
             :data:`~dattri.algorithm.block_projected_if.DEFAULT_DAMPING`).
         device: compute device.
         proj_params: ``FactGrassProjectionParams`` (or a dict):

@@ -13,7 +13,6 @@ by transforming both sides: train ``g -> sign(lambda) U g / sqrt|lambda|``, test
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 
 from dattri.algorithm.if_base import IFBase
-from dattri.func.hessian import arnoldi_eigs
+from dattri.func.hessian_arnoldi import top_ritz_pairs
 from dattri.task import AttributionTask
 
 __all__ = ["IFAttributorArnoldi"]
@@ -102,27 +101,20 @@ class IFAttributorArnoldi(IFBase):
         func, params = self._loss_and_params(ckpt_idx)
         self._check_loss(func, params)
         p = params.numel()
-        op = self.mean_hvp_operator(ckpt_idx, "rev-rev", self.regularization)
-        gen = torch.Generator().manual_seed(self.seed)
-        nc = self.norm_constant
-        evals, evecs = arnoldi_eigs(
-            lambda m: op(m) / nc, gen, params, min(self.max_iter, p), self.tol, self.verbose
+        evals, evecs = top_ritz_pairs(
+            self.mean_hvp_operator(ckpt_idx, "rev-rev", self.regularization),
+            params,
+            n_steps=min(self.max_iter, p),
+            top_k=self.proj_dim,
+            norm_constant=self.norm_constant,
+            tol=self.tol,
+            seed=self.seed,
+            verbose=self.verbose,
+            who="IFAttributorArnoldi",
+            fix="pass regularization > 0 or a smaller proj_dim",
+            zero_msg="The training-loss Hessian is numerically zero; Arnoldi cannot invert it.",
+            stacklevel=4,
         )
-        evals = evals * nc
-        order = evals.abs().argsort(descending=True)[: self.proj_dim]
-        evals, evecs = evals[order], evecs[order]
-        keep = evals.abs() > p * torch.finfo(params.dtype).eps * evals.abs().max()
-        if not bool(keep.all()):
-            warnings.warn(
-                f"IFAttributorArnoldi dropped {int((~keep).sum())} numerically zero Ritz "
-                "value(s); pass regularization > 0 or a smaller proj_dim.",
-                UserWarning,
-                stacklevel=3,
-            )
-            evals, evecs = evals[keep], evecs[keep]
-        if evals.numel() == 0:
-            msg = "The training-loss Hessian is numerically zero; Arnoldi cannot invert it."
-            raise ValueError(msg)
         self.eigenvalues[ckpt_idx] = evals
         self.eigenvectors[ckpt_idx] = evecs
 

@@ -22,7 +22,9 @@ from torch import Tensor
 
 from dattri.algorithm.base import BaseInnerProductAttributor
 from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move_to_device
-from dattri.func.hessian import hvp_at_x
+from dattri.algorithm.distributed import all_reduce_sum, is_distributed, shard_range
+from dattri.algorithm.feature_store import iter_batches
+from dattri.func.hvp_core import hvp_matvec
 from dattri.task import AttributionTask
 
 __all__ = ["IFBase", "check_finite_rep", "dict_or_tuple_fields", "materialize_batches"]
@@ -72,6 +74,28 @@ def materialize_batches(
     return batches, sizes
 
 
+def _materialize_shard(
+    loader: Iterable, device: str | torch.device, ratio: float
+) -> tuple[list[Any], list[int]]:
+    """This rank's contiguous share of the first ``ceil(len * ratio)`` batches."""
+    if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        msg = f"The data ratio must be in (0, 1], got {ratio!r}."
+        raise ValueError(msg)
+    if not hasattr(loader, "__len__"):
+        msg = "Sharding the training data over torch.distributed ranks needs len(loader)."
+        raise ValueError(msg)
+    limit = max(1, math.ceil(len(loader) * ratio))
+    mine = list(shard_range(limit))
+    if not mine:
+        msg = (
+            f"full_train_dataloader has {limit} batch(es), fewer than the "
+            "torch.distributed world size: use smaller batches or fewer processes."
+        )
+        raise ValueError(msg)
+    batches = [move_to_device(b, device) for _, b in iter_batches(loader, mine)]
+    return batches, [batch_size_of(b) for b in batches]
+
+
 def check_finite_rep(rep: Tensor, what: str) -> Tensor:
     """Raise a clear ValueError if a gradient representation is not finite.
 
@@ -105,6 +129,9 @@ class IFBase(BaseInnerProductAttributor):
     """
 
     keep_batch_dim = True
+    #: with torch.distributed, whether ``_cache_batches`` keeps only this rank's
+    #: contiguous share of the batches (the mean-loss HVP is then summed over ranks).
+    shard_cache: bool = False
 
     def __init__(
         self,
@@ -116,19 +143,27 @@ class IFBase(BaseInnerProductAttributor):
         super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
         self._batches: list[Any] = []
         self._sizes: list[int] = []
+        self._n_total: int | None = None  # all ranks' samples when sharded
 
     # ------------------------------------------------------------ train data
     def _cache_batches(self, full_train_dataloader: Iterable, ratio: float = 1.0) -> None:
         # order is irrelevant for the Hessian; the base class warns about shuffling once
         check_loader(full_train_dataloader, "full_train_dataloader", order_matters=False)
+        self._n_total = None
+        if self.shard_cache and is_distributed():
+            self._batches, self._sizes = _materialize_shard(
+                full_train_dataloader, self.device, ratio
+            )
+            self._n_total = int(all_reduce_sum(sum(self._sizes)))
+            return
         self._batches, self._sizes = materialize_batches(
             full_train_dataloader, self.device, ratio, self.verbose
         )
 
     @property
     def n_cached(self) -> int:
-        """Number of cached training samples defining the Hessian."""
-        return sum(self._sizes)
+        """Number of cached training samples defining the Hessian (all ranks)."""
+        return self._n_total if self._n_total is not None else sum(self._sizes)
 
     def _loss_and_params(self, ckpt_idx: int) -> tuple[Callable, Tensor]:
         """The loss of the selected flat parameters and their value at ``ckpt_idx``."""
@@ -176,10 +211,11 @@ class IFBase(BaseInnerProductAttributor):
 
         def op(mat: Tensor) -> Tensor:
             self.task._load_checkpoints(ckpt_idx)  # buffers come from the loaded model
-            out = regularization * mat if regularization else torch.zeros_like(mat)
-            for batch, size in batches:
-                out = out + (size / n) * hvp_at_x(func, (params, batch), 0, mode)(mat)
-            return out
+            if self._n_total is not None:  # sharded over ranks: sum the local parts
+                out = all_reduce_sum(_mean_batch_hvp(func, params, batches, n, mode, mat))
+            else:
+                out = _mean_batch_hvp(func, params, batches, n, mode, mat)
+            return out.add_(mat, alpha=regularization) if regularization else out
 
         return op
 
@@ -193,6 +229,32 @@ class IFBase(BaseInnerProductAttributor):
     def generate_test_rep(self, ckpt_idx: int, data: Any) -> Tensor:
         """Per-sample target gradients ``(B, p)`` (checked to be finite)."""
         return check_finite_rep(super().generate_test_rep(ckpt_idx, data), "target gradients")
+
+
+def _mean_batch_hvp(
+    func: Callable,
+    params: Tensor,
+    batches: Sequence[tuple[Any, int]],
+    n: int,
+    mode: str,
+    mat: Tensor,
+) -> Tensor:
+    """``sum_b (B_b / n) H_b mat`` for ``mat`` ``(k, p)``: one batched HVP per batch.
+
+    Every batch's HVP is vmapped over the ``k`` rows at once and accumulated in place;
+    the result is checked for NaN/inf once (not per batch).
+    """
+    work = mat.reshape(-1, params.numel()).to(device=params.device, dtype=params.dtype)
+    out = torch.zeros_like(work)
+    for batch, size in batches:
+        out.add_(hvp_matvec(func, (params, batch), 0, mode)(work), alpha=size / n)
+    if not bool(torch.isfinite(out).all()):
+        msg = (
+            "The Hessian-vector product of the training loss contains NaN or inf; check "
+            "loss_func, the cached data and the checkpoint."
+        )
+        raise ValueError(msg)
+    return out.reshape(mat.shape).to(mat.dtype)
 
 
 def dict_or_tuple_fields(batch: Any) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any]]:

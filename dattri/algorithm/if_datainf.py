@@ -11,19 +11,28 @@ approximated by the average of Sherman–Morrison inverses of damped rank-one Fi
 with the per-sample training-loss gradients ``g_il`` of the cached data. The default
 ``regularization=0.0`` (upstream divides by zero there) selects the paper's layer-wise
 ``r_l = 0.1 * mean_i ||g_il||^2 / p_l``.
+
+The ``(n, p)`` training gradients are never kept: the sum over ``i`` is streamed over
+the cached training batches in chunks of at most :attr:`IFAttributorDataInf.
+grad_chunk_elements` gradient entries, each chunk contributing ``(n_c / n)`` times the
+chunk's own average (:func:`dattri.func.fisher.ifvp_datainf`). All test gradients of an
+``attribute`` call are transformed together, so the training gradients are recomputed
+once per ``attribute`` (and once per training batch by ``self_attribute`` and RelatIF).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from dattri.algorithm.batching import iterate
-from dattri.algorithm.if_base import IFBase
-from dattri.func.fisher import datainf_regularization, ifvp_datainf
+from dattri.algorithm.batching import iterate, move_to_device
+from dattri.algorithm.distributed import all_reduce_sum
+from dattri.algorithm.if_base import IFBase, dict_or_tuple_fields
+from dattri.func.fisher import ifvp_datainf
 from dattri.task import AttributionTask
 
 __all__ = ["IFAttributorDataInf"]
@@ -32,9 +41,11 @@ __all__ = ["IFAttributorDataInf"]
 class IFAttributorDataInf(IFBase):
     """Influence functions with DataInf's closed-form layer-wise inverse.
 
-    ``cache`` keeps the per-sample training-loss gradients ``(n', p)`` of the first
-    ``ceil(len(loader) * fim_estimate_data_ratio)`` batches per checkpoint (memory
-    ``n' * p``), split into layers, and each layer's damping ``r_l``.
+    ``cache`` keeps the first ``ceil(len(loader) * fim_estimate_data_ratio)`` training
+    batches (the data, not their gradients) and, per checkpoint, each layer's damping
+    ``r_l`` (with the automatic damping: one streamed pass over the per-sample
+    gradients). The transform streams the per-sample gradients of those batches, so
+    memory is ``O(chunk * p + n_test * p)`` instead of ``O(n * p)``.
 
     Args:
         task: the attribution task.
@@ -83,12 +94,11 @@ class IFAttributorDataInf(IFBase):
             else:
                 self.layer_sizes.append(size)
             prev = module
-        self._train_grads: dict[int, list[Tensor]] = {}
         #: per checkpoint, the damping ``r_l`` of every layer.
         self.layer_regularization: dict[int, list[float]] = {}
 
     def cache(self, full_train_dataloader: Iterable) -> None:
-        """Compute and keep the per-layer training gradients of every checkpoint.
+        """Keep the training batches and compute every checkpoint's layer dampings.
 
         Args:
             full_train_dataloader: the training data defining the Fisher (not shuffled).
@@ -96,23 +106,63 @@ class IFAttributorDataInf(IFBase):
         self._cache_batches(full_train_dataloader, self.fim_estimate_data_ratio)
         super().cache(full_train_dataloader)
 
+    #: most per-sample gradient entries (rows * p) materialised at once when streaming.
+    grad_chunk_elements: int = 2**26
+
+    def _train_grad_chunks(self, ckpt_idx: int, desc: str) -> Iterator[list[Tensor]]:
+        """Yield the per-layer training gradients ``[(c, p_l), ...]`` chunk by chunk."""
+        rows = max(1, self.grad_chunk_elements // max(1, sum(self.layer_sizes)))
+        for batch, size in iterate(list(zip(self._batches, self._sizes)), desc, self.verbose):
+            for start in range(0, size, rows):
+                part = batch if rows >= size else _rows_of(batch, start, start + rows)
+                grads = self.generate_train_rep(ckpt_idx, part)
+                yield list(grads.split(self.layer_sizes, dim=1))
+
     def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
-        grads = torch.cat(
-            [
-                self.generate_train_rep(ckpt_idx, b)
-                for b in iterate(self._batches, "DataInf gradients", self.verbose)
-            ]
-        )
-        layers = list(grads.split(self.layer_sizes, dim=1))
-        self._train_grads[ckpt_idx] = layers
         if self.regularization:
-            regs = [float(self.regularization)] * len(layers)
-        else:
-            regs = [datainf_regularization(g) for g in layers]
+            regs = [float(self.regularization)] * len(self.layer_sizes)
+        else:  # r_l = 0.1 * mean_i ||g_il||^2 / p_l, streamed (datainf_regularization)
+            sq = torch.zeros(len(self.layer_sizes), dtype=torch.float64)
+            for layers in self._train_grad_chunks(ckpt_idx, "DataInf damping"):
+                sq += torch.stack([(g.double() ** 2).sum() for g in layers]).cpu()
+            if self._n_total is not None:  # batches sharded over ranks (shard_cache)
+                sq = all_reduce_sum(sq)
+            regs = []
+            for total, size in zip(sq.tolist(), self.layer_sizes):
+                r = 0.1 * total / self.n_cached / size
+                regs.append(r if r > 0 and math.isfinite(r) else 1.0)  # as datainf_regularization
         self.layer_regularization[ckpt_idx] = regs
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
-        """Layer-wise DataInf inverse of every row, ``(B, p) -> (B, p)``."""
-        return ifvp_datainf(
-            self._train_grads[ckpt_idx], test_rep, self.layer_regularization[ckpt_idx]
-        )
+        """Layer-wise DataInf inverse of every row, ``(B, p) -> (B, p)``.
+
+        Streams the training gradients: ``sum_c (n_c / n) ifvp_datainf(chunk_c, v)``.
+        """
+        regs = self.layer_regularization[ckpt_idx]
+        n = self.n_cached
+        out: Tensor | None = None
+        for layers in self._train_grad_chunks(ckpt_idx, "DataInf inverse"):
+            part = ifvp_datainf(layers, test_rep, regs) * (layers[0].shape[0] / n)
+            out = part if out is None else out.add_(part)
+        if self._n_total is not None:  # each rank streamed its share of the batches
+            out = all_reduce_sum(out)
+        return out.to(test_rep.dtype)
+
+    def _test_reps(self, test_dataloader: Iterable) -> list[Tensor]:
+        """Transform all test gradients at once: one streamed pass per checkpoint.
+
+        Overrides the base (which transforms test batch by test batch) so the training
+        gradients are recomputed once per ``attribute`` call, not once per test batch.
+        """
+        raw: list[list[Tensor]] = [[] for _ in range(self.num_checkpoints)]
+        for batch in iterate(test_dataloader, "test gradients", self.verbose):
+            batch = move_to_device(batch, self.device)
+            for ckpt_idx in range(self.num_checkpoints):
+                raw[ckpt_idx].append(self.generate_test_rep(ckpt_idx, batch))
+        return [self.transform_test_rep(k, torch.cat(r)) for k, r in enumerate(raw)]
+
+
+def _rows_of(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every tensor of a batch (same structure)."""
+    fields, rebuild = dict_or_tuple_fields(batch)
+    return rebuild([f[start:stop] for f in fields])

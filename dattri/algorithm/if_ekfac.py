@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from dattri.algorithm.batching import iterate, move_to_device
+from dattri.algorithm.distributed import all_reduce_sum, is_distributed, shard_range
+from dattri.algorithm.feature_store import iter_batches
 from dattri.algorithm.if_base import IFBase
 from dattri.func.fisher import (
     ekfac_eigenvalues,
@@ -147,7 +149,22 @@ class IFAttributorEKFAC(IFBase):
         total = None
         if hasattr(loader, "__len__"):
             total = len(loader) if self._max_iter is None else min(len(loader), self._max_iter)
-        for step, batch in enumerate(iterate(loader, desc, self.verbose, total=total)):
+        if is_distributed():  # this rank's contiguous share; statistics summed later
+            if total is None:
+                msg = "EK-FAC over torch.distributed ranks needs len(full_train_dataloader)."
+                raise ValueError(msg)
+            mine = list(shard_range(total))
+            if not mine:
+                msg = (
+                    f"full_train_dataloader has {total} batch(es), fewer than the "
+                    "torch.distributed world size: use smaller batches or fewer processes."
+                )
+                raise ValueError(msg)
+            pairs = iter_batches(loader, mine)
+            total = len(mine)
+        else:
+            pairs = enumerate(loader)
+        for step, batch in iterate(pairs, desc, self.verbose, total=total):
             if self._max_iter is not None and step >= self._max_iter:
                 break
             factors = per_sample_layer_factors(
@@ -176,6 +193,7 @@ class IFAttributorEKFAC(IFBase):
                 cov[n][0] = cov[n][0] + size * cov_a
                 cov[n][1] = cov[n][1] + size * cov_s
             count += size
+        cov, count = all_reduce_sum(cov), all_reduce_sum(count)
         eig = {}
         for n, (cov_a, cov_s) in cov.items():
             q_a = torch.linalg.eigh(0.5 * (cov_a + cov_a.T) / count)[1]
@@ -187,6 +205,7 @@ class IFAttributorEKFAC(IFBase):
         ):
             for n, (a, ds) in factors.items():
                 lam[n] = lam[n] + size * ekfac_eigenvalues(a, ds, *eig[n])
+        lam = all_reduce_sum(lam)
         result = {}
         for n in self.module_name:
             lam_n = lam[n] / count

@@ -159,6 +159,8 @@ class IFAttributorExplicit(IFBase):
         verbose: show progress bars.
     """
 
+    shard_cache = True  # torch.distributed: each rank holds its batches, HVPs summed
+
     def __init__(
         self,
         task: AttributionTask,
@@ -237,6 +239,8 @@ class IFAttributorCG(IFBase):
         regularization: ``lambda >= 0``.
         verbose: show progress bars.
     """
+
+    shard_cache = True  # torch.distributed: each rank holds its batches, HVPs summed
 
     def __init__(
         self,

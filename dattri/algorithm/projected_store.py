@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dattri.algorithm.batching import iterate, move_to_device
+from dattri.algorithm.batching import batch_size_of, iterate, move_to_device
 from dattri.task import AttributionTask
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "ProjectedGradientStore",
     "collect_features",
     "resolve_projection",
+    "slice_batch",
 ]
 
 #: keys accepted in the older ``projector_kwargs`` dict form.
@@ -131,6 +132,9 @@ class GradientFeaturizer:
         self.scale = float(scale)
         self.feature_dim = task.num_params(layer_name)
         self._projectors: dict[torch.dtype, Callable] = {}
+        #: at most this many samples' full gradients are formed at once (None: whole
+        #: batches); set from a ``max_memory`` budget.
+        self.grad_rows: int | None = None
 
     @property
     def out_dim(self) -> int:
@@ -182,8 +186,43 @@ class GradientFeaturizer:
         return g
 
     def __call__(self, ckpt_idx: int, batch: Any, target: bool = False, where: str = "") -> Tensor:
-        """Features ``(B, d)`` of one batch at one checkpoint."""
-        return self.project(self.grads(ckpt_idx, batch, target, where), ckpt_idx)
+        """Features ``(B, d)`` of one batch at one checkpoint (in ``grad_rows`` chunks)."""
+        size = batch_size_of(batch)
+        if self.grad_rows is None or size <= self.grad_rows:
+            return self.project(self.grads(ckpt_idx, batch, target, where), ckpt_idx)
+        parts = []
+        for start in range(0, size, self.grad_rows):
+            sub = slice_batch(batch, slice(start, start + self.grad_rows))
+            parts.append(self.project(self.grads(ckpt_idx, sub, target, where), ckpt_idx))
+        return torch.cat(parts)
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-serialisable description of the features (for a store manifest)."""
+        proj = None
+        if self.proj_params is not None:
+            dump = self.proj_params.model_dump()
+            proj = {
+                k: str(getattr(dump[k], "value", dump[k])) for k in _PROJECTION_FIELDS if k in dump
+            }
+            proj.pop("proj_max_batch_size", None)
+        return {
+            "layers": self.task.selected_param_names(self.layer_name),
+            "feature_dim": self.feature_dim,
+            "out_dim": self.out_dim,
+            "projection": proj,
+            "scale": self.scale,
+        }
+
+
+def slice_batch(batch: Any, rows: slice) -> Any:
+    """Rows ``rows`` of every tensor of a batch (tuple/list/dict structure kept)."""
+    if isinstance(batch, Tensor):
+        return batch[rows]
+    if isinstance(batch, Mapping):
+        return {k: slice_batch(v, rows) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_batch(v, rows) for v in batch)
+    return batch
 
 
 @dataclass
@@ -202,6 +241,8 @@ class ProjectedGradientStore:
     features: list[Tensor]
     extras: list[Tensor] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    #: rows per scoring block (None: at most ``max_elems`` score elements per block).
+    block_rows: int | None = None
 
     def is_for(self, loader: Iterable | None) -> bool:
         """Whether ``loader`` is the very loader this store was built from."""
@@ -212,11 +253,23 @@ class ProjectedGradientStore:
         """Number of rows ``n``."""
         return int(self.features[0].shape[0])
 
-    def row_blocks(self, n_cols: int, max_elems: int = 1 << 22) -> Iterator[slice]:
-        """Row slices such that a ``(rows, n_cols)`` block has at most ``max_elems``."""
+    def row_blocks(
+        self, n_cols: int, max_elems: int = 1 << 22, shard: bool = False
+    ) -> Iterator[slice]:
+        """Row slices such that a ``(rows, n_cols)`` block has at most ``max_elems``.
+
+        ``block_rows``, when set, fixes the rows per block instead. With ``shard`` and
+        torch.distributed, only this rank's contiguous share of the blocks is yielded.
+        """
         n = self.num_samples
-        step = max(1, min(n, max_elems // max(n_cols, 1)))
-        for start in range(0, n, step):
+        step = self.block_rows or max(1, min(n, max_elems // max(n_cols, 1)))
+        starts = range(0, n, step)
+        if shard:
+            from dattri.algorithm.distributed import shard_range
+
+            mine = shard_range(len(starts))
+            starts = starts[mine.start : mine.stop]
+        for start in starts:
             yield slice(start, min(start + step, n))
 
 

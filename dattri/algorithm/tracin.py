@@ -13,6 +13,7 @@ cosine of the projected vectors.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -21,12 +22,22 @@ from torch import Tensor
 
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.batching import check_loader, iterate, move_to_device
+from dattri.algorithm.feature_store import batch_plan
 from dattri.algorithm.projected_store import (
     GradientFeaturizer,
     ProjectedGradientStore,
     collect_features,
     resolve_projection,
 )
+from dattri.algorithm.scaled_features import ScaleOptions, collect_features_scaled
+from dattri.algorithm.scoring import (
+    TopKSink,
+    iter_loader_tiles,
+    iter_store_tiles,
+    make_sink,
+    plan_tiles,
+)
+from dattri.algorithm.topk import TopKResult
 from dattri.task import AttributionTask
 
 __all__ = ["TracInAttributor"]
@@ -65,6 +76,12 @@ class TracInAttributor(BaseAttributor):
         projector_kwargs: the older dict form of the projection settings, e.g.
             ``{"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0}``.
         verbose: show progress bars.
+        cache_dir: directory of a resumable on-disk store of the projected training
+            gradients written by :meth:`cache` (shared by torch.distributed ranks).
+        store_dtype: storage dtype of that store (e.g. ``"float16"``); default: the
+            model's. Scores are computed in the model's dtype (at least float32).
+        max_memory: budget of the working buffers (bytes or e.g. ``"2GB"``): sets the
+            block sizes and spills the features to a temporary store if needed.
 
     Raises:
         ValueError: if ``len(weight_list)`` differs from the number of checkpoints, or
@@ -82,10 +99,14 @@ class TracInAttributor(BaseAttributor):
         device: str | torch.device = "cpu",
         projector_kwargs: Mapping[str, Any] | None = None,
         verbose: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
         if not isinstance(task, AttributionTask):
             msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
             raise TypeError(msg)
+        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
         if not isinstance(normalized_grad, bool):
             msg = f"normalized_grad must be a bool, got {type(normalized_grad).__name__}."
             raise TypeError(msg)
@@ -154,7 +175,7 @@ class TracInAttributor(BaseAttributor):
         """Per checkpoint ``(n_test, d)`` transformed target features (computed once)."""
         store = self._store
         if store is not None and store.is_for(test_dataloader) and self._target_is_loss():
-            return store.features
+            return [getattr(f, "materialize", lambda f=f: f)() for f in store.features]
         return self._collect(test_dataloader, target=True, desc="test gradients").features
 
     # ------------------------------------------------------------------ phases
@@ -173,58 +194,120 @@ class TracInAttributor(BaseAttributor):
         if full_train_dataloader is None:
             return
         check_loader(full_train_dataloader, "full_train_dataloader")
-        self._store = self._collect(full_train_dataloader, target=False, desc="train gradients")
+        budget = self.scale_options.max_memory
+        if budget is not None:
+            plan = plan_tiles(1, 1, 1, budget, num_params=self.featurizer.feature_dim, itemsize=8)
+            self.featurizer.grad_rows = plan.grad_rows
+        self._store = collect_features_scaled(
+            self.featurizer,
+            full_train_dataloader,
+            self.num_checkpoints,
+            self.scale_options,
+            self,
+            transform=self._transform,
+            kind=f"TracIn train features (normalized={self.normalized_grad})",
+            verbose=self.verbose,
+            desc="train gradients",
+        )
+
+    def _test_block(self, n_test: int) -> int:
+        """Set the row block of the store from ``max_memory``; return the test block."""
+        budget = self.scale_options.max_memory
+        if budget is None or self._store is None:
+            return n_test
+        d, n_ckpt = self.featurizer.out_dim, self.num_checkpoints
+        plan = plan_tiles(
+            self._store.num_samples,
+            n_test,
+            d * n_ckpt,
+            budget,
+            itemsize=8,
+            reserved=n_ckpt * n_test * d * 8,
+        )
+        self._store.block_rows = plan.train_block
+        return plan.test_block
+
+    def _iter_tiles(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        shard: bool = False,
+        full_width: bool = False,
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        """Yield ``(row_start, col_start, tile)``; checkpoints summed inside each tile."""
+        check_loader(train_dataloader, "train_dataloader")
+        check_loader(test_dataloader, "test_dataloader")
+        test_feats = self._test_features(test_dataloader)
+        weights = self._weights()
+        n_test = test_feats[0].shape[0]
+        store = self._store
+        if store is not None and store.is_for(train_dataloader):
+            block = n_test if full_width else self._test_block(n_test)
+            yield from iter_store_tiles(store, test_feats, weights, None, block, shard)
+            return
+
+        def featurize(b: int, batch: Any) -> tuple[list[Tensor], None]:
+            batch = move_to_device(batch, self.device)
+            where = f" {b} of train"
+            n_ckpt = len(test_feats)
+            return [
+                self._features(k, batch, target=False, where=where) for k in range(n_ckpt)
+            ], None
+
+        yield from iter_loader_tiles(
+            train_dataloader, featurize, test_feats, weights, n_test, shard, self.verbose
+        )
 
     def _iter_score_blocks(
         self, train_dataloader: Iterable, test_dataloader: Iterable
     ) -> Iterator[tuple[int, Tensor]]:
         """Yield ``(row_start, (B, n_test))`` blocks; checkpoints inside each block."""
-        check_loader(train_dataloader, "train_dataloader")
-        check_loader(test_dataloader, "test_dataloader")
-        test_feats = self._test_features(test_dataloader)
-        weights = self._weights()
-        store = self._store
-        if store is not None and store.is_for(train_dataloader):
-            for rows in store.row_blocks(test_feats[0].shape[0]):
-                block = sum(
-                    w * (f[rows] @ t.T) for w, f, t in zip(weights, store.features, test_feats)
-                )
-                yield rows.start, block
-            return
-        row = 0
-        for b, batch in enumerate(iterate(train_dataloader, "attribute", self.verbose)):
-            batch = move_to_device(batch, self.device)
-            block = None
-            for ckpt_idx, (w, t) in enumerate(zip(weights, test_feats)):
-                f = self._features(ckpt_idx, batch, target=False, where=f" {b} of train")
-                part = w * (f @ t.T)
-                block = part if block is None else block + part
+        for row, _, block in self._iter_tiles(train_dataloader, test_dataloader, full_width=True):
             yield row, block
-            row += block.shape[0]
 
-    def attribute(self, train_dataloader: Iterable, test_dataloader: Iterable) -> Tensor:
+    def attribute(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        *,
+        out: str | os.PathLike | None = None,
+    ) -> Tensor:
         """Score every (train, test) pair.
 
         Test gradients are computed once; training gradients come from the cache when
         ``train_dataloader`` is the loader given to :meth:`cache`, and are otherwise
-        computed once per checkpoint.
+        computed once per checkpoint. Scores are produced in ``(train block, test
+        block)`` tiles (sizes from ``max_memory``); with torch.distributed each rank
+        scores its share of the cached rows and every rank returns the full matrix.
 
         Args:
             train_dataloader: training samples (rows), not shuffled.
             test_dataloader: test samples (columns), not shuffled.
+            out: path of a ``.npy`` score file: tiles are written there and a
+                memory-mapped float32 CPU tensor on it is returned.
 
         Returns:
             ``(n_train, n_test)`` scores on CPU (as upstream).
         """
         store = self._store
-        if (store is not None and store.is_for(train_dataloader)) or self.num_checkpoints == 1:
+        cached = store is not None and store.is_for(train_dataloader)
+        if out is not None or (self.scale_options.active and cached):
+            check_loader(train_dataloader, "train_dataloader")
+            check_loader(test_dataloader, "test_dataloader")
+            n_train = store.num_samples if cached else sum(batch_plan(train_dataloader))
+            dtype = torch.promote_types(self.task.get_param(0)[0].dtype, torch.float32)
+            sink = make_sink(out, n_train, sum(batch_plan(test_dataloader)), dtype, "cpu")
+            for row, col, tile in self._iter_tiles(train_dataloader, test_dataloader, True):
+                sink.add(row, col, tile)
+            return sink.finalize()
+        if cached or self.num_checkpoints == 1:
             blocks = [b for _, b in self._iter_score_blocks(train_dataloader, test_dataloader)]
             return torch.cat(blocks).cpu()
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
         # Several checkpoints, uncached: checkpoint-outer so each is loaded once.
         test_feats = self._test_features(test_dataloader)
-        out: Tensor | None = None
+        out_scores: Tensor | None = None
         for ckpt_idx, (w, t) in enumerate(zip(self._weights(), test_feats)):
             parts = []
             for b, batch in enumerate(
@@ -234,8 +317,30 @@ class TracInAttributor(BaseAttributor):
                 f = self._features(ckpt_idx, batch, target=False, where=f" {b} of train")
                 parts.append(f @ t.T)
             part = w * torch.cat(parts)
-            out = part if out is None else out + part
-        return out.cpu()
+            out_scores = part if out_scores is None else out_scores + part
+        return out_scores.cpu()
+
+    def attribute_topk(
+        self, train_dataloader: Iterable, test_dataloader: Iterable, k: int
+    ) -> TopKResult:
+        """Per-test top-k helpful/harmful training samples, streamed tile by tile.
+
+        Memory is ``O(n_test * k)`` plus one tile; with torch.distributed, ranks score
+        their share of the rows and merge their candidates.
+
+        Args:
+            train_dataloader: training samples.
+            test_dataloader: test samples.
+            k: training samples per side.
+
+        Returns:
+            A :class:`~dattri.algorithm.topk.TopKResult` with ``(n_test, k)`` tensors.
+        """
+        check_loader(test_dataloader, "test_dataloader")
+        sink = TopKSink(k, sum(batch_plan(test_dataloader)))
+        for row, col, tile in self._iter_tiles(train_dataloader, test_dataloader, shard=True):
+            sink.add(row, col, tile)
+        return sink.finalize()
 
     def self_attribute(self, train_dataloader: Iterable) -> Tensor:
         """Score each training sample against itself, for any number of batches.
@@ -258,8 +363,15 @@ class TracInAttributor(BaseAttributor):
                 tgt = store.features
             else:
                 tgt = self._collect(train_dataloader, target=True, desc="target gradients").features
-            out = sum(w * (f * t).sum(dim=1) for w, f, t in zip(weights, store.features, tgt))
-            return out.cpu()
+            parts = []
+            for rows in store.row_blocks(1):
+                parts.append(
+                    sum(
+                        w * (f[rows] * t[rows]).sum(dim=1)
+                        for w, f, t in zip(weights, store.features, tgt)
+                    )
+                )
+            return torch.cat(parts).cpu()
         total: Tensor | None = None
         for ckpt_idx, w in enumerate(weights):
             vals = []

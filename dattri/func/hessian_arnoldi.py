@@ -106,6 +106,68 @@ def arnoldi_eigs(
     return evals, evecs.T @ basis
 
 
+def top_ritz_pairs(
+    op: Callable[[Tensor], Tensor],
+    ref: Tensor,
+    *,
+    n_steps: int,
+    top_k: int,
+    norm_constant: float,
+    tol: float,
+    seed: int,
+    verbose: bool,
+    who: str,
+    fix: str,
+    zero_msg: str,
+    stacklevel: int = 3,
+) -> tuple[Tensor, Tensor]:
+    """The ``top_k`` Ritz pairs of largest ``|λ|`` of a symmetric operator, zeros dropped.
+
+    Runs :func:`arnoldi_eigs` on ``op / norm_constant`` (start vector from a CPU
+    ``torch.Generator`` seeded with ``seed``), scales the Ritz values back, keeps the
+    ``top_k`` largest in magnitude and drops, with a ``UserWarning``, those that are
+    numerically zero (``|λ| <= p * eps * max|λ|``). Shared by
+    :func:`ihvp_at_x_arnoldi` and ``IFAttributorArnoldi``.
+
+    Args:
+        op: Operator on row batches, ``(m, p) -> (m, p)``.
+        ref: Tensor of ``p`` elements giving the device and dtype.
+        n_steps: Arnoldi steps (Krylov dimension).
+        top_k: Number of Ritz pairs kept (at most).
+        norm_constant: ``> 0``; the iteration runs on ``op / norm_constant``.
+        tol: Relative breakdown tolerance of the iteration.
+        seed: Seed of the start vector.
+        verbose: Show a tqdm progress bar over the Arnoldi steps.
+        who: Name of the caller at the start of the warning.
+        fix: What the user can do, at the end of the warning.
+        zero_msg: Message of the error raised when every Ritz value is zero.
+        stacklevel: ``stacklevel`` of the warning (3: the caller of the caller).
+
+    Returns:
+        ``(evals (k,), evecs (k, p))`` with ``k <= top_k``, by decreasing ``|λ|``.
+
+    Raises:
+        IHVPUsageError: If every Ritz value is numerically zero.
+    """
+    p = ref.numel()
+    gen = torch.Generator().manual_seed(seed)
+    evals, evecs = arnoldi_eigs(lambda m: op(m) / norm_constant, gen, ref, n_steps, tol, verbose)
+    evals = evals * norm_constant
+    order = evals.abs().argsort(descending=True)[:top_k]
+    evals, evecs = evals[order], evecs[order]
+    keep = evals.abs() > p * torch.finfo(ref.dtype).eps * evals.abs().max()
+    if not bool(keep.all()):
+        warnings.warn(
+            f"{who} dropped {int((~keep).sum())} numerically zero Ritz value(s); {fix}.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+        evals, evecs = evals[keep], evecs[keep]
+    if evals.numel() == 0:
+        raise IHVPUsageError(zero_msg)
+    return evals, evecs
+
+
 def ihvp_at_x_arnoldi(
     func: Callable,
     *x: Tensor,
@@ -162,25 +224,19 @@ def ihvp_at_x_arnoldi(
     ref = x[argnums]
     p = ref.numel()
     op = _regularized_matvec(func, x, argnums, mode, regularization)
-    gen = torch.Generator().manual_seed(seed)
-    evals, evecs = arnoldi_eigs(
-        lambda m: op(m) / norm_constant, gen, ref, min(max_iter, p), tol, verbose
+    evals, evecs = top_ritz_pairs(
+        op,
+        ref,
+        n_steps=min(max_iter, p),
+        top_k=top_k,
+        norm_constant=norm_constant,
+        tol=tol,
+        seed=seed,
+        verbose=verbose,
+        who="Arnoldi",
+        fix="increase `regularization` or lower `top_k`",
+        zero_msg="The Hessian is numerically zero at x; Arnoldi cannot invert it.",
     )
-    evals = evals * norm_constant
-    order = evals.abs().argsort(descending=True)[:top_k]
-    evals, evecs = evals[order], evecs[order]
-    keep = evals.abs() > p * torch.finfo(ref.dtype).eps * evals.abs().max()
-    if not bool(keep.all()):
-        warnings.warn(
-            f"Arnoldi dropped {int((~keep).sum())} numerically zero Ritz value(s); "
-            "increase `regularization` or lower `top_k`.",
-            UserWarning,
-            stacklevel=2,
-        )
-        evals, evecs = evals[keep], evecs[keep]
-    if evals.numel() == 0:
-        msg = "The Hessian is numerically zero at x; Arnoldi cannot invert it."
-        raise IHVPUsageError(msg)
 
     def _ihvp(v: Tensor) -> Tensor:
         mat, restore = _rows(v, ref)

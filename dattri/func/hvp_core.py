@@ -17,6 +17,7 @@ __all__ = [
     "cg_solve",
     "hvp",
     "hvp_at_x",
+    "hvp_matvec",
     "ihvp_at_x_cg",
     "ihvp_at_x_explicit",
     "ihvp_cg",
@@ -235,6 +236,29 @@ def hvp_at_x(
         return restore(_check_product(out))
 
     return _hvp_at_x
+
+
+def hvp_matvec(
+    func: Callable, x: tuple, argnums: int = 0, mode: str = "rev-rev"
+) -> Callable[[Tensor], Tensor]:
+    """Batched HVP at ``x`` without input/output checks: ``(k, p) -> (k, p)``.
+
+    For hot loops that sum many HVPs (e.g. over the batches of a loader) and check the
+    result once. ``mat`` must already be ``(k, p)`` with ``p = x[argnums].numel()``, on
+    ``x[argnums]``'s device and dtype; all ``k`` rows go through one vmapped product.
+
+    Args:
+        func: Scalar function ``func(*x)``.
+        x: Tuple of arguments of ``func``.
+        argnums: Index of the argument to differentiate.
+        mode: ``"rev-rev"`` or ``"rev-fwd"``.
+
+    Returns:
+        ``f(mat)`` with ``mat`` of shape ``(k, p)``.
+    """
+    _check_mode(mode)
+    x = _as_tuple(x)
+    return _make_matvec(func, x, _norm_argnums(argnums, len(x)), mode)
 
 
 def _regularized_matvec(

@@ -445,12 +445,32 @@ def kron_project(
         return torch.einsum("btk,btl->bkl", pu, pv).reshape(n, k_out * k_in)
     if kind == "conv2d":
         return _conv_kron(module, a.to(dt), ds, p_in, p_out, d_in)
-    a2, s2 = _grouped(module, kind, a.to(dt), ds)
-    if p_in.shape[1] == d_in + 1:
-        a2 = _append_ones(a2)
-    pa = a2 @ p_in.t()  # (B, T, 1, k_in)
-    ps = s2 @ p_out.t()  # (B, T, 1, k_out)
-    res = torch.einsum("btgk,btgl->bkl", ps, pa)
+    return _linear_kron(a.to(dt), ds, p_in, p_out, d_in)
+
+
+def _linear_kron(a: Tensor, ds: Tensor, p_in: Tensor, p_out: Tensor, d_in: int) -> Tensor:
+    """Kronecker projection for Linear layers (bias column folded into an addmm).
+
+    Args:
+        a: Input ``(B, *lead, d_in)``.
+        ds: Output gradient ``(B, *lead, d_out)``.
+        p_in: ``(k_in, d_in [+1])`` in the dtype/device of ``ds``.
+        p_out: ``(k_out, d_out)``.
+        d_in: Input features.
+
+    Returns:
+        ``(B, k_out * k_in)``.
+    """
+    n, k_in, k_out = a.shape[0], p_in.shape[0], p_out.shape[0]
+    a2 = a.reshape(-1, d_in)
+    if p_in.shape[1] == d_in + 1:  # [grad_W | grad_b]: ones column -> bias of the map
+        pa = torch.addmm(p_in[:, d_in], a2, p_in[:, :d_in].t())
+    else:
+        pa = a2 @ p_in.t()
+    ps = ds.reshape(-1, ds.shape[-1]) @ p_out.t()
+    if pa.shape[0] == n:  # one position per sample: an outer product
+        return (ps.unsqueeze(2) * pa.unsqueeze(1)).reshape(n, k_out * k_in)
+    res = torch.bmm(ps.view(n, -1, k_out).transpose(1, 2), pa.view(n, -1, k_in))
     return res.reshape(n, k_out * k_in)
 
 

@@ -349,6 +349,7 @@ class ProjectionEngine:
                 chunk_rows=max(1, self.chunk_bytes // (16 * k)),
                 verbose=self.verbose,
                 copy_rows=max(1, self.chunk_bytes // (4 * k)),
+                gen_rows=max(1, self.chunk_bytes // (64 * k)),
             )
         elif ptype == ProjectionType.sjlt:
             wanted = self.sjlt_nnz * p * 12
@@ -505,6 +506,10 @@ class ProjectionEngine:
         work_dtype = self.work_dtype(dtype)
         out = torch.zeros(batch, self.proj_dim, dtype=work_dtype, device=self.device)
         step = batch if self.max_batch_size is None else self.max_batch_size
+        if isinstance(state, DenseState):
+            # every generated block serves the whole batch (the features are in
+            # memory already): sub-batches would regenerate the matrix for each
+            step = batch
         for b0 in range(0, batch, max(step, 1)):
             b1 = min(batch, b0 + step)
             offset = 0

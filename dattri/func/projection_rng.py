@@ -220,6 +220,20 @@ def normal_table(device: torch.device) -> Tensor:
     return table.to(torch.float16).to(device)
 
 
+@lru_cache(maxsize=16)
+def _table_as(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`normal_table` converted (exactly) to ``dtype``.
+
+    Args:
+        dtype: float16, float32 or float64 (float16 values are exact in both).
+        device: Target device.
+
+    Returns:
+        Tensor of shape ``(65536,)``.
+    """
+    return normal_table(device).to(dtype)
+
+
 def normal_block(
     key: int,
     row0: int,
@@ -231,7 +245,7 @@ def normal_block(
 ) -> Tensor:
     """Rows ``[row0, row0 + nrows)`` of a standard-normal matrix (float16 values).
 
-    Each 64-bit hash is split into four 16-bit uniforms (little-endian int16
+    Each 64-bit hash is split into four 16-bit uniforms (little-endian uint16
     view, the same on CPU and CUDA), each mapped through :func:`normal_table`
     (inverse-CDF method). Entry ``(r, c)`` is
     ``normal_table[(h(r * ceil(k / 4) + c // 4) >> 16 * (c % 4)) & 0xFFFF]``.
@@ -242,20 +256,25 @@ def normal_block(
         nrows: Number of rows.
         ncols: Number of columns ``k``.
         device: Device.
-        out: Optional float16 destination of shape ``(nrows, ncols)``.
+        out: Optional destination of shape ``(nrows, ncols)``, float16 or a wider
+            float type (the table is gathered in that dtype directly; the values
+            are the float16 values, exactly).
         work: Optional dict of reusable scratch buffers.
 
     Returns:
-        float16 tensor of shape ``(nrows, ncols)`` (``out`` when given).
+        Tensor of shape ``(nrows, ncols)`` (``out`` when given, else float16).
     """
     words = (ncols + 3) // 4
     z = hash_grid(key, row0, nrows, words, device, work)
     idx = scratch(work, "i", (nrows, words * 4), torch.int32, device)
-    idx.copy_(z.view(torch.int16).view(nrows, words * 4))
-    idx.bitwise_and_(0xFFFF)
-    table = normal_table(torch.device(device))
+    if torch.device(device).type == "cpu":
+        idx.copy_(z.view(torch.uint16).view(nrows, words * 4))  # zero-extends: no mask
+    else:  # uint16 kernels are not guaranteed off-CPU: sign-extend and mask
+        idx.copy_(z.view(torch.int16).view(nrows, words * 4))
+        idx.bitwise_and_(0xFFFF)
     if out is None:
         out = torch.empty(nrows, ncols, dtype=torch.float16, device=device)
+    table = _table_as(out.dtype, torch.device(device))
     if words * 4 == ncols and out.is_contiguous():
         torch.index_select(table, 0, idx.view(-1), out=out.view(-1))
     else:

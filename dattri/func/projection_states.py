@@ -33,6 +33,7 @@ class DenseState:
         chunk_rows: int,
         verbose: bool = False,
         copy_rows: int | None = None,
+        gen_rows: int | None = None,
     ) -> None:
         self.verbose = verbose
         self.block_fn = block_fn
@@ -44,6 +45,8 @@ class DenseState:
         self.chunk_rows = chunk_rows  # rows generated per step
         # rows of the cached matrix converted per matmul (fewer, larger ops)
         self.copy_rows = chunk_rows if copy_rows is None else copy_rows
+        # rows generated per matmul when not cached: scratch buffers stay in cache
+        self.gen_rows = self.chunk_rows if gen_rows is None else gen_rows
         self.cache: Tensor | None = None
         self.nbytes = cache_rows * proj_dim * 2
 
@@ -81,19 +84,12 @@ class DenseState:
             if pos < self.cache_rows:
                 stop = min(end, self.cache_rows, pos + self.copy_rows)
                 block = self.cache[pos:stop]
-            else:
-                stop = min(end, pos + self.chunk_rows)
-                block = self.block_fn(
-                    self.key,
-                    pos,
-                    stop - pos,
-                    self.proj_dim,
-                    self.device,
-                    out=scratch(work, "gen", (stop - pos, self.proj_dim), torch.float16, x.device),
-                    work=work,
-                )
-            mat = scratch(work, "mat", tuple(block.shape), out.dtype, x.device)
-            mat.copy_(block)
+                mat = scratch(work, "mat", tuple(block.shape), out.dtype, x.device)
+                mat.copy_(block)
+            else:  # generated straight into the working dtype, in L2-sized blocks
+                stop = min(end, pos + self.gen_rows)
+                mat = scratch(work, "mat", (stop - pos, self.proj_dim), out.dtype, x.device)
+                self.block_fn(self.key, pos, stop - pos, self.proj_dim, self.device, mat, work)
             xs = x[:, pos - offset : stop - offset]
             if xs.dtype != out.dtype:
                 xs = scratch(work, "xs", tuple(xs.shape), out.dtype, x.device).copy_(xs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -260,6 +260,56 @@ def bootstrap_ci(
 # --------------------------------------------------------------------------- metrics
 
 
+def _score_and_values(
+    score: torch.Tensor, ground_truth: Any, second: str, rows: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check ``score`` and ``ground_truth[0]`` of :func:`lds` / :func:`loo_corr`.
+
+    Args:
+        score: ``(n_train, n_test)`` scores.
+        ground_truth: The ``(gt_values, second)`` pair.
+        second: Name of the pair's second element (for the error message).
+        rows: Name of the rows of ``gt_values`` (for the error message).
+
+    Returns:
+        ``(score (n_train, n_test), gt_values (n_rows, n_test))`` as float64 arrays
+        (a 1-D ``gt_values`` is one test column).
+
+    Raises:
+        ValueError: If ``ground_truth`` is not a pair or the shapes do not match.
+    """
+    if not isinstance(ground_truth, tuple | list) or len(ground_truth) != 2:
+        msg = f"`ground_truth` must be a pair (gt_values, {second})."
+        raise ValueError(msg)
+    sc = _check_score_2d(score)
+    gt = _to_numpy64(ground_truth[0], "ground_truth[0]")
+    if gt.ndim == 1:
+        gt = gt[:, None]
+    if gt.ndim != 2 or gt.shape[1] != sc.shape[1]:
+        msg = (
+            f"ground_truth[0] must have shape ({rows}, n_test) with n_test = "
+            f"score.shape[1] = {sc.shape[1]}; got {tuple(gt.shape)}."
+        )
+        raise ValueError(msg)
+    return sc, gt
+
+
+def _correlation_result(
+    score: torch.Tensor,
+    corr: np.ndarray,
+    pval: np.ndarray,
+    ci: float | None,
+    n_boot: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, BootstrapCI]:
+    """``(corr, pval)`` as tensors on ``score``'s device, plus the bootstrap CI if asked."""
+    dev = _out_device(score)
+    out = (torch.from_numpy(corr).to(dev), torch.from_numpy(pval).to(dev))
+    if ci is None:
+        return out
+    return (*out, bootstrap_ci(corr, ci=ci, n_boot=n_boot, seed=seed))
+
+
 def lds(
     score: torch.Tensor,
     ground_truth: tuple[torch.Tensor, torch.Tensor],
@@ -300,19 +350,7 @@ def lds(
         ValueError: On shape mismatches, out-of-range indices or fewer than two
             subsets.
     """
-    if not isinstance(ground_truth, tuple | list) or len(ground_truth) != 2:
-        msg = "`ground_truth` must be a pair (gt_values, subset_indices)."
-        raise ValueError(msg)
-    sc = _check_score_2d(score)
-    gt = _to_numpy64(ground_truth[0], "ground_truth[0]")
-    if gt.ndim == 1:
-        gt = gt[:, None]
-    if gt.ndim != 2 or gt.shape[1] != sc.shape[1]:
-        msg = (
-            "ground_truth[0] must have shape (n_subsets, n_test) with n_test = "
-            f"score.shape[1] = {sc.shape[1]}; got {tuple(gt.shape)}."
-        )
-        raise ValueError(msg)
+    sc, gt = _score_and_values(score, ground_truth, "subset_indices", "n_subsets")
     counts = _subset_matrix(ground_truth[1], sc.shape[0])
     if counts.shape[0] != gt.shape[0]:
         msg = (
@@ -325,14 +363,7 @@ def lds(
         raise ValueError(msg)
     pred = counts @ sc  # (n_subsets, n_test)
     corr, pval = _spearman_columns(pred, gt)
-    dev = _out_device(score)
-    out = (
-        torch.from_numpy(corr).to(dev),
-        torch.from_numpy(pval).to(dev),
-    )
-    if ci is None:
-        return out
-    return (*out, bootstrap_ci(corr, ci=ci, n_boot=n_boot, seed=seed))
+    return _correlation_result(score, corr, pval, ci, n_boot, seed)
 
 
 def loo_corr(
@@ -374,19 +405,7 @@ def loo_corr(
     Raises:
         ValueError: On shape mismatches or fewer than two models.
     """
-    if not isinstance(ground_truth, tuple | list) or len(ground_truth) != 2:
-        msg = "`ground_truth` must be a pair (gt_values, removed_indices)."
-        raise ValueError(msg)
-    sc = _check_score_2d(score)
-    gt = _to_numpy64(ground_truth[0], "ground_truth[0]")
-    if gt.ndim == 1:
-        gt = gt[:, None]
-    if gt.ndim != 2 or gt.shape[1] != sc.shape[1]:
-        msg = (
-            "ground_truth[0] must have shape (n_models, n_test) with n_test = "
-            f"score.shape[1] = {sc.shape[1]}; got {tuple(gt.shape)}."
-        )
-        raise ValueError(msg)
+    sc, gt = _score_and_values(score, ground_truth, "removed_indices", "n_models")
     if gt.shape[0] != sc.shape[0]:
         removed = ground_truth[1]
         if removed is None:
@@ -411,11 +430,7 @@ def loo_corr(
         msg = f"LOO correlation needs at least 2 models; got {gt.shape[0]}."
         raise ValueError(msg)
     corr, pval = _pearson_columns(sc, gt)
-    dev = _out_device(score)
-    out = (torch.from_numpy(corr).to(dev), torch.from_numpy(pval).to(dev))
-    if ci is None:
-        return out
-    return (*out, bootstrap_ci(corr, ci=ci, n_boot=n_boot, seed=seed))
+    return _correlation_result(score, corr, pval, ci, n_boot, seed)
 
 
 def mislabel_detection_auc(

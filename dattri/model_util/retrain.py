@@ -25,6 +25,7 @@ renamed, so an existing file is complete, and a rerun skips it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,11 @@ def lds_subset_positions(n: int, subset_size: int, seed: int, subset_id: int) ->
     """
     rng = np.random.default_rng(int(seed) + int(subset_id))
     return rng.choice(n, subset_size, replace=False).astype(np.int64)
+
+
+def lds_weights_file(path: Path, subset_id: int, run: int) -> Path:
+    """``path/<subset_id>/model_weights_<run>.pt``: where an LDS model is saved."""
+    return path / str(subset_id) / f"model_weights_{run}.pt"
 
 
 def _read_int_lines(file: Path) -> np.ndarray:
@@ -206,11 +212,7 @@ def finalize_lds_metadata(
     else:
         old = [int(k) for k in (previous or {}).get("subset_dir_map", {})]
         expected = sorted(set(old) | {int(i) for i in ids})
-    complete = all(
-        (path / str(i) / f"model_weights_{j}.pt").exists()
-        for i in expected
-        for j in range(num_runs)
-    )
+    complete = all(lds_weights_file(path, i, j).exists() for i in expected for j in range(num_runs))
     if not complete:
         return False
     meta = dict(base)
@@ -218,6 +220,144 @@ def finalize_lds_metadata(
     meta["subset_dir_map"] = {int(i): str(i) for i in expected}
     write_yaml(meta, path / METADATA_FILE)
     return True
+
+
+@dataclass(frozen=True)
+class LDSPlan:
+    """The work of one LDS retraining call (shared by every LDS retrainer).
+
+    Built by :func:`plan_lds`, which has already validated the arguments and
+    written (or re-read) every subset's index files.
+
+    Attributes:
+        path: Output directory.
+        n: Number of training samples (positions ``0..n-1``).
+        num_subsets: Subsets trained by this call.
+        subset_ratio: Fraction of the samples in every subset.
+        num_runs_per_subset: Models per subset.
+        total_num_subsets: Total subsets over all jobs (0: this call only).
+        base_seed: Base seed (drawn at random when none was given).
+        seed_given: Whether the caller gave the seed.
+        ids: This call's subset ids.
+        previous: Metadata already in ``path`` (None if none).
+        jobs: ``(subset id, positions (subset_size,), run)`` of every model whose
+            weights file is missing, in subset then run order.
+    """
+
+    path: Path
+    n: int
+    num_subsets: int
+    subset_ratio: float
+    num_runs_per_subset: int
+    total_num_subsets: int
+    base_seed: int
+    seed_given: bool
+    ids: list[int]
+    previous: dict[str, Any] | None
+    jobs: list[tuple[int, np.ndarray, int]]
+
+    def run_seed(self, subset_id: int, run: int) -> int:
+        """Seed of run ``run`` of subset ``subset_id``: ``seed + id * runs + run``."""
+        return self.base_seed + subset_id * self.num_runs_per_subset + run
+
+    def weights_file(self, subset_id: int, run: int) -> Path:
+        """Where run ``run`` of subset ``subset_id`` is saved."""
+        return lds_weights_file(self.path, subset_id, run)
+
+    def finalize(self, train_func: str, **extra: Any) -> bool:
+        """Write ``metadata.yml`` once every expected model of the run exists.
+
+        Args:
+            train_func: Name of the training function recorded in the metadata.
+            **extra: More metadata entries (placed before ``subset_dir_map``).
+
+        Returns:
+            Whether the metadata file was written (:func:`finalize_lds_metadata`).
+        """
+        base = {
+            "mode": "lds",
+            "data_length": self.n,
+            "train_func": train_func,
+            "num_subsets": int(self.num_subsets),
+            "subset_ratio": float(self.subset_ratio),
+            "num_runs_per_subset": int(self.num_runs_per_subset),
+            "seed": self.base_seed if self.seed_given else None,
+            **extra,
+            "subset_dir_map": {},
+        }
+        return finalize_lds_metadata(
+            self.path,
+            ids=self.ids,
+            total_num_subsets=self.total_num_subsets,
+            base=base,
+            previous=self.previous,
+        )
+
+
+def plan_lds(
+    path: str | Path,
+    dataset_indices: Sequence[int],
+    num_subsets: int,
+    subset_ratio: float,
+    num_runs_per_subset: int,
+    seed: int | None,
+    start_id: int = 0,
+    total_num_subsets: int = 0,
+) -> LDSPlan:
+    """Validate an LDS retraining call, prepare its subsets and list the missing models.
+
+    Args:
+        path: Output directory (created if needed).
+        dataset_indices: Dataset index of every position, ``(n,)``.
+        num_subsets: Subsets trained by this call.
+        subset_ratio: Fraction of the samples per subset, in ``(0, 1]``.
+        num_runs_per_subset: Models per subset.
+        seed: Base seed; ``None`` draws a random one.
+        start_id: Id of this call's first subset.
+        total_num_subsets: Total subsets over all jobs (0: this call only).
+
+    Returns:
+        The :class:`LDSPlan`.
+
+    Raises:
+        ValueError: On invalid arguments or if ``path`` holds a different run.
+    """
+    n = len(dataset_indices)
+    size = check_lds_args(
+        num_subsets, subset_ratio, num_runs_per_subset, start_id, total_num_subsets, n
+    )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    previous = check_existing_lds_metadata(path, n, subset_ratio, num_runs_per_subset)
+    seed_given = seed is not None
+    base_seed = int(seed) if seed_given else random_seed()
+    ids = list(range(int(start_id), int(start_id) + int(num_subsets)))
+    jobs: list[tuple[int, np.ndarray, int]] = []
+    for i in ids:
+        positions = prepare_lds_subset(
+            path / str(i),
+            lds_subset_positions(n, size, base_seed, i),
+            dataset_indices,
+            seed_given=seed_given,
+        )
+        jobs.extend(
+            (i, positions, j)
+            for j in range(num_runs_per_subset)
+            if not lds_weights_file(path, i, j).exists()
+        )
+    return LDSPlan(
+        path=path,
+        n=n,
+        num_subsets=num_subsets,
+        subset_ratio=subset_ratio,
+        num_runs_per_subset=num_runs_per_subset,
+        total_num_subsets=total_num_subsets,
+        base_seed=base_seed,
+        seed_given=seed_given,
+        ids=ids,
+        previous=previous,
+        jobs=jobs,
+    )
 
 
 # --------------------------------------------------------------------------- public API
@@ -272,52 +412,24 @@ def retrain_lds(
         ValueError: On invalid arguments or if ``path`` holds a different run.
     """
     ds_idx = loader_dataset_indices(dataloader)
-    n = len(ds_idx)
-    size = check_lds_args(
-        num_subsets, subset_ratio, num_runs_per_subset, start_id, total_num_subsets, n
+    plan = plan_lds(
+        path,
+        ds_idx,
+        num_subsets,
+        subset_ratio,
+        num_runs_per_subset,
+        seed,
+        start_id=start_id,
+        total_num_subsets=total_num_subsets,
     )
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    previous = check_existing_lds_metadata(path, n, subset_ratio, num_runs_per_subset)
-    seed_given = seed is not None
-    base_seed = int(seed) if seed_given else random_seed()
-    ids = list(range(int(start_id), int(start_id) + int(num_subsets)))
-
-    jobs: list[tuple[int, np.ndarray, int]] = []
-    for i in ids:
-        positions = prepare_lds_subset(
-            path / str(i),
-            lds_subset_positions(n, size, base_seed, i),
-            ds_idx,
-            seed_given=seed_given,
-        )
-        jobs.extend(
-            (i, positions, j)
-            for j in range(num_runs_per_subset)
-            if not (path / str(i) / f"model_weights_{j}.pt").exists()
-        )
-
-    for i, positions, j in tqdm(jobs, desc="retrain_lds", disable=not verbose):
-        run_seed = base_seed + i * num_runs_per_subset + j
+    for i, positions, j in tqdm(plan.jobs, desc="retrain_lds", disable=not verbose):
+        run_seed = plan.run_seed(i, j)
         loader = make_subset_loader(
             dataloader, [ds_idx[p] for p in positions], shuffle=True, seed=run_seed
         )
         model = train_func(loader, seed=run_seed, **kwargs)
-        atomic_torch_save(to_state_dict(model), path / str(i) / f"model_weights_{j}.pt")
-
-    base = {
-        "mode": "lds",
-        "data_length": n,
-        "train_func": func_name(train_func),
-        "num_subsets": int(num_subsets),
-        "subset_ratio": float(subset_ratio),
-        "num_runs_per_subset": int(num_runs_per_subset),
-        "seed": base_seed if seed_given else None,
-        "subset_dir_map": {},
-    }
-    finalize_lds_metadata(
-        path, ids=ids, total_num_subsets=total_num_subsets, base=base, previous=previous
-    )
+        atomic_torch_save(to_state_dict(model), plan.weights_file(i, j))
+    plan.finalize(func_name(train_func))
 
 
 def retrain_loo(

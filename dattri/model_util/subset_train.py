@@ -32,21 +32,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from dattri.model_util._data import atomic_torch_save, func_name
-from dattri.model_util.retrain import (
-    check_existing_lds_metadata,
-    check_lds_args,
-    finalize_lds_metadata,
-    lds_subset_positions,
-    prepare_lds_subset,
-    random_seed,
-)
+from dattri.model_util.retrain import plan_lds
 
 __all__ = ["SubsetTrainConfig", "retrain_lds_vectorized", "train_subset_models"]
 
@@ -378,50 +370,20 @@ def retrain_lds_vectorized(
     """
     config = config or SubsetTrainConfig()
     n = int(torch.as_tensor(dataset_tensors[0]).shape[0])
-    size = check_lds_args(num_subsets, subset_ratio, num_runs_per_subset, 0, 0, n)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    previous = check_existing_lds_metadata(path, n, subset_ratio, num_runs_per_subset)
-    seed_given = seed is not None
-    base_seed = int(seed) if seed_given else random_seed()
-    identity = list(range(n))
-    ids = list(range(int(num_subsets)))
-    todo: list[tuple[int, int]] = []
-    rows: list[np.ndarray] = []
-    for i in ids:
-        pos = prepare_lds_subset(
-            path / str(i),
-            lds_subset_positions(n, size, base_seed, i),
-            identity,
-            seed_given=seed_given,
-        )
-        for j in range(num_runs_per_subset):
-            if not (path / str(i) / f"model_weights_{j}.pt").exists():
-                todo.append((i, j))
-                mask = np.zeros(n, dtype=bool)
-                mask[pos] = True
-                rows.append(mask)
-    if todo:
+    plan = plan_lds(path, range(n), num_subsets, subset_ratio, num_runs_per_subset, seed)
+    if plan.jobs:
+        masks = torch.zeros(len(plan.jobs), n, dtype=torch.bool)
+        for row, (_, positions, _) in enumerate(plan.jobs):
+            masks[row, torch.from_numpy(positions)] = True
         state_dicts = train_subset_models(
             model_factory,
             dataset_tensors,
-            torch.from_numpy(np.stack(rows)),
+            masks,
             config,
-            init_seeds=[base_seed + i * num_runs_per_subset + j for i, j in todo],
+            init_seeds=[plan.run_seed(i, j) for i, _, j in plan.jobs],
             vectorized=vectorized,
             verbose=verbose,
         )
-        for (i, j), sd in zip(todo, state_dicts, strict=True):
-            atomic_torch_save(sd, path / str(i) / f"model_weights_{j}.pt")
-    base = {
-        "mode": "lds",
-        "data_length": n,
-        "train_func": f"train_subset_models:{func_name(model_factory)}",
-        "num_subsets": int(num_subsets),
-        "subset_ratio": float(subset_ratio),
-        "num_runs_per_subset": int(num_runs_per_subset),
-        "seed": base_seed if seed_given else None,
-        "trainer": config.to_dict(),
-        "subset_dir_map": {},
-    }
-    finalize_lds_metadata(path, ids=ids, total_num_subsets=0, base=base, previous=previous)
+        for (i, _, j), sd in zip(plan.jobs, state_dicts, strict=True):
+            atomic_torch_save(sd, plan.weights_file(i, j))
+    plan.finalize(f"train_subset_models:{func_name(model_factory)}", trainer=config.to_dict())
