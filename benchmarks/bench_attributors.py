@@ -133,6 +133,8 @@ def _worker(method: str, setting: str, n_test: int | None, attr_batches: int | N
     k = n_batches if attr_batches is None or method == "trak" else min(attr_batches, n_batches)
     # attribute only over the first k train batches (cache always sees all of them)
     attr_train = DataLoader(TensorDataset(xtr[: k * 500], ytr[: k * 500]), batch_size=500)
+    if k == n_batches:  # attribute on the cached loader itself (the usual call)
+        attr_train = train
 
     def loss_if(params, data):  # .long(): upstream LiSSA's collate casts labels to float
         x, y = data

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from dattri.algorithm.batching import batch_size_of, iterate, move_to_device
+from dattri.func.batch_utils import nonfinite_rows
 from dattri.task import AttributionTask
 
 __all__ = [
@@ -172,9 +173,9 @@ class GradientFeaturizer:
         g = self.task.per_sample_grads(
             batch, ckpt_idx, self.layer_name, target=target, keep_batch_dim=False
         )
-        finite = torch.isfinite(g).all(dim=1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten().tolist()[:10]
+        nonfinite = nonfinite_rows(g)  # row sums first: no (B, p) boolean temporary
+        if bool(nonfinite.any()):
+            bad = nonfinite.nonzero().flatten().tolist()[:10]
             which = "target" if target else "loss"
             msg = (
                 f"Non-finite (NaN/inf) {which} gradients at checkpoint {ckpt_idx} for "
