@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+from dattri.func.hessian_arnoldi import arnoldi_eigs
 from dattri.func.projection_engine import AbstractProjector, check_positive_int
 
 _MODES = ("rev-rev", "rev-fwd")
@@ -148,47 +148,32 @@ class ArnoldiProjector(AbstractProjector):
             ``(proj_dim, feature_dim)``, in decreasing ``|λ|`` order.
         """
         target = self.args[self.argnums]
-        dtype, work_device = target.dtype, target.device
         op = self._hvp()
         steps = min(self.max_iter, self.feature_dim)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        start = torch.randn(self.feature_dim, generator=gen, dtype=torch.float64)
-        basis = torch.zeros(steps + 1, self.feature_dim, dtype=dtype, device=work_device)
-        hess = torch.zeros(steps + 1, steps, dtype=torch.float64)
-        basis[0] = (start / start.norm()).to(dtype=dtype, device=work_device)
-        size = steps
         with torch.no_grad():
-            for j in tqdm(range(steps), desc="Arnoldi", disable=not self.verbose):
-                w = op(basis[j]).detach()
-                prev = basis[: j + 1]
-                coef = prev @ w
-                w = w - prev.T @ coef
-                extra = prev @ w  # second Gram-Schmidt pass for orthogonality
-                w = w - prev.T @ extra
-                hess[: j + 1, j] = (coef + extra).double().cpu()
-                beta = float(w.norm())
-                hess[j + 1, j] = beta
-                if beta < self.tol:
-                    size = j + 1
-                    break
-                basis[j + 1] = w / beta
-        small = hess[:size, :size]
-        values, vectors = torch.linalg.eigh((small + small.T) / 2)
+            values, vectors = arnoldi_eigs(
+                lambda rows: op(rows[0]).detach().unsqueeze(0),
+                gen,
+                target.detach().reshape(-1),
+                steps,
+                self.tol,
+                self.verbose,
+            )
         values = values * self.norm_constant
         order = torch.argsort(values.abs(), descending=True)[: self.proj_dim]
         keep = order[values[order] > self.tol**2]
         if keep.numel() < self.proj_dim:
             warnings.warn(
                 f"ArnoldiProjector: only {keep.numel()} of proj_dim={self.proj_dim} "
-                f"eigenvalues are > tol**2={self.tol**2:g} (Krylov size {size}); "
+                f"eigenvalues are > tol**2={self.tol**2:g} (Krylov size {steps}); "
                 f"proj_dim is reduced to {keep.numel()}.",
                 UserWarning,
                 stacklevel=2,
             )
             self.proj_dim = int(keep.numel())
-        ritz = vectors[:, keep].T.to(dtype=dtype, device=work_device) @ basis[:size]
-        self.eigenvalues = values[keep].to(dtype=dtype, device=self.device)
-        self.eigenvectors = ritz.to(self.device)
+        self.eigenvalues = values[keep].to(device=self.device)
+        self.eigenvectors = vectors[keep].to(self.device)
         return self.eigenvalues, self.eigenvectors
 
     def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
