@@ -100,17 +100,40 @@ def _train(model, x, y, steps: int = 300) -> None:
     model.eval()
 
 
+def _torch_func_warm_up() -> None:
+    """Trigger torch's one-off lazy imports before timing, in every interpreter alike.
+
+    The first ``torch.func`` grad/vjp in a process imports ``torch._dynamo``, sympy
+    and ~800 other modules (~1.9 s here). Upstream dattri imports them in ``import
+    dattri`` (6.2 s vs 2.4 s for ours), outside the timed region; without this warm-up
+    our first timed call would pay them instead. Import times are reported apart.
+    """
+    import torch
+
+    def f(w):
+        return (w**3).sum()
+
+    torch.func.vjp(torch.func.grad(f), torch.ones(2))
+    torch.func.vmap(
+        lambda x: torch.nn.functional.cross_entropy(x.unsqueeze(0), torch.zeros(1).long())
+    )(torch.ones(2, 3))
+
+
 def _worker(method: str, setting: str, n_test: int | None, attr_batches: int | None) -> dict:
     import torch
     from torch import nn
     from torch.func import functional_call
     from torch.utils.data import DataLoader, TensorDataset
 
+    t_import = time.perf_counter()
     import dattri
+    from dattri import algorithm as A
     from dattri.task import AttributionTask
 
+    import_s = time.perf_counter() - t_import
     ours = hasattr(dattri, "__version__")
     kw = {"verbose": False} if ours else {}
+    _torch_func_warm_up()
     torch.manual_seed(0)
     xtr, ytr, xte, yte = _data(setting)
     if n_test is not None:
@@ -157,7 +180,6 @@ def _worker(method: str, setting: str, n_test: int | None, attr_batches: int | N
     ckpt = model.state_dict()
     if method == "if-explicit" and p > 20_000:
         return {"skipped": f"p={p}: a dense p x p Hessian does not fit"}
-    from dattri import algorithm as A
 
     if method.startswith("if-"):
         task = AttributionTask(loss_func=loss_if, model=model, checkpoints=ckpt)
@@ -231,6 +253,7 @@ def _worker(method: str, setting: str, n_test: int | None, attr_batches: int | N
         "cache_cpu_s": c1 - c0,
         "attribute_cpu_s": c2 - c1,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "import_s": import_s,
         "finite": bool(torch.isfinite(scores).all()),
         "p": p,
     }
@@ -355,6 +378,8 @@ def _row(method: str, results: list[dict]) -> None:
     n_tests = {r["n_test"] for r in results if "n_test" in r}
     notes = [f"n_test={min(n_tests)} (both)"] if n_tests and min(n_tests) < 200 else []
     notes += [r["note"] for r in results if r.get("note")]
+    if len(results) > 1 and all("import_s" in r for r in results):
+        notes.append("import s: " + " / ".join(f"{r['import_s']:.1f}" for r in results))
     print(f"| {method} | " + " | ".join(cells) + f" | {'; '.join(notes)} |", flush=True)
 
 

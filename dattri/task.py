@@ -364,6 +364,9 @@ class AttributionTask:
         keep_batch_dim: bool = False,
         route: str = "auto",
         chunk_size: int | None = None,
+        *,
+        out: Tensor | None = None,
+        check_finite: bool = True,
     ) -> Tensor:
         """Per-sample gradients of the loss (or target) for one batch.
 
@@ -380,9 +383,13 @@ class AttributionTask:
                 (IF convention) rather than un-batched (TRAK/TracIn convention).
             route: ``"auto"``, ``"hook"`` or ``"vmap"``.
             chunk_size: maximum samples per vmap chunk.
+            out: optional contiguous ``(B, p_selected)`` buffer to write into (see
+                :func:`dattri.func.per_sample_grad.per_sample_grad`).
+            check_finite: raise on NaN/inf gradients (default True).
 
         Returns:
-            ``(B, p_selected)`` gradients, columns in ``layer_name`` order.
+            ``(B, p_selected)`` gradients (``out`` when given), columns in
+            ``layer_name`` order.
         """
         from dattri.func.per_sample_grad import per_sample_grad
 
@@ -399,7 +406,25 @@ class AttributionTask:
             keep_batch_dim=keep_batch_dim,
             route=route,
             chunk_size=chunk_size,
+            out=out,
+            check_finite=check_finite,
         )
+
+    def grad_layout(
+        self, layer_name: str | Sequence[str] | None = None
+    ) -> tuple[int, torch.dtype, torch.device]:
+        """Columns, dtype and device of :meth:`per_sample_grads` for ``layer_name``.
+
+        Returns:
+            ``(p_selected, dtype, device)``: the promoted dtype of the selected
+            parameters and the device of the first one.
+        """
+        names = self.selected_param_names(layer_name)
+        params = self.named_parameters
+        dtype = params[names[0]].dtype
+        for n in names[1:]:
+            dtype = torch.promote_types(dtype, params[n].dtype)
+        return sum(params[n].numel() for n in names), dtype, params[names[0]].device
 
     def num_params(self, layer_name: str | Sequence[str] | None = None) -> int:
         """Number of selected trainable parameters."""

@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dattri.algorithm.base import BaseInnerProductAttributor
 from dattri.algorithm.batching import (
+    ReusableBuffer,
     batch_size_of,
     check_loader,
     move_to_device,
@@ -78,3 +79,39 @@ def test_inner_product_base_scores_self_attribute_topk():
         attr.attribute(train, test, relatif_method="x")
     with pytest.raises(TypeError, match="AttributionTask"):
         _GradDot(object())
+
+
+def test_reusable_buffer_lifetime():
+    buf = ReusableBuffer()
+    assert buf.get(4, 3, torch.float32, torch.device("cpu")) is None  # inactive
+    with buf.active():
+        a = buf.get(4, 3, torch.float32, "cpu")
+        assert a.shape == (4, 3) and a.is_contiguous()
+        b = buf.get(2, 3, torch.float32, "cpu")  # smaller: a prefix of the same storage
+        assert b.data_ptr() == a.data_ptr() and b.shape == (2, 3)
+        with buf.active():  # nested blocks share it
+            assert buf.get(4, 3, torch.float32, "cpu").data_ptr() == a.data_ptr()
+        assert buf._buffer is not None  # still held by the outer block
+        c = buf.get(5, 3, torch.float64, "cpu")  # other dtype/size: reallocated
+        assert c.dtype == torch.float64 and c.shape == (5, 3)
+    assert buf._buffer is None  # freed on exit
+    assert buf.get(4, 3, torch.float32, "cpu") is None
+
+
+def test_featurizer_buffer_reuse_gives_identical_features():
+    from dattri.algorithm.projected_store import GradientFeaturizer, collect_features
+    from dattri.params.projection import TracInProjectionParams
+
+    p = cached_random_mlp()
+    task = AttributionTask(p.loss_sample, p.model, [p.model.state_dict()])
+    proj = TracInProjectionParams(proj_dim=16)
+    feat = GradientFeaturizer(task, None, proj, "cpu", scale=0.5)
+    loader = p.train_loader(batch_size=7)  # several batches, a partial last one
+    store = collect_features(feat, loader, 1, verbose=False)
+    assert feat._buffer._buffer is None  # released after the loop
+    fresh = torch.cat([feat(0, batch) for batch in loader])  # no reuse outside the block
+    torch.testing.assert_close(store.features[0], fresh, rtol=0, atol=0)
+    # scaling after the projection equals projecting scaled gradients
+    g = task.per_sample_grads((p.x_train, p.y_train))
+    proj_fn = feat._projector(g.dtype)
+    torch.testing.assert_close(store.features[0], proj_fn(0.5 * g, ensemble_id=0))

@@ -20,6 +20,7 @@ from dattri.algorithm.influence_function import (
     IFAttributorExplicit,
     IFAttributorLiSSA,
 )
+from dattri.func.hvp_core import linearization_bytes
 from dattri.task import AttributionTask
 from tests.problems import cached_digits_lr, cached_random_mlp, train_lbfgs
 
@@ -294,6 +295,29 @@ def test_arnoldi_low_rank_is_top_eigenspace(small_lr):
     ref = (g_tr @ top_vecs) / top_vals @ (g_te @ top_vecs).T
     assert rel_err(scores, ref) < 1e-4
     torch.testing.assert_close(attr.eigenvalues[0].sort().values, top_vals, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("budget", ["one batch", 0])
+def test_arnoldi_kept_linearizations_do_not_change_result(small_lr, budget):
+    pb = small_lr[0]
+    kw = {"proj_dim": 10, "max_iter": 30, "verbose": False}
+    ref = IFAttributorArnoldi(lr_task(pb), **kw)
+    ref.cache(pb.train_loader(25))  # 4 batches merged into one (default budget keeps it)
+    other = IFAttributorArnoldi(lr_task(pb), **kw)
+    other.hvp_merge_rows = 25  # no merging: 4 HVP batches
+    if budget == "one batch":  # keeps the first batch's graph, re-linearises the rest
+        func, params = other._loss_and_params(0)
+        other._cache_batches(pb.train_loader(25))
+        budget = linearization_bytes(func, (params, other._batches[0]))
+    other.linearization_budget_bytes = budget
+    other.cache(pb.train_loader(25))
+    torch.testing.assert_close(other.eigenvalues[0], ref.eigenvalues[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        other.attribute(pb.train_loader(50), pb.test_loader(20)),
+        ref.attribute(pb.train_loader(50), pb.test_loader(20)),
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 def test_arnoldi_requires_cache(small_lr):

@@ -308,6 +308,25 @@ def test_nan_gradients_raise():
         attr.attribute(p.train_loader(), p.test_loader())
 
 
+@pytest.mark.parametrize("proj_type", ["normal", "sjlt", "random_mask"])
+def test_nan_gradient_of_one_sample_is_named_under_projection(proj_type):
+    """Projected features are checked instead of (B, p) gradients for dense/sjlt types."""
+    p, model, ckpts = _setup(1)
+
+    def loss(params, data):
+        x, y = data
+        out = functional_call(model, params, (x.unsqueeze(0),))
+        # sample 3 only: a factor sqrt(-1) = NaN -> NaN gradients
+        factor = torch.sqrt(torch.where(x[0] == p.x_train[3, 0], -1.0, 1.0))
+        return nn.functional.cross_entropy(out, y.unsqueeze(0)) * factor
+
+    task = AttributionTask(loss, model, ckpts)
+    proj = TracInProjectionParams(proj_dim=8, proj_type=proj_type)
+    attr = TracInAttributor(task, [1.0], False, proj_params=proj, verbose=False)
+    with pytest.raises(ValueError, match=r"(?i)non-finite .*samples \[3\]"):
+        attr.cache(p.train_loader(batch_size=8))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():

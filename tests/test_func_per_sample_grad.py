@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from dattri.func.batch_utils import NonFiniteGradientError
 from dattri.func.per_sample_grad import (
     grad_routes,
     per_sample_grad,
@@ -524,6 +525,40 @@ def test_nonfinite_gradients_name_samples(route):
         per_sample_kron_projected(
             model, make_loss(model, False), params, (x, y), ["0"], {"0": p_in}, {"0": p_out}
         )
+
+
+@pytest.mark.parametrize("route", ["vmap", "hook"])
+def test_out_buffer_is_fully_written_and_checked(route):
+    model = mlp()
+    params = params_of(model)
+    data = mlp_data()
+    loss = make_loss(model, False)
+    ref = per_sample_grad(model, loss, params, data, route=route)
+    # a reused buffer full of NaN: every entry must be overwritten (else NaN leaks)
+    buf = torch.full_like(ref, float("nan"))
+    got = per_sample_grad(model, loss, params, data, route=route, out=buf)
+    assert got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    n, p = ref.shape
+    for bad in (
+        torch.empty(n + 1, p, dtype=DT),
+        torch.empty(n, p, dtype=torch.float32),
+        torch.empty(p, n, dtype=DT).T,
+    ):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            per_sample_grad(model, loss, params, data, route=route, out=bad)
+
+
+def test_nonfinite_error_carries_indices():
+    model = mlp()
+    params = params_of(model)
+    x, y = mlp_data()
+    x = x.clone()
+    x[1, 0] = float("nan")
+    with pytest.raises(NonFiniteGradientError) as info:
+        per_sample_grad(model, make_loss(model, False), params, (x, y))
+    assert info.value.indices == [1]
+    assert isinstance(info.value, ValueError)
 
 
 def test_hooks_removed_on_error():

@@ -326,6 +326,24 @@ def test_cache_budget_and_chunking_do_not_change_result(ptype):
     torch.testing.assert_close(eng.project(x, 0), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("ptype", ["normal", "rademacher"])
+def test_dense_cache_widened_to_working_dtype_when_it_fits(ptype):
+    p, k = 700, 24
+    x = _data(6, p, seed=2).float()
+    ref = ProjectionEngine(p, k, ptype, 1, "cpu", max_memory_bytes=0).project(x, 0)
+    half = ProjectionEngine(p, k, ptype, 1, "cpu", max_memory_bytes=p * k * 2)
+    wide = ProjectionEngine(p, k, ptype, 1, "cpu", max_memory_bytes=p * k * 4)
+    y_half, y_wide = half.project(x, 0), wide.project(x, 0)
+    # float16 table kept (float32 does not fit); widened to float32 once (fits)
+    assert half._states[0].cache.dtype == torch.float16
+    assert wide._states[0].cache.dtype == torch.float32
+    assert wide.cached_bytes() == p * k * 4 <= wide.max_memory_bytes
+    # the float16 values are exact in float32: all three give the same features
+    torch.testing.assert_close(y_half, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_wide, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(wide.project(x, 0), y_wide)  # deterministic on reuse
+
+
 def test_dense_cache_lru_and_free_memory():
     p, k = 100, 16
     budget = 2 * p * k * 2  # room for two dense matrices

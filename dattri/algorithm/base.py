@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dattri.algorithm.batching import check_loader, iterate, move_to_device
+from dattri.algorithm.batching import (
+    ReusableBuffer,
+    batch_size_of,
+    check_loader,
+    iterate,
+    move_to_device,
+)
 from dattri.algorithm.topk import TopKAccumulator, TopKResult
 from dattri.task import AttributionTask
 
@@ -154,6 +160,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         self.verbose = verbose
         self.full_train_dataloader: Iterable | None = None
         self._cached = False
+        #: per-batch training gradients of the scoring loop (see generate_train_rep)
+        self._train_rep_buffer = ReusableBuffer()
 
     # ----------------------------------------------------------------- phases
     @property
@@ -201,9 +209,22 @@ class BaseInnerProductAttributor(BaseAttributor):
 
     # ------------------------------------------------------------------ hooks
     def generate_train_rep(self, ckpt_idx: int, data: Any) -> Tensor:
-        """Per-sample gradients of the loss, ``(B, p)``."""
+        """Per-sample gradients of the loss, ``(B, p)``.
+
+        Inside the scoring loop the result lives in a buffer reused by the next batch
+        (see :class:`~dattri.algorithm.batching.ReusableBuffer`).
+        """
+        out = None
+        if self._train_rep_buffer.is_active:
+            cols, dtype, device = self.task.grad_layout(self.layer_name)
+            out = self._train_rep_buffer.get(batch_size_of(data), cols, dtype, device)
         return self.task.per_sample_grads(
-            data, ckpt_idx, self.layer_name, target=False, keep_batch_dim=self.keep_batch_dim
+            data,
+            ckpt_idx,
+            self.layer_name,
+            target=False,
+            keep_batch_dim=self.keep_batch_dim,
+            out=out,
         )
 
     def generate_test_rep(self, ckpt_idx: int, data: Any) -> Tensor:
@@ -263,6 +284,16 @@ class BaseInnerProductAttributor(BaseAttributor):
         self._ensure_cached(train_dataloader)
         test_reps = self._test_reps(test_dataloader)
         weights = self.checkpoint_weights()
+        with self._train_rep_buffer.active():
+            yield from self._score_blocks(train_dataloader, test_reps, weights, relatif_method)
+
+    def _score_blocks(
+        self,
+        train_dataloader: Iterable,
+        test_reps: list[Tensor],
+        weights: list[float],
+        relatif_method: str | None,
+    ) -> Iterator[tuple[int, Tensor]]:
         row = 0
         for batch in iterate(train_dataloader, "attribute", self.verbose):
             batch = move_to_device(batch, self.device)

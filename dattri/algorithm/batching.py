@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 __all__ = [
+    "ReusableBuffer",
     "batch_size_of",
     "check_loader",
     "iterate",
@@ -136,3 +138,45 @@ def iterate(
     if total is None and hasattr(loader, "__len__"):
         total = len(loader)
     yield from tqdm(loader, desc=desc, total=total, disable=not verbose, leave=False)
+
+
+class ReusableBuffer:
+    """One scratch ``(rows, cols)`` tensor reused across the batches of a loop.
+
+    On CPU a fresh multi-megabyte tensor per batch costs a page fault per 4 KiB on
+    first touch (about as long as filling it); reusing one avoids that. The buffer
+    only exists inside :meth:`active` (freed when the outermost block exits), so
+    nothing stays allocated between calls. A tensor returned by :meth:`get` is
+    overwritten by the next :meth:`get`: use it only for values consumed before then.
+    """
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._buffer: Tensor | None = None
+
+    @property
+    def is_active(self) -> bool:
+        """Whether a :meth:`active` block is open."""
+        return self._depth > 0
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Enable reuse within the block."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._buffer = None
+
+    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """A contiguous ``(rows, cols)`` view of the buffer, or None outside :meth:`active`."""
+        if self._depth == 0:
+            return None
+        buf = self._buffer
+        fits = buf is not None and buf.shape[0] >= rows and buf.shape[1] == cols
+        if not fits or buf.dtype != dtype or buf.device != torch.device(device):
+            self._buffer = None  # free the old one before allocating
+            buf = self._buffer = torch.empty(rows, cols, dtype=dtype, device=device)
+        return buf[:rows]

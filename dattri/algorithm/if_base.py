@@ -24,10 +24,17 @@ from dattri.algorithm.base import BaseInnerProductAttributor
 from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move_to_device
 from dattri.algorithm.distributed import all_reduce_sum, is_distributed, shard_range
 from dattri.algorithm.feature_store import iter_batches
-from dattri.func.hvp_core import hvp_matvec
+from dattri.func.batch_utils import NonFiniteGradientError, nonfinite_rows
+from dattri.func.hvp_core import hvp_matvec, linearization_bytes
 from dattri.task import AttributionTask
 
-__all__ = ["IFBase", "check_finite_rep", "dict_or_tuple_fields", "materialize_batches"]
+__all__ = [
+    "IFBase",
+    "check_finite_rep",
+    "dict_or_tuple_fields",
+    "materialize_batches",
+    "merge_batches",
+]
 
 
 def materialize_batches(
@@ -106,13 +113,16 @@ def check_finite_rep(rep: Tensor, what: str) -> Tensor:
     Returns:
         ``rep`` unchanged.
     """
-    if not bool(torch.isfinite(rep).all()):
-        msg = (
-            f"The {what} contain NaN or inf: check loss_func/target_func, the data and "
-            "the checkpoint (a loss that is not finite, or log(0), gives NaN gradients)."
-        )
-        raise ValueError(msg)
+    if bool(nonfinite_rows(rep.reshape(rep.shape[0], -1)).any()):
+        raise ValueError(_nonfinite_message(what))
     return rep
+
+
+def _nonfinite_message(what: str) -> str:
+    return (
+        f"The {what} contain NaN or inf: check loss_func/target_func, the data and "
+        "the checkpoint (a loss that is not finite, or log(0), gives NaN gradients)."
+    )
 
 
 class IFBase(BaseInnerProductAttributor):
@@ -132,6 +142,12 @@ class IFBase(BaseInnerProductAttributor):
     #: with torch.distributed, whether ``_cache_batches`` keeps only this rank's
     #: contiguous share of the batches (the mean-loss HVP is then summed over ranks).
     shard_cache: bool = False
+    #: most bytes of kept HVP linearisations (``mean_hvp_operator(keep_linearizations=
+    #: True)``, used by Arnoldi); set to 0 to always re-linearise.
+    linearization_budget_bytes: int = 1 << 30
+    #: with kept linearisations, consecutive cached batches are concatenated into HVP
+    #: batches of up to this many samples (when their fields concatenate).
+    hvp_merge_rows: int = 2048
 
     def __init__(
         self,
@@ -194,6 +210,7 @@ class IFBase(BaseInnerProductAttributor):
         ckpt_idx: int,
         mode: str = "rev-rev",
         regularization: float = 0.0,
+        keep_linearizations: bool = False,
     ) -> Callable[[Tensor], Tensor]:
         """Batched HVP of the mean training loss over the cached batches.
 
@@ -201,6 +218,12 @@ class IFBase(BaseInnerProductAttributor):
             ckpt_idx: checkpoint index.
             mode: ``"rev-rev"`` or ``"rev-fwd"``.
             regularization: ``lambda >= 0``; the operator is ``H + lambda I``.
+            keep_linearizations: keep each batch's ``"rev-rev"`` linearisation (its
+                forward and gradient graph) for the operator's lifetime, so that
+                later products only run the double backward: about 1.6x faster per
+                product for many sequential products (Arnoldi), at the memory of the
+                graphs, capped at :attr:`linearization_budget_bytes` (batches beyond
+                the cap are re-linearised on every product).
 
         Returns:
             ``op(mat)`` mapping ``(k, p)`` to ``(k, p)``.
@@ -208,13 +231,22 @@ class IFBase(BaseInnerProductAttributor):
         func, params = self._loss_and_params(ckpt_idx)
         n = self.n_cached
         batches = list(zip(self._batches, self._sizes))
+        kept: dict[int, Callable[[Tensor], Tensor]] | None = None
+        limit = 0
+        if keep_linearizations and mode == "rev-rev" and batches:
+            # one vector at a time: larger batches use the BLAS better (the loss is a
+            # batch mean, so the size-weighted sum of merged batches is the same mean)
+            batches = merge_batches(batches, self.hvp_merge_rows)
+            self.task._load_checkpoints(ckpt_idx)
+            per_batch = linearization_bytes(func, (params, batches[0][0]))
+            limit = self.linearization_budget_bytes // max(per_batch, 1)
+            kept = {} if limit > 0 else None
 
         def op(mat: Tensor) -> Tensor:
             self.task._load_checkpoints(ckpt_idx)  # buffers come from the loaded model
+            out = _mean_batch_hvp(func, params, batches, n, mode, mat, kept, limit)
             if self._n_total is not None:  # sharded over ranks: sum the local parts
-                out = all_reduce_sum(_mean_batch_hvp(func, params, batches, n, mode, mat))
-            else:
-                out = _mean_batch_hvp(func, params, batches, n, mode, mat)
+                out = all_reduce_sum(out)
             return out.add_(mat, alpha=regularization) if regularization else out
 
         return op
@@ -222,13 +254,17 @@ class IFBase(BaseInnerProductAttributor):
     # ------------------------------------------------------- representations
     def generate_train_rep(self, ckpt_idx: int, data: Any) -> Tensor:
         """Per-sample training-loss gradients ``(B, p)`` (checked to be finite)."""
-        return check_finite_rep(
-            super().generate_train_rep(ckpt_idx, data), "training-loss gradients"
-        )
+        try:
+            return super().generate_train_rep(ckpt_idx, data)
+        except NonFiniteGradientError as err:
+            raise ValueError(_nonfinite_message("training-loss gradients")) from err
 
     def generate_test_rep(self, ckpt_idx: int, data: Any) -> Tensor:
         """Per-sample target gradients ``(B, p)`` (checked to be finite)."""
-        return check_finite_rep(super().generate_test_rep(ckpt_idx, data), "target gradients")
+        try:
+            return super().generate_test_rep(ckpt_idx, data)
+        except NonFiniteGradientError as err:
+            raise ValueError(_nonfinite_message("target gradients")) from err
 
 
 def _mean_batch_hvp(
@@ -238,16 +274,24 @@ def _mean_batch_hvp(
     n: int,
     mode: str,
     mat: Tensor,
+    kept: dict[int, Callable[[Tensor], Tensor]] | None = None,
+    limit: int = 0,
 ) -> Tensor:
     """``sum_b (B_b / n) H_b mat`` for ``mat`` ``(k, p)``: one batched HVP per batch.
 
     Every batch's HVP is vmapped over the ``k`` rows at once and accumulated in place;
-    the result is checked for NaN/inf once (not per batch).
+    the result is checked for NaN/inf once (not per batch). With ``kept``, the first
+    ``limit`` batches' linearisations are stored there and reused by later calls.
     """
     work = mat.reshape(-1, params.numel()).to(device=params.device, dtype=params.dtype)
     out = torch.zeros_like(work)
-    for batch, size in batches:
-        out.add_(hvp_matvec(func, (params, batch), 0, mode)(work), alpha=size / n)
+    for i, (batch, size) in enumerate(batches):
+        matvec = kept.get(i) if kept is not None else None
+        if matvec is None:
+            matvec = hvp_matvec(func, (params, batch), 0, mode)
+            if kept is not None and i < limit:
+                kept[i] = matvec
+        out.add_(matvec(work), alpha=size / n)
     if not bool(torch.isfinite(out).all()):
         msg = (
             "The Hessian-vector product of the training loss contains NaN or inf; check "
@@ -255,6 +299,61 @@ def _mean_batch_hvp(
         )
         raise ValueError(msg)
     return out.reshape(mat.shape).to(mat.dtype)
+
+
+def merge_batches(batches: Sequence[tuple[Any, int]], max_rows: int) -> list[tuple[Any, int]]:
+    """Concatenate consecutive ``(batch, size)`` pairs into batches of ``<= max_rows``.
+
+    A batch larger than ``max_rows`` stays as it is. Batches whose fields do not
+    concatenate (other structure, keys or trailing shapes, e.g. sequences padded to
+    different lengths) are not merged.
+
+    Args:
+        batches: ``(batch, size)`` pairs; batches are tensors, tuples/lists or dicts.
+        max_rows: most samples per merged batch.
+
+    Returns:
+        ``(batch, size)`` pairs covering the same samples in the same order.
+    """
+    out: list[tuple[Any, int]] = []
+    group: list[tuple[Any, int]] = []
+
+    def flush() -> None:
+        if len(group) == 1:
+            out.append(group[0])
+        elif group:
+            merged = _concat([b for b, _ in group])
+            out.extend([(merged, sum(s for _, s in group))] if merged is not None else group)
+        group.clear()
+
+    for batch, size in batches:
+        if group and sum(s for _, s in group) + size > max_rows:
+            flush()
+        group.append((batch, size))
+    flush()
+    return out
+
+
+def _concat(batches: list[Any]) -> Any | None:
+    """``torch.cat`` of each field over ``batches``, or None if they do not concatenate."""
+    try:
+        split = [dict_or_tuple_fields(b) for b in batches]
+    except TypeError:
+        return None
+    fields0, rebuild = split[0]
+    if any(type(b) is not type(batches[0]) for b in batches) or any(
+        len(f) != len(fields0) for f, _ in split
+    ):
+        return None
+    if isinstance(batches[0], Mapping) and any(list(b) != list(batches[0]) for b in batches):
+        return None
+    cols = list(zip(*(f for f, _ in split)))
+    if any(
+        len({(t.shape[1:], t.dtype, t.device) for t in col}) != 1 or col[0].dim() == 0
+        for col in cols
+    ):
+        return None
+    return rebuild([torch.cat(col) for col in cols])
 
 
 def dict_or_tuple_fields(batch: Any) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any]]:

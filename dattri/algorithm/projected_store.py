@@ -15,14 +15,15 @@ extras (TRAK's ``Q``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from dattri.algorithm.batching import batch_size_of, iterate, move_to_device
-from dattri.func.batch_utils import nonfinite_rows
+from dattri.algorithm.batching import ReusableBuffer, batch_size_of, iterate, move_to_device
+from dattri.func.batch_utils import NonFiniteGradientError, nonfinite_rows
 from dattri.task import AttributionTask
 
 __all__ = [
@@ -136,6 +137,7 @@ class GradientFeaturizer:
         #: at most this many samples' full gradients are formed at once (None: whole
         #: batches); set from a ``max_memory`` budget.
         self.grad_rows: int | None = None
+        self._buffer = ReusableBuffer()
 
     @property
     def out_dim(self) -> int:
@@ -157,44 +159,104 @@ class GradientFeaturizer:
         return self._projectors[dtype]
 
     def project(self, grads: Tensor, ckpt_idx: int) -> Tensor:
-        """Scale and project ``(B, p)`` gradients to ``(B, d)`` features."""
-        if self.scale != 1.0:
-            grads = grads * self.scale
-        if self.proj_params is None:
-            return grads
-        return self._projector(grads.dtype)(grads, ensemble_id=ckpt_idx)
+        """Scale and project ``(B, p)`` gradients to ``(B, d)`` features.
 
-    def grads(self, ckpt_idx: int, batch: Any, target: bool, where: str = "") -> Tensor:
+        The projection is linear, so the scale is applied to the ``(B, d)`` result
+        rather than to the ``(B, p)`` gradients (no ``(B, p)`` temporary).
+        """
+        if self.proj_params is None:
+            return grads * self.scale if self.scale != 1.0 else grads
+        feats = self._projector(grads.dtype)(grads, ensemble_id=ckpt_idx)
+        return feats.mul_(self.scale) if self.scale != 1.0 else feats
+
+    def reuse_buffers(self) -> AbstractContextManager[None]:
+        """Within this block, form every batch's gradients in one reused buffer.
+
+        Only used when the gradients are projected (the ``(B, d)`` features are
+        always fresh tensors); see :class:`~dattri.algorithm.batching.ReusableBuffer`.
+        """
+        return self._buffer.active()
+
+    def _grad_buffer(self, rows: int) -> Tensor | None:
+        if self.proj_params is None:
+            return None
+        cols, dtype, device = self.task.grad_layout(self.layer_name)
+        return self._buffer.get(rows, cols, dtype, device)
+
+    @property
+    def _checks_features(self) -> bool:
+        """Whether NaN/inf is detected on the projected features instead of the gradients.
+
+        Dense and sparse-JL projections mix every coordinate into some feature, so a
+        feature row is non-finite whenever its gradient row is: checking ``(B, d)``
+        instead of ``(B, p)`` values finds the same samples. Coordinate-subset
+        projections (``random_mask``, ``grass``) would miss unselected coordinates,
+        so they (and the identity) check the gradients.
+        """
+        if self.proj_params is None:
+            return False
+        proj_type = self.proj_params.model_dump().get("proj_type")
+        return str(getattr(proj_type, "value", proj_type)) in ("normal", "rademacher", "sjlt")
+
+    def _nonfinite(self, indices: list[int], ckpt_idx: int, target: bool, where: str) -> str:
+        which = "target" if target else "loss"
+        return (
+            f"Non-finite (NaN/inf) {which} gradients at checkpoint {ckpt_idx} for "
+            f"samples {indices[:10]} (positions within the batch{where}). Check the model, "
+            "the data and the loss (e.g. log(0)); non-finite gradients are not zeroed "
+            "silently."
+        )
+
+    def grads(
+        self, ckpt_idx: int, batch: Any, target: bool, where: str = "", check_finite: bool = True
+    ) -> Tensor:
         """Per-sample gradients ``(B, p)`` of one (device-resident) batch.
 
+        Inside :meth:`reuse_buffers` (and with a projection) the result is a view of
+        a buffer that the next call overwrites.
+
         Raises:
-            ValueError: if a gradient is NaN or infinite (upstream zeroed them silently).
+            ValueError: if a gradient is NaN or infinite (upstream zeroed them silently)
+                and ``check_finite``.
         """
-        g = self.task.per_sample_grads(
-            batch, ckpt_idx, self.layer_name, target=target, keep_batch_dim=False
-        )
-        nonfinite = nonfinite_rows(g)  # row sums first: no (B, p) boolean temporary
-        if bool(nonfinite.any()):
-            bad = nonfinite.nonzero().flatten().tolist()[:10]
-            which = "target" if target else "loss"
-            msg = (
-                f"Non-finite (NaN/inf) {which} gradients at checkpoint {ckpt_idx} for "
-                f"samples {bad} (positions within the batch{where}). Check the model, "
-                "the data and the loss (e.g. log(0)); non-finite gradients are not "
-                "zeroed silently."
+        try:
+            return self.task.per_sample_grads(
+                batch,
+                ckpt_idx,
+                self.layer_name,
+                target=target,
+                keep_batch_dim=False,
+                out=self._grad_buffer(batch_size_of(batch)),
+                check_finite=check_finite,
             )
-            raise ValueError(msg)
-        return g
+        except NonFiniteGradientError as err:
+            raise ValueError(self._nonfinite(err.indices, ckpt_idx, target, where)) from err
+
+    def _features(self, ckpt_idx: int, batch: Any, target: bool, where: str) -> Tensor:
+        on_features = self._checks_features
+        grads = self.grads(ckpt_idx, batch, target, where, check_finite=not on_features)
+        feats = self.project(grads, ckpt_idx)
+        if on_features:
+            bad = nonfinite_rows(feats)
+            if bool(bad.any()):
+                idx = bad.nonzero().flatten().tolist()
+                raise ValueError(self._nonfinite(idx, ckpt_idx, target, where))
+        return feats
 
     def __call__(self, ckpt_idx: int, batch: Any, target: bool = False, where: str = "") -> Tensor:
-        """Features ``(B, d)`` of one batch at one checkpoint (in ``grad_rows`` chunks)."""
+        """Features ``(B, d)`` of one batch at one checkpoint (in ``grad_rows`` chunks).
+
+        Raises:
+            ValueError: if a gradient of the batch is NaN or infinite.
+        """
         size = batch_size_of(batch)
         if self.grad_rows is None or size <= self.grad_rows:
-            return self.project(self.grads(ckpt_idx, batch, target, where), ckpt_idx)
+            return self._features(ckpt_idx, batch, target, where)
         parts = []
         for start in range(0, size, self.grad_rows):
             sub = slice_batch(batch, slice(start, start + self.grad_rows))
-            parts.append(self.project(self.grads(ckpt_idx, sub, target, where), ckpt_idx))
+            part_where = f"{where}, rows from {start}"
+            parts.append(self._features(ckpt_idx, sub, target, part_where))
         return torch.cat(parts)
 
     def settings(self) -> dict[str, Any]:
@@ -302,6 +364,23 @@ def collect_features(
     Returns:
         A :class:`ProjectedGradientStore` with ``features[k]`` of shape ``(n, d)``.
     """
+    with featurizer.reuse_buffers():
+        features, extras = _collect(
+            featurizer, loader, num_checkpoints, target, transform, extra, verbose, desc
+        )
+    return ProjectedGradientStore(loader=loader, features=features, extras=extras)
+
+
+def _collect(
+    featurizer: GradientFeaturizer,
+    loader: Iterable,
+    num_checkpoints: int,
+    target: bool,
+    transform: Callable[[Tensor], Tensor] | None,
+    extra: Callable[[int, Any], Tensor] | None,
+    verbose: bool,
+    desc: str,
+) -> tuple[list[Tensor], list[Tensor]]:
     features: list[Tensor] = []
     extras: list[Tensor] = []
     for ckpt_idx in range(num_checkpoints):
@@ -320,4 +399,4 @@ def collect_features(
         features.append(torch.cat(feats))
         if extra is not None:
             extras.append(torch.cat(ext))
-    return ProjectedGradientStore(loader=loader, features=features, extras=extras)
+    return features, extras

@@ -160,6 +160,35 @@ def collect_features_scaled(
             verbose=verbose,
             desc=desc,
         )
+    with featurizer.reuse_buffers():
+        return _collect_scaled(
+            featurizer,
+            loader,
+            num_checkpoints,
+            options,
+            owner,
+            target,
+            transform,
+            extra,
+            kind,
+            verbose,
+            desc,
+        )
+
+
+def _collect_scaled(
+    featurizer: GradientFeaturizer,
+    loader: Iterable,
+    num_checkpoints: int,
+    options: ScaleOptions,
+    owner: object,
+    target: bool,
+    transform: Callable[[Tensor], Tensor] | None,
+    extra: Callable[[int, Any], Tensor] | None,
+    kind: str,
+    verbose: bool,
+    desc: str,
+) -> ProjectedGradientStore:
     sizes = batch_plan(loader)
     if not sizes:
         msg = f"The loader for {desc} yielded no batch."

@@ -51,6 +51,7 @@ __all__ = [
     "merge_topk",
     "parse_memory",
     "plan_tiles",
+    "topk_of_tiles",
 ]
 
 _UNITS = {
@@ -344,6 +345,24 @@ class TopKSink:
 
 
 _FIELDS = ("helpful_indices", "helpful_scores", "harmful_indices", "harmful_scores")
+
+
+def topk_of_tiles(tiles: Iterable[tuple[int, int, Tensor]], k: int, n_test: int) -> TopKResult:
+    """Stream ``(row_start, col_start, tile)`` score tiles into a :class:`TopKSink`.
+
+    Args:
+        tiles: score tiles, e.g. from :func:`iter_store_tiles` (this rank's share
+            under torch.distributed).
+        k: training samples per side.
+        n_test: number of test columns.
+
+    Returns:
+        The merged ``(n_test, k)`` :class:`~dattri.algorithm.topk.TopKResult`.
+    """
+    sink = TopKSink(k, n_test)
+    for row, col, tile in tiles:
+        sink.add(row, col, tile)
+    return sink.finalize()
 
 
 def make_sink(

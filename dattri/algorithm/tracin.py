@@ -31,11 +31,11 @@ from dattri.algorithm.projected_store import (
 )
 from dattri.algorithm.scaled_features import ScaleOptions, collect_features_scaled
 from dattri.algorithm.scoring import (
-    TopKSink,
     iter_loader_tiles,
     iter_store_tiles,
     make_sink,
     plan_tiles,
+    topk_of_tiles,
 )
 from dattri.algorithm.topk import TopKResult
 from dattri.task import AttributionTask
@@ -254,9 +254,10 @@ class TracInAttributor(BaseAttributor):
                 self._features(k, batch, target=False, where=where) for k in range(n_ckpt)
             ], None
 
-        yield from iter_loader_tiles(
-            train_dataloader, featurize, test_feats, weights, n_test, shard, self.verbose
-        )
+        with self.featurizer.reuse_buffers():
+            yield from iter_loader_tiles(
+                train_dataloader, featurize, test_feats, weights, n_test, shard, self.verbose
+            )
 
     def _iter_score_blocks(
         self, train_dataloader: Iterable, test_dataloader: Iterable
@@ -337,10 +338,8 @@ class TracInAttributor(BaseAttributor):
             A :class:`~dattri.algorithm.topk.TopKResult` with ``(n_test, k)`` tensors.
         """
         check_loader(test_dataloader, "test_dataloader")
-        sink = TopKSink(k, sum(batch_plan(test_dataloader)))
-        for row, col, tile in self._iter_tiles(train_dataloader, test_dataloader, shard=True):
-            sink.add(row, col, tile)
-        return sink.finalize()
+        tiles = self._iter_tiles(train_dataloader, test_dataloader, shard=True)
+        return topk_of_tiles(tiles, k, sum(batch_plan(test_dataloader)))
 
     def self_attribute(self, train_dataloader: Iterable) -> Tensor:
         """Score each training sample against itself, for any number of batches.
@@ -372,6 +371,10 @@ class TracInAttributor(BaseAttributor):
                     )
                 )
             return torch.cat(parts).cpu()
+        with self.featurizer.reuse_buffers():
+            return self._self_attribute_uncached(train_dataloader, weights)
+
+    def _self_attribute_uncached(self, train_dataloader: Iterable, weights: list[float]) -> Tensor:
         total: Tensor | None = None
         for ckpt_idx, w in enumerate(weights):
             vals = []

@@ -34,11 +34,11 @@ from dattri.algorithm.projected_store import (
 from dattri.algorithm.scaled_features import ScaleOptions, collect_features_scaled
 from dattri.algorithm.scoring import (
     BUDGET_SHARES,
-    TopKSink,
     iter_loader_tiles,
     iter_store_tiles,
     make_sink,
     plan_tiles,
+    topk_of_tiles,
 )
 from dattri.algorithm.topk import TopKResult
 from dattri.task import AttributionTask
@@ -410,9 +410,10 @@ class TRAKAttributor(BaseAttributor):
             q = torch.stack([self._one_minus_p(k, batch) for k in range(len(tests))])
             return feats, q.mean(dim=0)
 
-        yield from iter_loader_tiles(
-            train_dataloader, featurize, tests, None, n_test, shard, self.verbose
-        )
+        with self.featurizer.reuse_buffers():
+            yield from iter_loader_tiles(
+                train_dataloader, featurize, tests, None, n_test, shard, self.verbose
+            )
 
     def _iter_score_blocks(
         self, train_dataloader: Iterable | None, test_dataloader: Iterable
@@ -485,10 +486,8 @@ class TRAKAttributor(BaseAttributor):
             A :class:`~dattri.algorithm.topk.TopKResult` with ``(n_test, k)`` tensors.
         """
         check_loader(test_dataloader, "test_dataloader")
-        sink = TopKSink(k, sum(batch_plan(test_dataloader)))
-        for row, col, tile in self._iter_tiles(train_dataloader, test_dataloader, shard=True):
-            sink.add(row, col, tile)
-        return sink.finalize()
+        tiles = self._iter_tiles(train_dataloader, test_dataloader, shard=True)
+        return topk_of_tiles(tiles, k, sum(batch_plan(test_dataloader)))
 
     def self_attribute(self, train_dataloader: Iterable | None = None) -> Tensor:
         """Score each training sample against itself.
@@ -528,6 +527,10 @@ class TRAKAttributor(BaseAttributor):
                 total = part if total is None else total + part
             return (store.state["q"] * total / n).unsqueeze(1)
         check_loader(train_dataloader, "train_dataloader")
+        with self.featurizer.reuse_buffers():
+            return self._self_attribute_uncached(store, train_dataloader, n)
+
+    def _self_attribute_uncached(self, store: Any, train_dataloader: Iterable, n: int) -> Tensor:
         out = []
         for b, batch in enumerate(iterate(train_dataloader, "self-attribution", self.verbose)):
             batch = move_to_device(batch, self.device)

@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 __all__ = [
+    "NonFiniteGradientError",
     "batch_size",
     "chunk_bounds",
     "first_sample",
@@ -176,6 +177,18 @@ def nonfinite_rows(x: Tensor) -> Tensor:
     return bad
 
 
+class NonFiniteGradientError(ValueError):
+    """Some per-sample gradients are NaN or infinite.
+
+    Attributes:
+        indices: positions of the offending samples within the batch.
+    """
+
+    def __init__(self, msg: str, indices: list[int]) -> None:
+        super().__init__(msg)
+        self.indices = indices
+
+
 def raise_nonfinite(bad: Tensor) -> None:
     """Raise if any sample has a non-finite gradient.
 
@@ -183,7 +196,7 @@ def raise_nonfinite(bad: Tensor) -> None:
         bad: Boolean mask ``(B,)`` of samples with NaN/inf gradients.
 
     Raises:
-        ValueError: Naming the sample indices.
+        NonFiniteGradientError: (a ``ValueError``) naming the sample indices.
     """
     if bool(bad.any()):
         idx = torch.nonzero(bad).flatten().tolist()
@@ -192,4 +205,4 @@ def raise_nonfinite(bad: Tensor) -> None:
             f"Non-finite (NaN/inf) per-sample gradients for {len(idx)} sample(s) at "
             f"batch indices {shown}. Check the loss and inputs of these samples."
         )
-        raise ValueError(msg)
+        raise NonFiniteGradientError(msg, idx)

@@ -30,6 +30,7 @@ from dattri.func.hvp_core import (
     ihvp_at_x_explicit,
     ihvp_cg,
     ihvp_explicit,
+    linearization_bytes,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "ihvp_cg",
     "ihvp_explicit",
     "ihvp_lissa",
+    "linearization_bytes",
 ]

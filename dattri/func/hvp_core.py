@@ -10,6 +10,8 @@ from functools import partial
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 __all__ = [
     "CGInfo",
@@ -22,6 +24,7 @@ __all__ = [
     "ihvp_at_x_explicit",
     "ihvp_cg",
     "ihvp_explicit",
+    "linearization_bytes",
 ]
 
 _MODES = ("rev-rev", "rev-fwd")
@@ -259,6 +262,45 @@ def hvp_matvec(
     _check_mode(mode)
     x = _as_tuple(x)
     return _make_matvec(func, x, _norm_argnums(argnums, len(x)), mode)
+
+
+class _TensorBytes(TorchDispatchMode):
+    """Counts the bytes of every (non-view) tensor an op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor) and not t._is_view():
+                self.total += t.numel() * t.element_size()
+        return out
+
+
+def linearization_bytes(func: Callable, x: tuple, argnums: int = 0) -> int:
+    """Upper estimate of the memory a ``"rev-rev"`` :func:`hvp_matvec` at ``x`` keeps.
+
+    The linearisation holds the double-backward graph of ``func``: about the forward
+    activations, their gradients and the gradient itself. Estimated as three times
+    the bytes of every tensor one no-grad forward of ``func(*x)`` creates, plus twice
+    the argument (measured: 3.5 MB actual vs 12.5 MB estimated for a 500-sample batch
+    of a 100k-parameter MLP).
+
+    Args:
+        func: Scalar function ``func(*x)``.
+        x: Its arguments.
+        argnums: The differentiated argument.
+
+    Returns:
+        Estimated bytes.
+    """
+    x = _as_tuple(x)
+    with torch.no_grad(), _TensorBytes() as counter:
+        func(*x)
+    arg = x[_norm_argnums(argnums, len(x))]
+    return 3 * counter.total + 2 * arg.numel() * arg.element_size()
 
 
 def _regularized_matvec(

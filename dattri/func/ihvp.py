@@ -20,6 +20,7 @@ from dattri.func.hessian import (
     ihvp_cg,
     ihvp_explicit,
     ihvp_lissa,
+    linearization_bytes,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "ihvp_cg",
     "ihvp_explicit",
     "ihvp_lissa",
+    "linearization_bytes",
 ]

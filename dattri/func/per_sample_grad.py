@@ -360,6 +360,8 @@ def per_sample_grad(
     chunk_size: int | None = None,
     *,
     verbose: bool = False,
+    out: Tensor | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     """Per-sample gradients of a functional loss, flattened and concatenated.
 
@@ -381,14 +383,23 @@ def per_sample_grad(
             if a parameter is unsupported). See :func:`grad_routes`.
         chunk_size: Max samples processed at once (bounds memory); ``None``: all.
         verbose: Show a progress bar over chunks.
+        out: Optional contiguous ``(B, p_selected)`` buffer of the result's dtype and
+            device to write into (lets a caller reuse one buffer across batches
+            instead of allocating, and page-faulting, a fresh one each time).
+        check_finite: Raise on NaN/inf gradients (default). A caller that checks a
+            cheaper derived quantity instead (e.g. the projected features, which are
+            non-finite whenever a gradient is) may pass False.
 
     Returns:
-        ``(B, p_selected)`` tensor, detached, in the promoted dtype of the
-        selected parameters, on the device of the first selected parameter.
+        ``(B, p_selected)`` tensor (``out`` when given), detached, in the promoted
+        dtype of the selected parameters, on the device of the first selected
+        parameter.
 
     Raises:
-        ValueError: For unknown names, empty batches, non-scalar losses, or
-            NaN/inf gradients (naming the samples).
+        ValueError: For unknown names, empty batches, non-scalar losses, or an
+            ``out`` of the wrong shape, dtype or device.
+        NonFiniteGradientError: (a ``ValueError``) for NaN/inf gradients, naming
+            the samples.
     """
     names = _resolve_names(params, param_names)
     b = batch_size(data)
@@ -396,7 +407,21 @@ def per_sample_grad(
     for n in names[1:]:
         dtype = torch.promote_types(dtype, params[n].dtype)
     sizes = [params[n].numel() for n in names]
-    out = torch.empty(b, sum(sizes), dtype=dtype, device=params[names[0]].device)
+    device = params[names[0]].device
+    if out is None:
+        out = torch.empty(b, sum(sizes), dtype=dtype, device=device)
+    elif (
+        tuple(out.shape) != (b, sum(sizes))
+        or out.dtype != dtype
+        or out.device != device
+        or not out.is_contiguous()
+    ):
+        msg = (
+            f"out must be a contiguous ({b}, {sum(sizes)}) {dtype} tensor on {device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+            f"{'' if out.is_contiguous() else ' (not contiguous)'}."
+        )
+        raise ValueError(msg)
     bad = torch.zeros(b, dtype=torch.bool, device=out.device)
     offsets = [0]
     for size in sizes:
@@ -411,7 +436,8 @@ def per_sample_grad(
     for s, e in _grad_chunks(
         model, loss_func, params, data, names, keep_batch_dim, route, chunk_size, verbose, dest
     ):
-        bad[s:e] = nonfinite_rows(out[s:e])
+        if check_finite:
+            bad[s:e] = nonfinite_rows(out[s:e])
     raise_nonfinite(bad)
     return out
 

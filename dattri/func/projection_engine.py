@@ -350,6 +350,7 @@ class ProjectionEngine:
                 verbose=self.verbose,
                 copy_rows=max(1, self.chunk_bytes // (4 * k)),
                 gen_rows=max(1, self.chunk_bytes // (64 * k)),
+                max_bytes=budget,
             )
         elif ptype == ProjectionType.sjlt:
             wanted = self.sjlt_nnz * p * 12

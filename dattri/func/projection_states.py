@@ -34,6 +34,7 @@ class DenseState:
         verbose: bool = False,
         copy_rows: int | None = None,
         gen_rows: int | None = None,
+        max_bytes: int = 0,
     ) -> None:
         self.verbose = verbose
         self.block_fn = block_fn
@@ -49,6 +50,9 @@ class DenseState:
         self.gen_rows = self.chunk_rows if gen_rows is None else gen_rows
         self.cache: Tensor | None = None
         self.nbytes = cache_rows * proj_dim * 2
+        # a fully cached matrix is widened once to the working dtype when that fits
+        # in ``max_bytes`` (no per-batch float16 -> float32 conversion; same values)
+        self.max_bytes = max_bytes
 
     def _fill_cache(self, work: dict[str, Tensor]) -> None:
         self.cache = torch.empty(
@@ -67,6 +71,18 @@ class DenseState:
                 work=work,
             )
 
+    def _maybe_widen(self, dtype: torch.dtype) -> None:
+        cache = self.cache
+        # float16 -> float32/float64 is exact; other targets keep the per-block copy
+        if cache is None or cache.dtype != torch.float16:
+            return
+        if self.cache_rows < self.feature_dim or dtype not in (torch.float32, torch.float64):
+            return
+        nbytes = cache.numel() * torch.empty((), dtype=dtype).element_size()
+        if nbytes <= self.max_bytes:
+            self.cache = cache.to(dtype)
+            self.nbytes = nbytes
+
     def accumulate(self, x: Tensor, offset: int, out: Tensor, work: dict[str, Tensor]) -> None:
         """Add ``x @ P[offset:offset + n]`` (unscaled) to ``out``.
 
@@ -78,14 +94,21 @@ class DenseState:
         """
         if self.cache is None and self.cache_rows > 0:
             self._fill_cache(work)
+        self._maybe_widen(out.dtype)
         end = offset + x.shape[1]
         pos = offset
         while pos < end:
             if pos < self.cache_rows:
-                stop = min(end, self.cache_rows, pos + self.copy_rows)
+                if self.cache.dtype == out.dtype:  # no conversion: one large matmul
+                    stop = min(end, self.cache_rows)
+                else:
+                    stop = min(end, self.cache_rows, pos + self.copy_rows)
                 block = self.cache[pos:stop]
-                mat = scratch(work, "mat", tuple(block.shape), out.dtype, x.device)
-                mat.copy_(block)
+                if block.dtype == out.dtype:
+                    mat = block
+                else:
+                    mat = scratch(work, "mat", tuple(block.shape), out.dtype, x.device)
+                    mat.copy_(block)
             else:  # generated straight into the working dtype, in L2-sized blocks
                 stop = min(end, pos + self.gen_rows)
                 mat = scratch(work, "mat", (stop - pos, self.proj_dim), out.dtype, x.device)
