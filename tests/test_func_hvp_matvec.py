@@ -21,6 +21,19 @@ def data(seed, n):
     )
 
 
+def three_batches():
+    """Weights, three uneven batches and the dense Hessian of the mean loss over all rows."""
+    w = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    parts = [data(3, 5), data(4, 2), data(5, 9)]
+    x = torch.cat([p[0] for p in parts])
+    y = torch.cat([p[1] for p in parts])
+    return w, parts, torch.func.hessian(loss)(w, x, y)
+
+
+def batch_loss(params, batch):
+    return loss(params, *batch)
+
+
 @pytest.mark.parametrize("mode", ["rev-rev", "rev-fwd"])
 @pytest.mark.parametrize("k", [1, 4])
 def test_hvp_matvec_equals_dense_hessian(mode, k):
@@ -36,19 +49,11 @@ def test_hvp_matvec_equals_dense_hessian(mode, k):
 
 
 def test_mean_batch_hvp_is_size_weighted_mean_and_checks_finiteness():
-    w = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    parts = [data(3, 5), data(4, 2), data(5, 9)]
+    w, parts, h = three_batches()  # h: Hessian of the mean loss over all 16 rows
     n = 16
     v = torch.randn(3, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-
-    def func(params, batch):
-        return loss(params, *batch)
-
-    x = torch.cat([p[0] for p in parts])
-    y = torch.cat([p[1] for p in parts])
-    h = torch.func.hessian(loss)(w, x, y)  # Hessian of the mean loss over all 16 rows
     batches = [(p, len(p[0])) for p in parts]
-    out = _mean_batch_hvp(func, w, batches, n, "rev-rev", v.float())
+    out = _mean_batch_hvp(batch_loss, w, batches, n, "rev-rev", v.float())
     assert out.dtype == torch.float32  # computed in the parameters' dtype, returned in v's
     torch.testing.assert_close(out.double(), v.float().double() @ h, rtol=1e-6, atol=1e-6)
 
@@ -60,19 +65,13 @@ def test_mean_batch_hvp_is_size_weighted_mean_and_checks_finiteness():
 
 
 def test_mean_batch_hvp_with_kept_linearizations_equals_dense():
-    w = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    parts = [data(3, 5), data(4, 2), data(5, 9)]
+    w, parts, dense = three_batches()
     n = sum(len(x) for x, _ in parts)
-    dense = sum(len(x) / n * torch.func.hessian(loss)(w, x, y) for x, y in parts)
-
-    def func(w_, batch):
-        return loss(w_, *batch)
-
     batches = [(b, len(b[0])) for b in parts]
     kept: dict = {}
     for seed in (6, 7):  # second call reuses the two kept linearisations
         v = torch.randn(3, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        got = _mean_batch_hvp(func, w, batches, n, "rev-rev", v, kept, 2)
+        got = _mean_batch_hvp(batch_loss, w, batches, n, "rev-rev", v, kept, 2)
         torch.testing.assert_close(got, v @ dense, rtol=1e-10, atol=1e-12)
         assert sorted(kept) == [0, 1]  # at most ``limit`` batches kept
 
@@ -106,16 +105,10 @@ def test_merge_batches_concatenates_consecutive_batches_up_to_max_rows():
 
 
 def test_mean_hvp_of_merged_batches_equals_dense():
-    w = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    parts = [data(3, 5), data(4, 2), data(5, 9)]
+    w, parts, dense = three_batches()
     n = sum(len(x) for x, _ in parts)
-    dense = sum(len(x) / n * torch.func.hessian(loss)(w, x, y) for x, y in parts)
-
-    def func(w_, batch):
-        return loss(w_, *batch)
-
     merged = merge_batches([(b, len(b[0])) for b in parts], max_rows=7)
     assert [s for _, s in merged] == [7, 9]
     v = torch.randn(2, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    got = _mean_batch_hvp(func, w, merged, n, "rev-rev", v)
+    got = _mean_batch_hvp(batch_loss, w, merged, n, "rev-rev", v)
     torch.testing.assert_close(got, v @ dense, rtol=1e-10, atol=1e-12)

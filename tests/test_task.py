@@ -169,3 +169,22 @@ def test_task_buffers_come_from_loaded_checkpoint():
     task.get_param(0)
     assert torch.equal(model[1].running_mean, sd["1.running_mean"])
     assert "1.running_mean" not in task.param_names
+
+
+def test_grad_layout_matches_per_sample_grads():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
+
+    def loss(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x,))
+        return torch.nn.functional.cross_entropy(out, y)
+
+    task = AttributionTask(loss, model, [model.state_dict()])
+    data = (torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))
+    for layer in (None, "1.weight", ["0.bias", "1.weight"]):
+        cols, dtype, device = task.grad_layout(layer)
+        g = task.per_sample_grads(data, layer_name=layer, keep_batch_dim=False)
+        assert g.shape == (5, cols) and g.dtype == dtype and g.device == device
+        assert cols == task.num_params(layer)
+    with pytest.raises(ValueError, match="nope"):
+        task.grad_layout("nope")
