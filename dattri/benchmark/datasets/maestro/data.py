@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from dattri.benchmark.datasets._safe_pickle import safe_pickle_load
 from dattri.benchmark.datasets.download import download_file
 from dattri.benchmark.datasets.maestro.midi import EVENT_VOCAB_SIZE, encode_midi
 
@@ -61,17 +60,6 @@ MAX_SEQUENCE = 256
 _SPLIT_DIRS = {"train": "train", "validation": "val", "test": "test"}
 
 
-class _ListOfIntsUnpickler(pickle.Unpickler):
-    """Unpickler for upstream's processed files: refuses every global (no code runs)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        msg = (
-            f"Refusing to load {module}.{name}: processed MAESTRO pickles must hold a "
-            "plain list of ints."
-        )
-        raise pickle.UnpicklingError(msg)
-
-
 def load_event_file(path: str | os.PathLike) -> np.ndarray:
     """Read one encoded piece (``.npy``, upstream ``.pickle``, or a MIDI file).
 
@@ -91,8 +79,7 @@ def load_event_file(path: str | os.PathLike) -> np.ndarray:
     if suffix == ".npy":
         ids = np.load(path, allow_pickle=False)
     elif suffix in (".pickle", ".pkl"):
-        with path.open("rb") as fh:
-            ids = np.asarray(_ListOfIntsUnpickler(fh).load())
+        ids = np.asarray(safe_pickle_load(path))
     elif suffix in (".mid", ".midi"):
         ids = np.asarray(encode_midi(path, method="upstream"))
     else:
