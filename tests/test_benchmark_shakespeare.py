@@ -186,3 +186,15 @@ def test_retrain_script_errors_and_download_only(data_dir, tmp_path, capsys):
     )
     with pytest.raises(NotImplementedError, match="tinystories"):
         retrain_nanogpt(dataset="tinystories")
+
+
+def test_download_is_checked_against_the_published_digest(tmp_path, monkeypatch):
+    import dattri.benchmark.datasets.text as text_module
+    from dattri.benchmark.datasets.download import ChecksumError
+
+    fake = tmp_path / "fake.txt"
+    fake.write_bytes(b"a" * text_module.SHAKESPEARE_SIZE)  # right size, wrong content
+    monkeypatch.setattr(text_module, "SHAKESPEARE_URL", fake.as_uri())
+    with pytest.raises(ChecksumError, match="sha256"):
+        prepare_shakespeare_char(tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out" / "input.txt").exists()

@@ -57,8 +57,8 @@ def prepare_shakespeare_char(
         data_path: Output folder (created); defaults to
             ``~/.dattri/datasets/shakespeare_char`` (``$DATTRI_HOME`` honoured).
         input_path: ``input.txt`` (or its folder); defaults to ``data_path``.
-        download: Download ``input.txt`` when missing (checked by its published
-            size, 1,115,394 bytes; no digest is published).
+        download: Download ``input.txt`` when missing (checked against its
+            size, 1,115,394 bytes, and SHA-256).
         verbose: Show a progress bar while downloading.
 
     Returns:
