@@ -326,3 +326,39 @@ def test_loss_ignores_padding_target(tmp_path):
     assert values[1] == 0
     with pytest.raises(FileNotFoundError, match="model_path"):
         loss_maestro_musictransformer(str(tmp_path / "missing.pt"), [(x, tgt)])
+
+
+def test_generated_music_archive_with_top_folder_and_empty_folder(tmp_path):
+    rng = np.random.default_rng(3)
+    _write_maestro(tmp_path, rng)
+    nested = tmp_path / "generated_music" / "generated_music"
+    nested.mkdir(parents=True)
+    np.save(nested / "g.npy", rng.integers(0, 388, size=300).astype(np.int16))
+    _, test = create_maestro_datasets(str(tmp_path), generated_music=True)
+    assert len(test) == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no event files"):
+        MaestroDataset.from_folder(tmp_path / "empty")
+
+
+def test_per_sample_gradients_under_vmap():
+    from torch.func import functional_call, grad, vmap
+
+    cfg = MusicTransformerConfig(
+        n_layers=1, num_heads=2, d_model=8, dim_feedforward=16, dropout=0.0, max_sequence=8
+    )
+    torch.manual_seed(0)
+    model = MusicTransformer(cfg).double().eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    x = torch.randint(0, 388, (3, 6))
+    y = torch.randint(0, 388, (3, 6))
+    batched = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(3):
+        single = grad(loss)(params, x[i], y[i])
+        for name, g in single.items():
+            torch.testing.assert_close(batched[name][i], g, rtol=0, atol=1e-12)
+    assert batched["transformer.encoder.layers.0.self_attn.Er"].abs().sum() > 0

@@ -92,6 +92,15 @@ def load_event_file(path: str | os.PathLike) -> np.ndarray:
     return ids
 
 
+_EVENT_SUFFIXES = (".npy", ".pickle", ".pkl", ".mid", ".midi")
+
+
+def _event_files(folder: Path) -> list[Path]:
+    """Event files directly inside ``folder``, sorted by path (upstream's order)."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _EVENT_SUFFIXES]
+    return sorted(files, key=str)
+
+
 class MaestroDataset(Dataset):
     """Consecutive windows of encoded pieces (upstream's ``EPianoDataset`` full version).
 
@@ -145,11 +154,13 @@ class MaestroDataset(Dataset):
         if not folder.is_dir():
             msg = f"{folder} is not a folder of encoded pieces."
             raise FileNotFoundError(msg)
-        known = (".npy", ".pickle", ".pkl", ".mid", ".midi")
-        files = sorted(
-            (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in known),
-            key=lambda p: str(p),
-        )
+        files = _event_files(folder)
+        if not files:
+            msg = (
+                f"{folder} holds no event files (.npy, .pickle, .mid); delete it and run "
+                "create_maestro_datasets again, or point it at the right folder."
+            )
+            raise FileNotFoundError(msg)
         return cls([load_event_file(p) for p in files], max_seq, names=[p.name for p in files])
 
     def __len__(self) -> int:
@@ -282,4 +293,9 @@ def create_maestro_datasets(
     if not generated.is_dir():
         archive = download_file(GENERATED_MUSIC_URL, root / "generated_music.zip")
         _safe_unzip(archive, generated)
+    subfolders = [
+        p for p in generated.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
+    ]
+    if not _event_files(generated) and len(subfolders) == 1:  # archive with a top folder
+        generated = subfolders[0]
     return train, MaestroDataset.from_folder(generated, MAX_SEQUENCE)
