@@ -137,3 +137,9 @@ def test_create_gpt2_model_without_weights_warns(tmp_path):
         model = create_gpt2_model(pretrained=tmp_path / "no-weights", download=False)
     assert any("randomly initialised" in str(w.message) for w in caught)
     assert model.config.n_layer == 12 and model.config.n_embd == 768
+
+
+def test_missing_tokenizer_is_a_clear_error(corpus, tmp_path):
+    root, _, _ = corpus
+    with pytest.raises(OSError, match="tokenizer="):
+        create_wikitext2_dataset(str(root), tokenizer=tmp_path / "no-tokenizer")

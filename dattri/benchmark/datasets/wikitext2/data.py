@@ -200,7 +200,15 @@ def _load_tokenizer(tokenizer: Any) -> Callable[..., Any]:
     if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
         transformers = import_transformers()
         name = GPT2_TOKENIZER if tokenizer is None else os.fspath(tokenizer)
-        return transformers.AutoTokenizer.from_pretrained(name, use_fast=True)
+        try:
+            return transformers.AutoTokenizer.from_pretrained(name, use_fast=True)
+        except (OSError, ValueError) as exc:  # missing files / invalid repository id
+            msg = (
+                f"The tokenizer {name!r} could not be loaded ({str(exc).splitlines()[0]}). "
+                "Put it in the Hugging Face cache, or pass `tokenizer=` a tokenizer object "
+                "or a local folder with its files."
+            )
+            raise OSError(msg) from exc
     return tokenizer
 
 
