@@ -7,8 +7,6 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-__all__ = ["safe_pickle_load"]
-
 
 class _PlainDataUnpickler(pickle.Unpickler):
     """Refuses every global, so only built-in containers and scalars can load."""

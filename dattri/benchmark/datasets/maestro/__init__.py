@@ -5,6 +5,7 @@ Needs the optional extra ``music`` (``pretty_midi``) only to read MIDI files.
 
 from dattri.benchmark.datasets.maestro.data import (
     GENERATED_MUSIC_URL,
+    MAESTRO_JSON,
     MAESTRO_MD5,
     MAESTRO_URL,
     MAX_SEQUENCE,
@@ -15,6 +16,9 @@ from dattri.benchmark.datasets.maestro.data import (
     prepare_maestro,
 )
 from dattri.benchmark.datasets.maestro.maestro_musictransformer import (
+    ADAM_BETAS,
+    ADAM_EPSILON,
+    LR,
     config_from_state_dict,
     create_musictransformer_model,
     loss_maestro_musictransformer,
@@ -22,9 +26,15 @@ from dattri.benchmark.datasets.maestro.maestro_musictransformer import (
 )
 from dattri.benchmark.datasets.maestro.midi import (
     EVENT_VOCAB_SIZE,
+    RANGE_NOTE_OFF,
+    RANGE_NOTE_ON,
+    RANGE_TIME_SHIFT,
+    RANGE_VEL,
+    START_IDX,
     decode_midi,
     encode_midi,
     encode_midi_upstream,
+    import_pretty_midi,
 )
 from dattri.benchmark.models.music_transformer import (
     MusicTransformer,
@@ -32,11 +42,20 @@ from dattri.benchmark.models.music_transformer import (
 )
 
 __all__ = [
+    "ADAM_BETAS",
+    "ADAM_EPSILON",
     "EVENT_VOCAB_SIZE",
     "GENERATED_MUSIC_URL",
+    "LR",
+    "MAESTRO_JSON",
     "MAESTRO_MD5",
     "MAESTRO_URL",
     "MAX_SEQUENCE",
+    "RANGE_NOTE_OFF",
+    "RANGE_NOTE_ON",
+    "RANGE_TIME_SHIFT",
+    "RANGE_VEL",
+    "START_IDX",
     "MaestroDataset",
     "MusicTransformer",
     "MusicTransformerConfig",
@@ -47,6 +66,7 @@ __all__ = [
     "download_maestro",
     "encode_midi",
     "encode_midi_upstream",
+    "import_pretty_midi",
     "load_event_file",
     "loss_maestro_musictransformer",
     "prepare_maestro",
