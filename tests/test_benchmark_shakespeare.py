@@ -198,3 +198,20 @@ def test_download_is_checked_against_the_published_digest(tmp_path, monkeypatch)
     with pytest.raises(ChecksumError, match="sha256"):
         prepare_shakespeare_char(tmp_path / "out", verbose=False)
     assert not (tmp_path / "out" / "input.txt").exists()
+
+
+def test_loads_a_nanogpt_style_checkpoint(tmp_path):
+    """nanoGPT's own files: compiled-model key prefix, causal-mask buffers, model_args."""
+    torch.manual_seed(0)
+    model = create_nanogpt_model(65, **TINY).eval()
+    state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    state["_orig_mod.transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 16, 16))
+    args = {**TINY, "bias": False, "vocab_size": 65}
+    torch.save({"model": state, "model_args": args, "iter_num": 3}, tmp_path / "ckpt.pt")
+    loaded = load_nanogpt_checkpoint(tmp_path / "ckpt.pt")
+    x = torch.randint(0, 65, (2, 16))
+    torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    del state["_orig_mod.lm_head.weight"], state["_orig_mod.transformer.wte.weight"]
+    torch.save({"model": state, "model_args": args}, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="not a GPT checkpoint"):
+        load_nanogpt_checkpoint(tmp_path / "broken.pt")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -184,7 +185,7 @@ def train_gpt(
     if device.type == "cuda":
         devices = [device.index if device.index is not None else torch.cuda.current_device()]
     best_val, best_iter, best_state = None, 0, None
-    recent: list[float] = []
+    recent: deque[torch.Tensor] = deque(maxlen=config.eval_interval)  # no per-step sync
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         model.train()
@@ -199,7 +200,7 @@ def train_gpt(
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            recent = [*recent[-(config.eval_interval - 1) :], float(loss.detach())]
+            recent.append(loss.detach())
             last = it + 1 == config.max_iters
             if val_loader is not None and ((it + 1) % config.eval_interval == 0 or last):
                 val = _estimate(model, val_loader, config.eval_iters, device)
@@ -207,7 +208,7 @@ def train_gpt(
                     best_val, best_iter = val, it + 1
                     best_state = copy.deepcopy(model.state_dict())
             if verbose:
-                bar.set_postfix(loss=recent[-1])
+                bar.set_postfix(loss=float(recent[-1]))
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -215,6 +216,6 @@ def train_gpt(
         "iter_num": config.max_iters,
         "best_val_loss": best_val,
         "best_iter": best_iter if best_val is not None else config.max_iters,
-        "train_loss": sum(recent) / len(recent) if recent else None,
+        "train_loss": float(torch.stack(list(recent)).mean()) if recent else None,
     }
     return model, info
