@@ -14,6 +14,7 @@ from dattri.benchmark.datasets._corpus import CORPUS
 from dattri.benchmark.datasets.download import download_file, get_dataset_dir
 
 __all__ = [
+    "SHAKESPEARE_SHA256",
     "SHAKESPEARE_SIZE",
     "SHAKESPEARE_URL",
     "CharTextDataset",
@@ -29,6 +30,9 @@ SHAKESPEARE_URL = (
 )
 #: Size in bytes of the official ``input.txt`` (1,115,394 ASCII characters).
 SHAKESPEARE_SIZE = 1115394
+#: SHA-256 of the official ``input.txt`` (the digest Hugging Face's ``tiny_shakespeare``
+#: loader recorded for this URL; widely used to pin the file).
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 def default_corpus() -> str:
@@ -199,7 +203,7 @@ def load_shakespeare_text(
         path: The ``input.txt`` file or a folder holding it; defaults to
             ``~/.dattri/datasets/shakespeare_char``.
         download: Download the file from :data:`SHAKESPEARE_URL` when missing
-            (verified by its size; no digest is published).
+            (verified by its size and SHA-256).
         verbose: Show a progress bar while downloading.
 
     Returns:
@@ -219,7 +223,13 @@ def load_shakespeare_text(
                 "or point `path` at a local input.txt."
             )
             raise FileNotFoundError(msg)
-        download_file(SHAKESPEARE_URL, target, size=SHAKESPEARE_SIZE, verbose=verbose)
+        download_file(
+            SHAKESPEARE_URL,
+            target,
+            sha256=SHAKESPEARE_SHA256,
+            size=SHAKESPEARE_SIZE,
+            verbose=verbose,
+        )
     return target.read_text(encoding="utf-8")
 
 

@@ -14,6 +14,7 @@ from dattri.benchmark.models.linear import (
     create_lr_model,
 )
 from dattri.benchmark.models.mlp import MLP, MLPMnist, create_mlp_model
+from dattri.benchmark.models.music_transformer import MusicTransformer, MusicTransformerConfig
 from dattri.benchmark.models.resnet9 import ResNet9, create_resnet9_model
 from dattri.benchmark.models.train import (
     full_batch_objective,
@@ -66,6 +67,8 @@ __all__ = [
     "LogisticRegression",
     "LogisticRegressionMnist",
     "MLPMnist",
+    "MusicTransformer",
+    "MusicTransformerConfig",
     "ResNet9",
     "create_gpt_model",
     "create_lr_model",
