@@ -131,7 +131,9 @@ def imagenet_eval_transform(size: int = 224) -> Transform:
         w, h = max(size, round(width * scale)), max(size, round(height * scale))
         img = img.resize((w, h), image.BILINEAR)
         left, top = (w - size) // 2, (h - size) // 2
-        return _to_tensor(img.crop((left, top, left + size, top + size)), IMAGENET_MEAN, IMAGENET_STD)
+        return _to_tensor(
+            img.crop((left, top, left + size, top + size)), IMAGENET_MEAN, IMAGENET_STD
+        )
 
     return transform
 
@@ -157,9 +159,7 @@ def _scan(folder: Path, classes: Sequence[str] | None) -> tuple[list[str], list[
     index = {c: i for i, c in enumerate(classes)}
     samples = []
     for name in found:
-        files = sorted(
-            f for f in (folder / name).iterdir() if f.suffix.lower() in IMG_EXTENSIONS
-        )
+        files = sorted(f for f in (folder / name).iterdir() if f.suffix.lower() in IMG_EXTENSIONS)
         samples.extend((str(f), index[name]) for f in files)
     if not samples:
         msg = f"No images ({', '.join(IMG_EXTENSIONS)}) under {folder}."

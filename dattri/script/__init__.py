@@ -1,0 +1,1 @@
+"""Console entry points with upstream's names (``dattri_retrain`` ...)."""
