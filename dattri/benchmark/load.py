@@ -208,6 +208,8 @@ def _fetch(url: str, dest: Path, timeout: float = 60.0) -> bool:
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    if url.startswith("file:"):  # a local mirror: no query strings on files
+        url = url.split("?", 1)[0]
     request = urllib.request.Request(url, headers={"User-Agent": "dattri-load-benchmark"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response, part.open("wb") as out:
