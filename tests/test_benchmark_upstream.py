@@ -102,6 +102,12 @@ UPSTREAM = {
         "SubsetSampler": [("indices", EMPTY)],
     },
     "dattri.benchmark.models": {"SUPPORTED_MODELS": None},
+    "dattri.benchmark.models.logistic_regression": {
+        "LogisticRegressionMnist": [],
+        "create_lr_model": [("dataset", EMPTY)],
+    },
+    "dattri.benchmark.models.mlp": {"MLPMnist": [("dropout_rate", 0.1)]},
+    "dattri.benchmark.models.resnet9": {"create_resnet9_model": [("num_classes", 2)]},
     "dattri.script.dattri_retrain": {"main": []},
 }
 

@@ -19,9 +19,6 @@ from torch.utils.data import DataLoader
 
 from dattri.benchmark.models.train import train_classifier
 
-__all__ = ["load_state_dict_file", "per_example_loss", "train_upstream_recipe"]
-
-
 def train_upstream_recipe(
     model_factory: Callable[[], nn.Module],
     dataloader: DataLoader,
