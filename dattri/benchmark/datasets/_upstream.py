@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from dattri.benchmark.models.train import train_classifier
 
+
 def train_upstream_recipe(
     model_factory: Callable[[], nn.Module],
     dataloader: DataLoader,
