@@ -1,1 +1,1 @@
-"""Console entry points with upstream's names (``dattri_retrain`` ...)."""
+"""Console scripts with upstream dattri's names (``dattri_retrain``, ``dattri_retrain_nanogpt``)."""
