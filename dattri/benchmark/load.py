@@ -135,12 +135,15 @@ SUPPORTED_DATASETS: dict[str, Callable[..., Any]] = {
     "wikitext2": _lazy("dattri.benchmark.datasets.wikitext2", "create_wikitext2_dataset"),
 }
 
-#: identifier -> ground-truth style target ``f(model_path, dataloader, device="cpu")``.
+#: identifier -> ground-truth style target ``f(model_path, dataloader, device="cpu")``
+#: (upstream has None for ``shakespeare_nanogpt``; ours are complete).
 LOSS_MAP: dict[str, Callable[..., Any] | None] = {
     "mnist_mlp": loss_mnist_mlp,
     "mnist_lr": loss_mnist_lr,
     "cifar2_resnet9": loss_cifar_resnet9,
-    "shakespeare_nanogpt": None,
+    "shakespeare_nanogpt": _lazy(
+        "dattri.benchmark.datasets.shakespeare_char", "loss_shakespeare_nanogpt"
+    ),
     "maestro_musictransformer": _lazy(
         "dattri.benchmark.datasets.maestro", "loss_maestro_musictransformer"
     ),
@@ -152,7 +155,9 @@ TRAIN_FUNC_MAP: dict[str, Callable[..., Any] | None] = {
     "mnist_mlp": train_mnist_mlp,
     "mnist_lr": train_mnist_lr,
     "cifar2_resnet9": train_cifar_resnet9,
-    "shakespeare_nanogpt": None,
+    "shakespeare_nanogpt": _lazy(
+        "dattri.benchmark.datasets.shakespeare_char", "train_shakespeare_nanogpt"
+    ),
     "maestro_musictransformer": _lazy(
         "dattri.benchmark.datasets.maestro", "train_maestro_musictransformer"
     ),
@@ -164,7 +169,9 @@ MODEL_MAP: dict[str, Callable[[], nn.Module] | None] = {
     "mnist_mlp": partial(create_mlp_model, "mnist"),
     "mnist_lr": partial(create_lr_model, "mnist"),
     "cifar2_resnet9": create_resnet9_model,
-    "shakespeare_nanogpt": None,
+    "shakespeare_nanogpt": _lazy(
+        "dattri.benchmark.datasets.shakespeare_char", "create_nanogpt_model"
+    ),
     "maestro_musictransformer": _lazy(
         "dattri.benchmark.datasets.maestro", "create_musictransformer_model"
     ),
