@@ -612,6 +612,18 @@ def test_dattri_retrain_lds_partition_and_loo(mnist_dir, tmp_path):
     loo_values, removed = calculate_loo_ground_truth(loss_mnist_mlp, loo, test_loader)
     assert loo_values.shape == (3, 10) and removed.tolist() == [0, 1, 2]
 
+    from dattri.script.dattri_retrain import key_value_pair
+
+    assert key_value_pair("epoch_num=3") == ("epoch_num", 3)
+    assert key_value_pair("lr=0.5") == ("lr", 0.5)
+    assert key_value_pair("name=abc") == ("name", "abc")
+    # retrain_lds's own arguments may come as --extra_param (upstream forwards them).
+    ratio = tmp_path / "ratio"
+    ratio_args = [*base, "--mode", "lds", "--train_subset", "40", "--save_path", str(ratio)]
+    main([*ratio_args, "--partition", "0,1,1", "--extra_param", "subset_ratio=0.25"])
+    assert len((ratio / "0" / "indices.txt").read_text().split()) == 10
+    with pytest.raises(SystemExit):
+        main([*ratio_args, "--extra_param", "num_subsets=3"])
     with pytest.raises(SystemExit):
         main([*base, "--model", "resnet9", "--mode", "lds"])
     with pytest.raises(SystemExit):

@@ -116,7 +116,10 @@ def partition_type(arg: str) -> list[int | None]:
 
 
 def key_value_pair(arg: str) -> tuple[str, Any]:
-    """Parse ``--extra_param key=value`` (integer values become ``int``, as upstream).
+    """Parse ``--extra_param key=value``.
+
+    Integers become ``int`` (as upstream); other numbers become ``float`` (upstream
+    keeps them as strings, which no training function accepts); the rest stays text.
 
     Args:
         arg: ``"key=value"``.
@@ -131,7 +134,12 @@ def key_value_pair(arg: str) -> tuple[str, Any]:
     if not sep or not key:
         msg = f"--extra_param must be key=value, got {arg!r}."
         raise argparse.ArgumentTypeError(msg)
-    return key, (int(value) if value.isdigit() else value)
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            continue
+    return key, value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -252,6 +260,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         end = n if end is None else end
     extra = dict(args.extra_param or [])
+    # Upstream forwards --extra_param to retrain_lds/retrain_loo, so their own
+    # arguments can be set this way too; the partition stays --partition's job.
+    for key in ("subset_ratio", "num_runs_per_subset"):
+        if key in extra:
+            setattr(args, key, type(getattr(args, key))(extra.pop(key)))
+    clash = sorted(set(extra) & {"num_subsets", "start_id", "total_num_subsets", "indices"})
+    if clash:
+        parser.error(f"--extra_param {clash}: set the subsets with --partition start,end,total.")
     verbose = not args.quiet
     if args.mode == "lds":
         vectorize = setting == "mnist_lr" and not args.no_vectorize and set(extra) <= {"epoch_num"}
