@@ -469,11 +469,30 @@ def test_load_benchmark_downloads_upstream_layout(mnist_dir, tmp_path, monkeypat
     # The ground-truth style function scores a downloaded checkpoint.
     loader = DataLoader(inputs["test_dataset"], batch_size=16, sampler=SubsetSampler(range(10)))
     assert inputs["target_func"](inputs["models_full"][1], loader).shape == (10,)
+    # redownload=True fetches the files again.
+    new_values = -torch.rand(3, 5)
+    torch.save(new_values, hub / "mnist_lr" / "lds" / "target_values_lds.pt")
+    with pytest.warns(UserWarning, match="does not exist"):
+        _, (again, _) = load.load_benchmark("lr", "mnist", "lds", str(download_path), True)
+    assert torch.equal(again, new_values)
     # Present now: no second download (the mirror can go away); LOO is missing.
     shutil.rmtree(hub)
     load.load_benchmark("lr", "mnist", "lds", str(download_path))
     with pytest.raises(load.BenchmarkNotFoundError, match="--export-upstream"):
         load.load_benchmark("lr", "mnist", "loo", str(download_path))
+
+
+def test_download_refuses_zip_path_traversal(tmp_path, monkeypatch):
+    from dattri.benchmark import load
+
+    hub = tmp_path / "hub" / "mnist_lr"
+    hub.mkdir(parents=True)
+    with zipfile.ZipFile(hub / "mnist_lr_full.zip", "w") as zf:
+        zf.writestr("../../evil.pt", b"x")
+    monkeypatch.setattr(load, "REPO_URL", (tmp_path / "hub").as_uri() + "/")
+    with pytest.raises(ValueError, match="outside"):
+        load.download_benchmark("mnist_lr", tmp_path / "dl" / "benchmark" / "mnist_lr")
+    assert not (tmp_path / "dl" / "evil.pt").exists()
 
 
 def test_load_benchmark_errors(tmp_path, monkeypatch):
