@@ -186,7 +186,7 @@ def test_create_mnist_dataset_checksum_failure(tmp_path):
 
 def test_create_mnist_dataset_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="download=True"):
-        create_mnist_dataset(tmp_path / "empty")
+        create_mnist_dataset(tmp_path / "empty", download=False)
 
 
 def test_create_mnist_dataset_label_count_mismatch(tmp_path):
@@ -392,7 +392,7 @@ def test_cifar_checksum_and_missing(tmp_path):
     with pytest.raises(ChecksumError, match="md5"):
         create_cifar_dataset(tmp_path, verify=True)
     with pytest.raises(FileNotFoundError, match="download=True"):
-        create_cifar_dataset(tmp_path / "nothing")
+        create_cifar_dataset(tmp_path / "nothing", download=False)
 
 
 # ------------------------------------------------------------------------- digits

@@ -296,13 +296,13 @@ def test_gpt_per_sample_grads_with_torch_func():
 
 
 def test_supported_models_and_create_model():
-    assert set(SUPPORTED_MODELS) == {"lr", "mlp", "resnet9", "nanogpt"}
+    assert SUPPORTED_MODELS == ["lr", "mlp", "resnet9", "resnet18", "musictransformer", "nanogpt"]
     assert isinstance(create_model("lr", dataset="digits"), LogisticRegression)
     assert isinstance(create_model("mlp"), MLPMnist)
     assert isinstance(create_model("resnet9", num_classes=10), ResNet9)
     assert isinstance(create_model("nanogpt", **vars(tiny_gpt_config())), GPT)
     with pytest.raises(ValueError, match="supported"):
-        create_model("resnet18")
+        create_model("resnet50")
 
 
 # ---------------------------------------------------------------------- training

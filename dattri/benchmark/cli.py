@@ -4,6 +4,7 @@ Examples::
 
     dattri-bench list
     dattri-bench prepare digits-lr
+    dattri-bench prepare digits-lr --quick --export-upstream ~/.dattri
     dattri-bench run digits-lr --methods if-explicit trak-10 --out results/
 """
 
@@ -31,6 +32,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--data-dir", type=Path, default=None, help="dataset files (MNIST/CIFAR)")
         sp.add_argument("--quick", action="store_true", help="small sizes (smoke test, CI)")
         sp.add_argument("--quiet", action="store_true", help="no progress output")
+        if name == "prepare":
+            sp.add_argument(
+                "--export-upstream",
+                type=Path,
+                default=None,
+                metavar="DIR",
+                help="also write upstream's load_benchmark layout under DIR/benchmark/",
+            )
         if name == "run":
             sp.add_argument("--methods", nargs="+", default=None, help="methods (default: all)")
             sp.add_argument("--device", default="cpu")
@@ -71,6 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verbose:
             print(f"prepared {setting.name} in {prepared.path}")
     if args.command == "prepare":
+        if args.export_upstream is not None:
+            from dattri.benchmark.export import export_upstream
+
+            out = export_upstream(prepared, args.export_upstream, quick=args.quick)
+            if verbose:
+                print(f"exported {setting.name} in upstream's layout to {out}")
         return 0
 
     from dattri.benchmark.run import format_table, plot_bars, run_benchmark, write_json

@@ -340,6 +340,8 @@ def retrain_lds_vectorized(
     seed: int | None = None,
     config: SubsetTrainConfig | None = None,
     *,
+    start_id: int = 0,
+    total_num_subsets: int = 0,
     vectorized: bool = True,
     verbose: bool = True,
 ) -> None:
@@ -362,6 +364,8 @@ def retrain_lds_vectorized(
         num_runs_per_subset: Models per subset.
         seed: Base seed (``None``: random).
         config: Training hyper-parameters.
+        start_id: Id of this call's first subset (distributed use, as ``retrain_lds``).
+        total_num_subsets: Total subsets over all jobs (0: this call only).
         vectorized: Use the vectorised trainer (False: sequential, same result).
         verbose: Show progress bars.
 
@@ -370,7 +374,16 @@ def retrain_lds_vectorized(
     """
     config = config or SubsetTrainConfig()
     n = int(torch.as_tensor(dataset_tensors[0]).shape[0])
-    plan = plan_lds(path, range(n), num_subsets, subset_ratio, num_runs_per_subset, seed)
+    plan = plan_lds(
+        path,
+        range(n),
+        num_subsets,
+        subset_ratio,
+        num_runs_per_subset,
+        seed,
+        start_id=start_id,
+        total_num_subsets=total_num_subsets,
+    )
     if plan.jobs:
         masks = torch.zeros(len(plan.jobs), n, dtype=torch.bool)
         for row, (_, positions, _) in enumerate(plan.jobs):

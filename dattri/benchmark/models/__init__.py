@@ -16,21 +16,29 @@ from dattri.benchmark.models.linear import (
 from dattri.benchmark.models.mlp import MLP, MLPMnist, create_mlp_model
 from dattri.benchmark.models.music_transformer import MusicTransformer, MusicTransformerConfig
 from dattri.benchmark.models.resnet9 import ResNet9, create_resnet9_model
+from dattri.benchmark.models.resnet18 import ResNet18, create_resnet18_model
 from dattri.benchmark.models.train import (
     full_batch_objective,
     train_classifier,
     train_full_batch,
 )
 
-#: Model names usable with :func:`create_model` (upstream also lists
-#: ``resnet18`` and ``musictransformer``, which need torchvision / vendored code
-#: and are not provided here).
-SUPPORTED_MODELS = ["lr", "mlp", "resnet9", "nanogpt"]
+#: Model names usable with :func:`create_model` (upstream's list, same order).
+SUPPORTED_MODELS = ["lr", "mlp", "resnet9", "resnet18", "musictransformer", "nanogpt"]
+
+
+def _create_musictransformer(**kwargs: object) -> nn.Module:
+    from dattri.benchmark.datasets.maestro import create_musictransformer_model
+
+    return create_musictransformer_model(**kwargs)  # type: ignore[arg-type]
+
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "lr": create_lr_model,
     "mlp": create_mlp_model,
     "resnet9": create_resnet9_model,
+    "resnet18": create_resnet18_model,
+    "musictransformer": _create_musictransformer,
     "nanogpt": create_gpt_model,
 }
 
@@ -70,11 +78,13 @@ __all__ = [
     "MusicTransformer",
     "MusicTransformerConfig",
     "ResNet9",
+    "ResNet18",
     "create_gpt_model",
     "create_lr_model",
     "create_mlp_model",
     "create_model",
     "create_resnet9_model",
+    "create_resnet18_model",
     "full_batch_objective",
     "train_classifier",
     "train_full_batch",

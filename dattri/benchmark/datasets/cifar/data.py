@@ -289,7 +289,7 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 def create_cifar_dataset(
     path: str | os.PathLike | None = None,
-    download: bool = False,
+    download: bool = True,
     normalize: bool = True,
     dtype: torch.dtype = torch.float32,
     verify: bool = True,
@@ -304,7 +304,8 @@ def create_cifar_dataset(
     Args:
         path: Data location (see :func:`load_cifar10_arrays`); defaults to
             ``~/.dattri/datasets/cifar10``.
-        download: Download and extract the official archive if missing.
+        download: Download and extract the official archive if missing (default
+            True, as upstream's builder; data already there is not fetched).
         normalize: Apply the 0.5 normalisation.
         dtype: Floating dtype of the images.
         verify: Check the published checksums.
@@ -323,7 +324,7 @@ def create_cifar_dataset(
 
 def create_cifar2_dataset(
     path: str | os.PathLike | None = None,
-    download: bool = False,
+    download: bool = True,
     normalize: bool = True,
     dtype: torch.dtype = torch.float32,
     verify: bool = True,
@@ -336,7 +337,8 @@ def create_cifar2_dataset(
 
     Args:
         path: Data location (see :func:`load_cifar10_arrays`).
-        download: Download and extract the official archive if missing.
+        download: Download and extract the official archive if missing (default
+            True, as upstream's builder; data already there is not fetched).
         normalize: Apply the 0.5 normalisation.
         dtype: Floating dtype of the images.
         verify: Check the published checksums.

@@ -234,7 +234,7 @@ def _to_dataset(
 
 def create_mnist_dataset(
     path: str | os.PathLike | None = None,
-    download: bool = False,
+    download: bool = True,
     flatten: bool = False,
     normalize: bool = True,
     dtype: torch.dtype = torch.float32,
@@ -248,7 +248,8 @@ def create_mnist_dataset(
 
     Args:
         path: Folder with the IDX files; defaults to ``~/.dattri/datasets/mnist``.
-        download: Download (and verify) missing files into ``path``.
+        download: Download (and verify) missing files into ``path`` (default
+            True, as upstream's builder; files already there are not fetched).
         flatten: Return images as ``(n, 784)`` instead of ``(n, 1, 28, 28)``.
         normalize: Apply the (0.1307, 0.3081) standardisation.
         dtype: Floating dtype of the images.

@@ -1,0 +1,117 @@
+"""Shared plumbing of the upstream-named train/loss helpers (``train_mnist_lr`` ...).
+
+Upstream's per-dataset modules each carry their own training loop and their own
+evaluation loop. Here every ``train_<dataset>_<model>`` is one call of
+:func:`~dattri.benchmark.models.train_classifier` with upstream's recipe, and
+every ``loss_<dataset>_<model>`` is :func:`per_example_loss` over a fresh model,
+so there is one trainer and one evaluation loop in the package.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dattri.benchmark.models.train import train_classifier
+
+
+def train_upstream_recipe(
+    model_factory: Callable[[], nn.Module],
+    dataloader: DataLoader,
+    *,
+    seed: int,
+    device: str | torch.device,
+    epochs: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> nn.Module:
+    """Build a model under ``seed`` and train it with plain minibatch SGD.
+
+    The model is initialised right after ``torch.manual_seed(seed)`` inside a
+    forked RNG, and training runs in :func:`train_classifier` (which seeds its own
+    forked RNG with ``seed`` for loader shuffling and dropout), so the same seed
+    gives the same model and the caller's global RNG state is left untouched.
+
+    Args:
+        model_factory: Builds a fresh model.
+        dataloader: Batches ``(inputs, labels)``.
+        seed: Seed of the initialisation and of training randomness.
+        device: Training device.
+        epochs: Passes over ``dataloader``.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+
+    Returns:
+        The trained model in eval mode, on ``device``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = model_factory()
+    return train_classifier(
+        model,
+        dataloader,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        seed=int(seed),
+        device=device,
+        verbose=False,
+    )
+
+
+def load_state_dict_file(model: nn.Module, model_path: str | os.PathLike) -> nn.Module:
+    """Load a state_dict saved with ``torch.save`` into ``model`` (eval mode).
+
+    Args:
+        model: A fresh model of the right architecture.
+        model_path: File written by ``torch.save(model.state_dict(), path)``.
+
+    Returns:
+        ``model`` with the weights loaded, in eval mode.
+
+    Raises:
+        FileNotFoundError: If ``model_path`` does not exist.
+    """
+    path = Path(model_path).expanduser()
+    if not path.is_file():
+        msg = f"No checkpoint at {path}; pass the path of a saved state_dict."
+        raise FileNotFoundError(msg)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, nn.Module):  # pragma: no cover - weights_only refuses modules
+        state = state.state_dict()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def per_example_loss(
+    model: nn.Module,
+    dataloader: DataLoader,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Cross-entropy of every sample of ``dataloader`` under ``model`` (no grad).
+
+    Args:
+        model: The model (put in eval mode here).
+        dataloader: Batches ``(inputs, labels)``.
+        device: Evaluation device.
+
+    Returns:
+        ``(n,)`` float tensor on CPU, in loader order.
+    """
+    model.eval().to(device)
+    out = []
+    with torch.no_grad():
+        for inputs, labels in dataloader:
+            logits = model(inputs.to(device))
+            out.append(
+                nn.functional.cross_entropy(logits, labels.to(device), reduction="none").cpu()
+            )
+    return torch.cat(out) if out else torch.zeros(0)
