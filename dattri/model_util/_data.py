@@ -171,5 +171,12 @@ def read_yaml(file: Path) -> dict[str, Any]:
 
 
 def func_name(func: Any) -> str:
-    """Readable name of a callable for metadata."""
-    return str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
+    """Name of a callable for metadata: ``__name__``, as upstream dattri records it.
+
+    ``functools.partial`` objects give the wrapped function's name; other callables
+    without ``__name__`` give their class name.
+    """
+    name = getattr(func, "__name__", None)
+    if name is None:
+        name = getattr(getattr(func, "func", None), "__name__", None)
+    return str(name if name is not None else type(func).__name__)
