@@ -188,7 +188,7 @@ class _TrainReps(Mapping):
         owner = self._owner
         if not isinstance(ckpt_idx, int) or not 0 <= ckpt_idx < owner.num_checkpoints:
             raise KeyError(ckpt_idx)
-        chunks = owner._train_grad_chunks(ckpt_idx, "DataInf train gradients")  # noqa: SLF001
+        chunks = owner._train_grad_chunks(ckpt_idx, "DataInf train gradients")
         return torch.cat([torch.cat(layers, dim=1) for layers in chunks])
 
     def __iter__(self) -> Iterator[int]:
