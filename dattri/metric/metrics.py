@@ -156,7 +156,15 @@ def _spearman_columns(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndar
     ry = stats.rankdata(np.nan_to_num(y, nan=0.0), axis=0)
     rx[:, np.isnan(x).any(0)] = np.nan
     ry[:, np.isnan(y).any(0)] = np.nan
-    rho, _ = _column_pearson(rx, ry)
+    rho, bad = _column_pearson(rx, ry)
+    # Ranks are multiples of 1/2, so the centred sums below are exact in float64 (for
+    # any realistic n): identical rankings give rho == 1.0 exactly and p == 0.0, as
+    # scipy (the scaled formula of _column_pearson can land one ulp below 1).
+    xm = rx - rx.mean(0, keepdims=True)
+    ym = ry - ry.mean(0, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        exact = (xm * ym).sum(0) / np.sqrt((xm * xm).sum(0) * (ym * ym).sum(0))
+    rho = np.where(bad, np.nan, np.clip(exact, -1.0, 1.0))
     dof = n - 2
     with np.errstate(divide="ignore", invalid="ignore"):
         t = rho * np.sqrt((dof / ((rho + 1.0) * (1.0 - rho))).clip(0))

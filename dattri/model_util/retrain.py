@@ -189,7 +189,7 @@ def check_existing_lds_metadata(
         arg_names = {"data_length": "len(dataloader.sampler)", "mode": "retrain_loo vs retrain_lds"}
         hint = ", ".join(arg_names.get(d.split(":")[0], d.split(":")[0]) for d in diffs)
         msg = (
-            f"`path` {path} already holds a different LDS retraining ({file}); these "
+            f"`path` {path} already holds a different retraining (LDS) ({file}); these "
             f"fields differ: {'; '.join(diffs)}. A second call on the same `path` "
             "resumes or extends the run recorded there, so it must use the same "
             f"values ({hint}). Fix: pass the recorded values, or use a new `path` "
@@ -546,7 +546,7 @@ def retrain_loo(
             diffs.append(f"train_func: {meta.get('train_func')!r} recorded, {name!r} in this call")
         if diffs:
             msg = (
-                f"`path` {path} already holds a different LOO retraining ({meta_file}); "
+                f"`path` {path} already holds a different retraining (LOO) ({meta_file}); "
                 f"these fields differ: {'; '.join(diffs)}. Fix: pass the recorded values "
                 f"to resume/extend that run, or use a new `path` (or delete {path})."
             )
