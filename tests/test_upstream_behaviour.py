@@ -698,3 +698,44 @@ def test_trak_regularization_default_is_automatic_damping():
 
     default = inspect.signature(TRAKAttributor).parameters["regularization"].default
     assert default is None
+
+
+# --------------------------------------------------------------------------- upstream LOO dirs
+
+
+def test_loo_ground_truth_reads_upstream_metadata_with_pathlib_tags(tmp_path):
+    """Upstream's retrain_loo dumped ``Path`` objects into metadata.yml (safe_load fails)."""
+    import pathlib
+
+    from dattri.metric import calculate_loo_ground_truth
+
+    run = tmp_path / "upstream_loo"
+    for k in (0, 1, 2):
+        (run / f"index_{k}").mkdir(parents=True)
+        model = nn.Linear(1, 1)
+        with torch.no_grad():
+            model.weight.fill_(float(k))
+            model.bias.zero_()
+        torch.save(model, run / f"index_{k}" / "model_weights.pt")  # pickled, as upstream
+    meta = {
+        "mode": "loo",
+        "data_length": 3,
+        "train_func": "train_linear",
+        "indices": [0, 1, 2],
+        "map_index_dir": {k: pathlib.Path(run) / f"index_{k}" for k in (0, 1, 2)},
+    }
+    (run / "metadata.yml").write_text(yaml.dump(meta))  # python/object tags
+    assert "python/object/apply:pathlib" in (run / "metadata.yml").read_text()
+    test_loader = DataLoader(TensorDataset(torch.tensor([[1.0], [2.0]])), batch_size=2)
+
+    def target_func(ckpt_path, loader):
+        model = torch.load(ckpt_path, weights_only=False)  # trusted files of this test
+        return torch.cat([model(x).flatten() for (x,) in loader]).detach()
+
+    values, removed = calculate_loo_ground_truth(target_func, run, test_loader)
+    assert removed.tolist() == [0, 1, 2]
+    torch.testing.assert_close(values, torch.tensor([[0.0, 0.0], [1.0, 2.0], [2.0, 4.0]]))
+    # a real code-execution tag is still refused
+    (run / "metadata.yml").write_text("mode: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(yaml.constructor.ConstructorError):
+        calculate_loo_ground_truth(target_func, run, test_loader)

@@ -160,10 +160,30 @@ def write_yaml(data: dict[str, Any], file: Path) -> None:
     atomic_write_text(yaml.safe_dump(data, sort_keys=False), file)
 
 
+class _MetadataLoader(yaml.SafeLoader):
+    """Safe YAML loader that also reads the ``pathlib`` paths upstream dattri dumped.
+
+    Upstream's ``retrain_loo`` wrote ``Path`` objects into ``metadata.yml``
+    (``!!python/object/apply:pathlib.PosixPath [a, index_0]``); they are read back as
+    plain strings. No other Python tag is accepted.
+    """
+
+
+def _path_constructor(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> str:
+    del suffix
+    parts = loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else []
+    return str(Path(*[str(p) for p in parts])) if parts else "."
+
+
+_MetadataLoader.add_multi_constructor(
+    "tag:yaml.org,2002:python/object/apply:pathlib.", _path_constructor
+)
+
+
 def read_yaml(file: Path) -> dict[str, Any]:
-    """Load a YAML mapping."""
+    """Load a YAML mapping (``pathlib`` tags written by upstream dattri become strings)."""
     with open(file) as f:
-        data = yaml.safe_load(f)
+        data = yaml.load(f, Loader=_MetadataLoader)  # a SafeLoader subclass
     if not isinstance(data, dict):
         msg = f"{file} does not hold a YAML mapping."
         raise ValueError(msg)
