@@ -739,3 +739,17 @@ def test_loo_ground_truth_reads_upstream_metadata_with_pathlib_tags(tmp_path):
     (run / "metadata.yml").write_text("mode: !!python/object/apply:os.getcwd []\n")
     with pytest.raises(yaml.constructor.ConstructorError):
         calculate_loo_ground_truth(target_func, run, test_loader)
+
+
+# --------------------------------------------------------------------------- params errors
+
+
+def test_projection_params_errors_are_value_errors_like_pydantic():
+    from dattri.params.projection import RandomProjectionParams, TRAKProjectionParams
+
+    with pytest.raises(ValueError, match="feature_batch_size"):  # pydantic: ValidationError
+        RandomProjectionParams(proj_dim=3)
+    with pytest.raises(TypeError, match="proj_dim must be an int"):  # and still a TypeError
+        TRAKProjectionParams(proj_dim=1.5)
+    with pytest.raises(ValueError, match="proj_dim"):
+        TRAKProjectionParams(proj_dim=1.5)
