@@ -34,6 +34,7 @@ def _lissa_collate_fn(sampled_input: Sequence[Tensor]) -> tuple:
     return IFAttributorLiSSA.lissa_collate_fn(sampled_input)
 
 
+#: Solver name -> IHVP factory ``ihvp_<name>(func, ...) -> f(x_tuple, v)`` (upstream table).
 SUPPORTED_IHVP_SOLVER = {
     "explicit": ihvp_explicit,
     "cg": ihvp_cg,
