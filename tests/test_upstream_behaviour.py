@@ -753,3 +753,44 @@ def test_projection_params_errors_are_value_errors_like_pydantic():
         TRAKProjectionParams(proj_dim=1.5)
     with pytest.raises(ValueError, match="proj_dim"):
         TRAKProjectionParams(proj_dim=1.5)
+
+
+def test_lds_ground_truth_reads_upstream_layout_with_cwd_relative_paths(tmp_path, monkeypatch):
+    """Upstream wrote ``subset_dir_map`` entries relative to the working directory."""
+    from dattri.metric import calculate_lds_ground_truth
+
+    monkeypatch.chdir(tmp_path)
+    rel = "runs/lds"  # as passed to upstream's retrain_lds(path="runs/lds")
+    subsets = [[0, 2], [1, 3], [2, 3]]
+    for i, idx in enumerate(subsets):
+        d = tmp_path / rel / str(i)
+        d.mkdir(parents=True)
+        (d / "indices.txt").write_text("".join(f"{k}\n" for k in idx))
+        for j in range(2):
+            model = nn.Linear(1, 1)
+            with torch.no_grad():
+                model.weight.fill_(float(i + j))
+                model.bias.zero_()
+            torch.save(model.state_dict(), d / f"model_weights_{j}.pt")
+    meta = {
+        "mode": "lds",
+        "data_length": 4,
+        "train_func": "train_linear",
+        "num_subsets": 3,
+        "subset_ratio": 0.5,
+        "num_runs_per_subset": 2,
+        "subset_dir_map": {i: f"{rel}/{i}" for i in range(3)},
+    }
+    (tmp_path / rel / "metadata.yml").write_text(yaml.dump(meta))
+    test_loader = DataLoader(TensorDataset(torch.tensor([[1.0], [3.0]])), batch_size=1)
+
+    def target_func(ckpt_path, loader):
+        model = nn.Linear(1, 1)
+        model.load_state_dict(torch.load(ckpt_path, weights_only=True))
+        return torch.cat([model(x).flatten() for (x,) in loader]).detach()
+
+    values, indices = calculate_lds_ground_truth(target_func, rel, test_loader)
+    assert indices.tolist() == subsets
+    # mean over the two runs (weights i and i + 1) of w * x, negated
+    expected = -torch.tensor([[i + 0.5, 3 * (i + 0.5)] for i in range(3)])
+    torch.testing.assert_close(values, expected)
