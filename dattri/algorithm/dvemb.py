@@ -163,6 +163,10 @@ class DVEmbAttributor:
         """
         return self._projector
 
+    @projector.setter
+    def projector(self, value: Callable[[Tensor], Tensor] | None) -> None:
+        self._projector = value
+
     @property
     def projection_dim_per_layer(self) -> int | None:
         """Upstream name: the per-factor projection dimension.
