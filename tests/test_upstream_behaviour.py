@@ -794,3 +794,12 @@ def test_lds_ground_truth_reads_upstream_layout_with_cwd_relative_paths(tmp_path
     # mean over the two runs (weights i and i + 1) of w * x, negated
     expected = -torch.tensor([[i + 0.5, 3 * (i + 0.5)] for i in range(3)])
     torch.testing.assert_close(values, expected)
+
+
+def test_retrain_lds_before_metadata_other_ratio_is_refused(tmp_path):
+    """An interrupted first run (no metadata yet) must not be resumed with another ratio."""
+    path = tmp_path / "run"
+    retrain_lds(train_linear, _loader(), path, num_subsets=2, seed=None, verbose=False)
+    (path / "metadata.yml").unlink()  # as if the first run had stopped early
+    with pytest.raises(ValueError, match=r"subset of 5 samples.*give 3.*subset_ratio"):
+        retrain_lds(train_linear, _loader(), path, num_subsets=2, subset_ratio=0.3, verbose=False)

@@ -209,12 +209,20 @@ def prepare_lds_subset(
     """Write (or re-read on resume) a subset's index files; return its positions.
 
     Raises:
-        ValueError: If an existing ``indices.txt`` differs from the one implied
-            by the given seed.
+        ValueError: If an existing ``indices.txt`` has another size than this
+            call's subset, or differs from the one implied by the given seed.
     """
     file = subset_dir / "indices.txt"
     if file.exists():
         existing = _read_int_lines(file)
+        if existing.size != positions.size:
+            msg = (
+                f"{file} holds a subset of {existing.size} samples but this call's "
+                f"`subset_ratio` and data length give {positions.size}; this directory "
+                "was created with another `subset_ratio` or dataloader. Fix: pass the "
+                "same values, or use a new `path`."
+            )
+            raise ValueError(msg)
         if seed_given and not np.array_equal(existing, positions):
             msg = (
                 f"{file} holds a different subset than `seed` implies; this directory "
