@@ -34,6 +34,10 @@ __all__ = ["AttributionTask"]
 Checkpoint = str | os.PathLike | Mapping[str, Any]
 
 
+class _UnsupportedCombinationError(NotImplementedError, ValueError):
+    """Unsupported argument combination (upstream raised NotImplementedError)."""
+
+
 def _default_load(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
     """Load ``checkpoint`` (a path or a state_dict) into ``model`` and set eval mode."""
     if isinstance(checkpoint, (str, os.PathLike)):
@@ -264,7 +268,7 @@ class AttributionTask:
         if not flatten:
             if layer_name is not None:
                 msg = "flatten=False cannot be combined with layer_name."
-                raise ValueError(msg)
+                raise _UnsupportedCombinationError(msg)
             return original
         if layer_name is None:
             return func

@@ -26,8 +26,9 @@ def test_lds_matches_scipy_spearmanr(ties):
     rng = np.random.default_rng(0)
     n_train, n_test, n_sub = 30, 7, 12
     if ties:  # small integer values -> many ties in predictions and ground truth
-        score = torch.tensor(rng.integers(-1, 2, size=(n_train, n_test)), dtype=torch.float32)
-        gt = torch.tensor(rng.integers(0, 3, size=(n_sub, n_test)), dtype=torch.float64)
+        # mixed dtypes: computed in float64, returned in the score's dtype
+        score = torch.tensor(rng.integers(-1, 2, size=(n_train, n_test)), dtype=torch.float64)
+        gt = torch.tensor(rng.integers(0, 3, size=(n_sub, n_test)), dtype=torch.float32)
     else:
         score = torch.tensor(rng.normal(size=(n_train, n_test)))
         gt = torch.tensor(rng.normal(size=(n_sub, n_test)))
@@ -48,8 +49,9 @@ def test_lds_upstream_doc_example():
     idx = torch.tensor([[0], [1], [2]])  # predictions = score rows
     gt = torch.tensor([[0.1, 1.0], [0.2, 1.0], [0.3, 5.0]])
     corr, pval = lds(score, (gt, idx))
-    assert torch.allclose(corr, torch.tensor([1.0, 0.8660254], dtype=torch.float64))
-    assert torch.allclose(pval, torch.tensor([0.0, 0.3333], dtype=torch.float64), atol=1e-4)
+    # float32 scores -> float32 results (upstream), comparable with float32 tensors
+    assert torch.allclose(corr, torch.tensor([1.0, 0.8660254]))
+    assert torch.allclose(pval, torch.tensor([0.0, 0.3333]), atol=1e-4)
 
 
 def test_lds_perfect_linear_datamodel_is_one():
@@ -136,10 +138,15 @@ def test_loo_corr_matches_scipy_pearsonr():
     score = torch.tensor(rng.normal(size=(25, 6)), dtype=torch.float32)
     gt = torch.tensor(rng.normal(size=(25, 6))) + 0.5 * score.double()
     corr, pval = loo_corr(score, (gt, torch.arange(25)))
+    assert corr.dtype == pval.dtype == torch.float32  # the score's dtype, as upstream
+    corr64, pval64 = loo_corr(score.double(), (gt, torch.arange(25)))
     for j in range(6):
         ref = stats.pearsonr(score[:, j].double().numpy(), gt[:, j].numpy())
-        assert corr[j].item() == pytest.approx(ref.statistic, abs=1e-12)
-        assert pval[j].item() == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-15)
+        assert corr64[j].item() == pytest.approx(ref.statistic, abs=1e-12)
+        assert pval64[j].item() == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-15)
+        # float32 output = the float64 result rounded to float32
+        assert corr[j].item() == np.float32(corr64[j].item())
+        assert pval[j].item() == np.float32(pval64[j].item())
     # tiny n: n == 2 and n == 3 follow scipy too
     for n in (2, 3):
         x, y = rng.normal(size=(n, 1)), rng.normal(size=(n, 1))
@@ -152,8 +159,8 @@ def test_loo_corr_upstream_doc_example():
     score = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
     gt = torch.tensor([[2.0, 4.0], [4.0, 3.0], [6.0, 1.0], [8.0, 2.0]])
     corr, pval = loo_corr(score, (gt, torch.arange(4)))
-    assert torch.allclose(corr, torch.tensor([1.0, -0.8], dtype=torch.float64))
-    assert torch.allclose(pval, torch.tensor([4.44e-16, 0.2], dtype=torch.float64))
+    assert torch.allclose(corr, torch.tensor([1.0, -0.8]))
+    assert torch.allclose(pval, torch.tensor([4.44e-16, 0.2]))
 
 
 def test_loo_corr_with_subset_of_removed_indices():

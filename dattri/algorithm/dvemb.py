@@ -41,6 +41,7 @@ from dattri.algorithm.utils import (
 )
 from dattri.func.layer_grads import factor_grads, kron_project, layer_kind, linear_factors
 from dattri.func.per_sample_grad import per_sample_grad
+from dattri.params.projection import DVEmbProjectionParams
 from dattri.task import AttributionTask
 
 __all__ = ["DVEmbAttributor"]
@@ -137,16 +138,86 @@ class DVEmbAttributor:
             self._modules = self._select_modules(self.layer_names)
         else:
             self._param_names = self._select_params(self.layer_names)
-        self.proj_params = proj_params
+        # upstream: default params with proj_dim_per_layer=None, proj_max_batch_size=64
+        self.proj_params = DVEmbProjectionParams() if proj_params is None else proj_params
         self.proj_dim_per_layer = getattr(proj_params, "proj_dim_per_layer", None)
         self._proj_type = self._resolve_proj_type()
         self._projector: Callable | None = None
         self.projectors: dict[str, tuple[Tensor, Tensor]] = {}
         self.cached_gradients: dict[Any, list[Tensor]] = {}
+        # factorized modes without projection: {epoch: [[{"A", "B", "has_bias"}, ...]]}
+        self.cached_factors: dict[Any, list[list[dict[str, Any]]]] = {}
+        self._step_factors: list[dict[str, Any]] | None = None
         self.learning_rates: dict[Any, list[float]] = {}
         self.data_indices: dict[Any, list[Tensor]] = {}
         self.embeddings: dict[Any, Tensor] = {}
         self._caching_method: str | None = None
+
+    # -------------------------------------------------- upstream attributes
+    @property
+    def projector(self) -> Callable[[Tensor], Tensor] | None:
+        """Upstream name: the ``"none"``-mode projection ``(B, p) -> (B, k)``.
+
+        ``None`` without projection, in the factorized modes, or before the
+        first gradient is recorded (it is built from the first batch, as upstream).
+        """
+        return self._projector
+
+    @projector.setter
+    def projector(self, value: Callable[[Tensor], Tensor] | None) -> None:
+        self._projector = value
+
+    @property
+    def projection_dim_per_layer(self) -> int | None:
+        """Upstream name: the per-factor projection dimension.
+
+        ``isqrt(proj_dim_per_layer)`` for ``"kronecker"`` (each factor is
+        projected to ``sqrt(k)`` dims so a layer has ``k``), ``proj_dim_per_layer``
+        otherwise, ``None`` without projection.
+        """
+        k = self.proj_dim_per_layer
+        if k is None or self.factorization_type != "kronecker":
+            return k
+        return math.isqrt(k)
+
+    @property
+    def projection_dim(self) -> int | None:
+        """Alias of :attr:`projection_dim_per_layer` (newer upstream name)."""
+        return self.projection_dim_per_layer
+
+    @property
+    def _linear_layers(self) -> list[nn.Module]:
+        """Upstream name: the hooked layer modules, in order (factorized modes)."""
+        return list(self._modules.values()) if self.use_factorization else []
+
+    @property
+    def random_projectors(
+        self,
+    ) -> list[tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] | None:
+        """Upstream name: per layer ``(project_input, project_output)`` callables.
+
+        Only in the factorized modes with projection (else ``None``).
+        ``project_input`` maps layer inputs ``(N, d_in)`` (or ``(N, d_in + 1)``
+        with the bias column of ones, which this implementation keeps; it is
+        appended when absent) to ``(N, projection_dim_per_layer)``;
+        ``project_output`` maps output gradients ``(N, d_out)`` likewise.
+        """
+        if not self.use_factorization or self._proj_type is None:
+            return None
+        out = []
+        for idx, (name, module) in enumerate(self._modules.items()):
+            p_in, p_out = self._factor_projectors(name, idx, module)
+
+            def proj_in(x: Tensor, p: Tensor = p_in) -> Tensor:
+                if x.shape[-1] == p.shape[1] - 1:
+                    x = torch.cat([x, x.new_ones((*x.shape[:-1], 1))], dim=-1)
+                return x @ p.T.to(x)
+
+            def proj_out(x: Tensor, p: Tensor = p_out) -> Tensor:
+                return x @ p.T.to(x)
+
+            out.append((proj_in, proj_out))
+        return out
 
     # ------------------------------------------------------------- selection
     def _select_modules(self, names: list[str] | None) -> dict[str, nn.Module]:
@@ -255,13 +326,16 @@ class DVEmbAttributor:
         )
         return self._project_full(g)
 
-    def _factor_grads_from(self, store: dict, batch_size: int) -> Tensor:
+    def _factor_grads_from(self, store: dict, batch_size: int, record: bool = False) -> Tensor:
         """Per-sample (projected) layer gradients from ``[input, output, grad]`` records.
 
         The recorded output gradients are those of the batch's MEAN loss; they are
-        multiplied by the batch size to get each sample's own loss gradient.
+        multiplied by the batch size to get each sample's own loss gradient. With
+        ``record`` and no projection, the per-layer factors of the step are kept in
+        ``self._step_factors`` for :attr:`cached_factors`.
         """
         parts = []
+        factors: list[dict[str, Any]] = []
         for idx, (name, module) in enumerate(self._modules.items()):
             calls = [(c[0], sum(c[2:])) for c in store[name] if len(c) >= 3]
             if not calls:
@@ -286,7 +360,16 @@ class DVEmbAttributor:
                         r = ((fa @ p_in.T.to(fa)) * (fs @ p_out.T.to(fs))).sum(1)
                         r = r * math.sqrt(p_in.shape[0])
                 total = r if total is None else total + r
+            if record and self._proj_type is None:
+                facs = [linear_factors(module, a, ds * batch_size, False) for a, ds in calls]
+                fa = torch.cat([f[0] for f in facs], dim=1).detach().cpu()
+                fs = torch.cat([f[1] for f in facs], dim=1).detach().cpu()
+                if fa.shape[1] == 1:  # one position: upstream's 2-D (B, d) factors
+                    fa, fs = fa[:, 0], fs[:, 0]
+                factors.append({"A": fa, "B": fs, "has_bias": module.bias is not None})
             parts.append(total)
+        if record and self._proj_type is None:
+            self._step_factors = factors
         return torch.cat(parts, dim=1)
 
     def _factor_batch_grads(self, batch: Any, target: bool) -> Tensor:
@@ -304,7 +387,7 @@ class DVEmbAttributor:
         for c, g in zip(recs, grads):
             c.append(torch.zeros_like(c[1]) if g is None else g.detach())
             c[1] = None  # release the graph
-        return self._factor_grads_from(store, batch_size_of(batch))
+        return self._factor_grads_from(store, batch_size_of(batch), record=not target)
 
     def _batch_grads(self, batch: Any, target: bool) -> Tensor:
         batch = move_to_device(batch, self.device)
@@ -320,6 +403,9 @@ class DVEmbAttributor:
         self.cached_gradients.setdefault(epoch, []).append(grads.detach().cpu())
         self.learning_rates.setdefault(epoch, []).append(float(learning_rate) / grads.shape[0])
         self.data_indices.setdefault(epoch, []).append(indices.detach().cpu().long())
+        if self._step_factors is not None:
+            self.cached_factors.setdefault(epoch, []).append(self._step_factors)
+            self._step_factors = None
 
     @staticmethod
     def _check_step_args(indices: Any, learning_rate: Any) -> Tensor:
@@ -397,12 +483,13 @@ class DVEmbAttributor:
         for recs in store.values():
             for c in recs:
                 c[1] = None
-        grads = self._factor_grads_from(store, idx.shape[0])
+        grads = self._factor_grads_from(store, idx.shape[0], record=True)
         self._record(epoch, grads, idx, learning_rate)
 
     def clear_cache(self) -> None:
-        """Drop the recorded gradients, learning rates and indices (embeddings stay)."""
+        """Drop the recorded gradients, factors, learning rates and indices (embeddings stay)."""
         self.cached_gradients.clear()
+        self.cached_factors.clear()
         self.learning_rates.clear()
         self.data_indices.clear()
 

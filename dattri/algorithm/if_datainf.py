@@ -23,7 +23,7 @@ once per ``attribute`` (and once per training batch by ``self_attribute`` and Re
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -118,6 +118,22 @@ class IFAttributorDataInf(IFBase):
                 grads = self.generate_train_rep(ckpt_idx, part)
                 yield list(grads.split(self.layer_sizes, dim=1))
 
+    @property
+    def _cached_train_reps(self) -> Mapping[int, Tensor]:
+        """Upstream name: ``{ckpt_idx: (n_cached, p)}`` per-sample training-loss gradients.
+
+        This implementation streams the gradients instead of keeping them; this
+        read-only mapping recomputes a checkpoint's ``(n_cached, p)`` matrix (rows in
+        cached order, columns over the selected parameters) each time it is indexed.
+
+        Raises:
+            ValueError: Before :meth:`cache`.
+        """
+        if not self._batches:
+            msg = "IFAttributorDataInf: call cache(train_loader) before reading _cached_train_reps."
+            raise ValueError(msg)
+        return _TrainReps(self)
+
     def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
         if self.regularization:
             regs = [float(self.regularization)] * len(self.layer_sizes)
@@ -160,6 +176,26 @@ class IFAttributorDataInf(IFBase):
             for ckpt_idx in range(self.num_checkpoints):
                 raw[ckpt_idx].append(self.generate_test_rep(ckpt_idx, batch))
         return [self.transform_test_rep(k, torch.cat(r)) for k, r in enumerate(raw)]
+
+
+class _TrainReps(Mapping):
+    """Read-only ``{ckpt_idx: (n_cached, p)}`` view computing gradients on access."""
+
+    def __init__(self, owner: IFAttributorDataInf) -> None:
+        self._owner = owner
+
+    def __getitem__(self, ckpt_idx: int) -> Tensor:
+        owner = self._owner
+        if not isinstance(ckpt_idx, int) or not 0 <= ckpt_idx < owner.num_checkpoints:
+            raise KeyError(ckpt_idx)
+        chunks = owner._train_grad_chunks(ckpt_idx, "DataInf train gradients")
+        return torch.cat([torch.cat(layers, dim=1) for layers in chunks])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self._owner.num_checkpoints))
+
+    def __len__(self) -> int:
+        return self._owner.num_checkpoints
 
 
 def _rows_of(batch: Any, start: int, stop: int) -> Any:

@@ -295,3 +295,7 @@ class IFAttributorCG(IFBase):
                 stacklevel=2,
             )
         return sol.to(test_rep.dtype)
+
+
+# Upstream's module-level names (solver table and LiSSA collate function).
+from dattri.algorithm.if_solvers import SUPPORTED_IHVP_SOLVER, _lissa_collate_fn  # noqa: E402, F401

@@ -141,11 +141,18 @@ class ArnoldiProjector(AbstractProjector):
 
         The ``proj_dim`` eigenpairs of largest ``|λ|`` are kept; those with
         ``λ <= tol**2`` are then dropped (``1/sqrt(λ)`` needs ``λ > 0``) and
-        ``proj_dim`` shrinks accordingly, with a warning.
+        ``proj_dim`` shrinks accordingly, with a warning (upstream behaviour: a
+        Hessian of rank ``r < proj_dim``, e.g. ``feature_dim < proj_dim``, has
+        only ``r`` usable directions). If *no* eigenvalue is left, a
+        ``ValueError`` is raised instead of returning an empty projection.
 
         Returns:
             ``(eigenvalues, eigenvectors)`` of shapes ``(proj_dim,)`` and
             ``(proj_dim, feature_dim)``, in decreasing ``|λ|`` order.
+
+        Raises:
+            ValueError: If none of the top ``proj_dim`` eigenvalues is
+                ``> tol**2`` (the projection would have zero columns).
         """
         target = self.args[self.argnums]
         op = self._hvp()
@@ -163,6 +170,17 @@ class ArnoldiProjector(AbstractProjector):
         values = values * self.norm_constant
         order = torch.argsort(values.abs(), descending=True)[: self.proj_dim]
         keep = order[values[order] > self.tol**2]
+        if keep.numel() == 0:
+            top = values[order[:3]].tolist()
+            msg = (
+                f"ArnoldiProjector: none of the top {order.numel()} Hessian eigenvalues "
+                f"(largest |λ|: {[f'{v:.3g}' for v in top]}) is > tol**2={self.tol**2:g}, "
+                "so the projection would be empty (0 columns). The Hessian of `func` at "
+                "`x` is not positive in its dominant directions (linear, concave or "
+                "numerically zero loss). Pass `regularization` > 0, a smaller `tol`, or "
+                "check `func`/`x`."
+            )
+            raise ValueError(msg)
         if keep.numel() < self.proj_dim:
             warnings.warn(
                 f"ArnoldiProjector: only {keep.numel()} of proj_dim={self.proj_dim} "

@@ -102,13 +102,15 @@ def _param_specs(model: nn.Module) -> list[tuple[str, torch.Size]]:
 
 def _unflatten_params(
     flat: Tensor | Sequence[Tensor],
-    specs: Sequence[tuple[str, torch.Size]],
+    specs: Sequence[tuple[str, torch.Size]] | nn.Module,
 ) -> dict[str, Tensor]:
     """Split a flat tensor (or a tuple of per-parameter flats) into a param dict.
 
     Args:
         flat: a 1-D tensor of length ``p`` or a tuple of 1-D tensors, one per parameter.
-        specs: ``[(name, shape), ...]`` in flattening order.
+        specs: ``[(name, shape), ...]`` in flattening order, or (upstream's call form
+            ``_unflatten_params(tensors, model)``) a model whose trainable parameters
+            give them.
 
     Returns:
         ``{name: view of shape}``.
@@ -116,6 +118,8 @@ def _unflatten_params(
     Raises:
         ValueError: if the sizes do not match ``specs``.
     """
+    if isinstance(specs, nn.Module):
+        specs = _param_specs(specs)
     if isinstance(flat, Tensor):
         total = sum(math.prod(s) for _, s in specs)
         if flat.dim() != 1 or flat.numel() != total:
@@ -135,6 +139,19 @@ def _unflatten_params(
         msg = f"Expected {len(specs)} per-parameter tensors, got {len(flats)}."
         raise ValueError(msg)
     return {name: t.reshape(shape) for (name, shape), t in zip(specs, flats)}
+
+
+def _unflatten_params_layerwise(tensors: Sequence[Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Upstream helper: a tuple of per-parameter flat tensors to a ``{name: tensor}`` dict.
+
+    Args:
+        tensors: one 1-D tensor per trainable parameter of ``model``, in order.
+        model: the model giving names and shapes.
+
+    Returns:
+        ``{name: tensor reshaped to the parameter's shape}``.
+    """
+    return _unflatten_params(tuple(tensors), _param_specs(model))
 
 
 def flatten_func(model: nn.Module, param_num: int = 0) -> Callable:

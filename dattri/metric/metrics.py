@@ -64,6 +64,21 @@ def _out_device(x: object) -> torch.device:
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
 
+def _out_dtype(score: object) -> torch.dtype:
+    """Dtype of :func:`lds` / :func:`loo_corr` results: that of ``score``, as upstream.
+
+    Upstream dattri returns the correlations and p-values in ``score.dtype``, so that
+    ``torch.allclose(corr, expected)`` works against tensors of the score's dtype.
+    Everything is computed in float64; float16/bfloat16 scores give float32 results
+    (half precision cannot hold p-values), non-float or non-tensor scores float64.
+    """
+    if isinstance(score, torch.Tensor) and score.dtype in (torch.float32, torch.float64):
+        return score.dtype
+    if isinstance(score, torch.Tensor) and score.dtype.is_floating_point:
+        return torch.float32
+    return torch.float64
+
+
 def _column_pearson(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pearson correlation of matching columns, with column-wise constant checks.
 
@@ -141,7 +156,15 @@ def _spearman_columns(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndar
     ry = stats.rankdata(np.nan_to_num(y, nan=0.0), axis=0)
     rx[:, np.isnan(x).any(0)] = np.nan
     ry[:, np.isnan(y).any(0)] = np.nan
-    rho, _ = _column_pearson(rx, ry)
+    rho, bad = _column_pearson(rx, ry)
+    # Ranks are multiples of 1/2, so the centred sums below are exact in float64 (for
+    # any realistic n): identical rankings give rho == 1.0 exactly and p == 0.0, as
+    # scipy (the scaled formula of _column_pearson can land one ulp below 1).
+    xm = rx - rx.mean(0, keepdims=True)
+    ym = ry - ry.mean(0, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        exact = (xm * ym).sum(0) / np.sqrt((xm * xm).sum(0) * (ym * ym).sum(0))
+    rho = np.where(bad, np.nan, np.clip(exact, -1.0, 1.0))
     dof = n - 2
     with np.errstate(divide="ignore", invalid="ignore"):
         t = rho * np.sqrt((dof / ((rho + 1.0) * (1.0 - rho))).clip(0))
@@ -302,9 +325,9 @@ def _correlation_result(
     n_boot: int,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, BootstrapCI]:
-    """``(corr, pval)`` as tensors on ``score``'s device, plus the bootstrap CI if asked."""
-    dev = _out_device(score)
-    out = (torch.from_numpy(corr).to(dev), torch.from_numpy(pval).to(dev))
+    """``(corr, pval)`` on ``score``'s device in its dtype, plus the bootstrap CI if asked."""
+    dev, dtype = _out_device(score), _out_dtype(score)
+    out = (torch.from_numpy(corr).to(dev, dtype), torch.from_numpy(pval).to(dev, dtype))
     if ci is None:
         return out
     return (*out, bootstrap_ci(corr, ci=ci, n_boot=n_boot, seed=seed))
@@ -342,9 +365,12 @@ def lds(
         seed: Bootstrap RNG seed (only used with ``ci``).
 
     Returns:
-        ``(corr, pval)``, both float64 tensors of shape ``(n_test,)`` on the
-        device of ``score`` (NaN where the ground truth or prediction is
-        constant). With ``ci`` set, ``(corr, pval, BootstrapCI)``.
+        ``(corr, pval)``, both tensors of shape ``(n_test,)`` on the device and in
+        the dtype of ``score`` (as upstream; computed in float64 whatever the
+        dtypes of ``score`` and ``ground_truth``; float32 for half-precision
+        scores), NaN where the ground truth or prediction is constant. With
+        ``ci`` set, ``(corr, pval, BootstrapCI)`` (the interval from the float64
+        values).
 
     Raises:
         ValueError: On shape mismatches, out-of-range indices or fewer than two
@@ -399,8 +425,9 @@ def loo_corr(
         seed: Bootstrap RNG seed (only used with ``ci``).
 
     Returns:
-        ``(corr, pval)``, float64 tensors of shape ``(n_test,)`` on the device of
-        ``score``; with ``ci`` set, ``(corr, pval, BootstrapCI)``.
+        ``(corr, pval)``, tensors of shape ``(n_test,)`` on the device and in the
+        dtype of ``score`` (as :func:`lds`; computed in float64); with ``ci`` set,
+        ``(corr, pval, BootstrapCI)``.
 
     Raises:
         ValueError: On shape mismatches or fewer than two models.

@@ -160,10 +160,30 @@ def write_yaml(data: dict[str, Any], file: Path) -> None:
     atomic_write_text(yaml.safe_dump(data, sort_keys=False), file)
 
 
+class _MetadataLoader(yaml.SafeLoader):
+    """Safe YAML loader that also reads the ``pathlib`` paths upstream dattri dumped.
+
+    Upstream's ``retrain_loo`` wrote ``Path`` objects into ``metadata.yml``
+    (``!!python/object/apply:pathlib.PosixPath [a, index_0]``); they are read back as
+    plain strings. No other Python tag is accepted.
+    """
+
+
+def _path_constructor(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> str:
+    del suffix
+    parts = loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else []
+    return str(Path(*[str(p) for p in parts])) if parts else "."
+
+
+_MetadataLoader.add_multi_constructor(
+    "tag:yaml.org,2002:python/object/apply:pathlib.", _path_constructor
+)
+
+
 def read_yaml(file: Path) -> dict[str, Any]:
-    """Load a YAML mapping."""
+    """Load a YAML mapping (``pathlib`` tags written by upstream dattri become strings)."""
     with open(file) as f:
-        data = yaml.safe_load(f)
+        data = yaml.load(f, Loader=_MetadataLoader)  # a SafeLoader subclass
     if not isinstance(data, dict):
         msg = f"{file} does not hold a YAML mapping."
         raise ValueError(msg)
@@ -171,5 +191,12 @@ def read_yaml(file: Path) -> dict[str, Any]:
 
 
 def func_name(func: Any) -> str:
-    """Readable name of a callable for metadata."""
-    return str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
+    """Name of a callable for metadata: ``__name__``, as upstream dattri records it.
+
+    ``functools.partial`` objects give the wrapped function's name; other callables
+    without ``__name__`` give their class name.
+    """
+    name = getattr(func, "__name__", None)
+    if name is None:
+        name = getattr(getattr(func, "func", None), "__name__", None)
+    return str(name if name is not None else type(func).__name__)

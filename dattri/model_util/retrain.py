@@ -136,23 +136,64 @@ def check_lds_args(
 
 
 def check_existing_lds_metadata(
-    path: Path, n: int, subset_ratio: float, num_runs_per_subset: int
+    path: Path,
+    n: int,
+    subset_ratio: float,
+    num_runs_per_subset: int,
+    *,
+    train_func: str | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any] | None:
-    """Refuse to mix an LDS run into a directory holding a different one."""
+    """Refuse to mix an LDS run into a directory holding a different one.
+
+    Args:
+        path: Output directory of the run.
+        n: Number of training samples of this call.
+        subset_ratio: This call's ``subset_ratio``.
+        num_runs_per_subset: This call's ``num_runs_per_subset``.
+        train_func: Name of this call's training function (not compared if None).
+        seed: This call's seed (not compared if None or not recorded).
+
+    Returns:
+        The existing metadata, or None if ``path`` has none yet.
+
+    Raises:
+        ValueError: Naming every field whose recorded value differs from this
+            call's, with both values and the fix.
+    """
     file = path / METADATA_FILE
     if not file.exists():
         return None
     meta = read_yaml(file)
-    mismatch = (
-        meta.get("mode") != "lds"
-        or int(meta.get("data_length", -1)) != n
-        or float(meta.get("subset_ratio", -1)) != float(subset_ratio)
-        or int(meta.get("num_runs_per_subset", -1)) != int(num_runs_per_subset)
-    )
-    if mismatch:
+    given: dict[str, Any] = {
+        "mode": "lds",
+        "data_length": int(n),
+        "subset_ratio": float(subset_ratio),
+        "num_runs_per_subset": int(num_runs_per_subset),
+    }
+    if train_func is not None and meta.get("train_func") is not None:
+        given["train_func"] = train_func
+    if seed is not None and meta.get("seed") is not None:
+        given["seed"] = int(seed)
+    casts = {"data_length": int, "subset_ratio": float, "num_runs_per_subset": int, "seed": int}
+    diffs = []
+    for key, value in given.items():
+        recorded = meta.get(key)
+        try:
+            same = recorded is not None and casts.get(key, str)(recorded) == value
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            diffs.append(f"{key}: {recorded!r} recorded, {value!r} in this call")
+    if diffs:
+        arg_names = {"data_length": "len(dataloader.sampler)", "mode": "retrain_loo vs retrain_lds"}
+        hint = ", ".join(arg_names.get(d.split(":")[0], d.split(":")[0]) for d in diffs)
         msg = (
-            f"{file} describes a different retraining (mode/data_length/subset_ratio/"
-            "num_runs_per_subset differ); use a new `path`."
+            f"`path` {path} already holds a different retraining (LDS) ({file}); these "
+            f"fields differ: {'; '.join(diffs)}. A second call on the same `path` "
+            "resumes or extends the run recorded there, so it must use the same "
+            f"values ({hint}). Fix: pass the recorded values, or use a new `path` "
+            f"(or delete {path}) for a different retraining."
         )
         raise ValueError(msg)
     return meta
@@ -168,12 +209,20 @@ def prepare_lds_subset(
     """Write (or re-read on resume) a subset's index files; return its positions.
 
     Raises:
-        ValueError: If an existing ``indices.txt`` differs from the one implied
-            by the given seed.
+        ValueError: If an existing ``indices.txt`` has another size than this
+            call's subset, or differs from the one implied by the given seed.
     """
     file = subset_dir / "indices.txt"
     if file.exists():
         existing = _read_int_lines(file)
+        if existing.size != positions.size:
+            msg = (
+                f"{file} holds a subset of {existing.size} samples but this call's "
+                f"`subset_ratio` and data length give {positions.size}; this directory "
+                "was created with another `subset_ratio` or dataloader. Fix: pass the "
+                "same values, or use a new `path`."
+            )
+            raise ValueError(msg)
         if seed_given and not np.array_equal(existing, positions):
             msg = (
                 f"{file} holds a different subset than `seed` implies; this directory "
@@ -303,6 +352,7 @@ def plan_lds(
     seed: int | None,
     start_id: int = 0,
     total_num_subsets: int = 0,
+    train_func: str | None = None,
 ) -> LDSPlan:
     """Validate an LDS retraining call, prepare its subsets and list the missing models.
 
@@ -315,6 +365,8 @@ def plan_lds(
         seed: Base seed; ``None`` draws a random one.
         start_id: Id of this call's first subset.
         total_num_subsets: Total subsets over all jobs (0: this call only).
+        train_func: Name of the training function, checked against the one
+            recorded in an existing ``metadata.yml`` (None: not checked).
 
     Returns:
         The :class:`LDSPlan`.
@@ -328,7 +380,9 @@ def plan_lds(
     )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    previous = check_existing_lds_metadata(path, n, subset_ratio, num_runs_per_subset)
+    previous = check_existing_lds_metadata(
+        path, n, subset_ratio, num_runs_per_subset, train_func=train_func, seed=seed
+    )
     seed_given = seed is not None
     base_seed = int(seed) if seed_given else random_seed()
     ids = list(range(int(start_id), int(start_id) + int(num_subsets)))
@@ -421,6 +475,7 @@ def retrain_lds(
         seed,
         start_id=start_id,
         total_num_subsets=total_num_subsets,
+        train_func=func_name(train_func),
     )
     for i, positions, j in tqdm(plan.jobs, desc="retrain_lds", disable=not verbose):
         run_seed = plan.run_seed(i, j)
@@ -486,8 +541,23 @@ def retrain_loo(
     previous: list[int] = []
     if meta_file.exists():
         meta = read_yaml(meta_file)
-        if meta.get("mode") != "loo" or int(meta.get("data_length", -1)) != n:
-            msg = f"{meta_file} describes a different retraining; use a new `path`."
+        diffs = []
+        if meta.get("mode") != "loo":
+            diffs.append(f"mode: {meta.get('mode')!r} recorded, 'loo' in this call")
+        if int(meta.get("data_length", -1)) != n:
+            diffs.append(
+                f"data_length: {meta.get('data_length')!r} recorded, {n} in this call "
+                "(len(dataloader.sampler))"
+            )
+        name = func_name(train_func)
+        if meta.get("train_func") not in (None, name):
+            diffs.append(f"train_func: {meta.get('train_func')!r} recorded, {name!r} in this call")
+        if diffs:
+            msg = (
+                f"`path` {path} already holds a different retraining (LOO) ({meta_file}); "
+                f"these fields differ: {'; '.join(diffs)}. Fix: pass the recorded values "
+                f"to resume/extend that run, or use a new `path` (or delete {path})."
+            )
             raise ValueError(msg)
         previous = [int(i) for i in meta.get("indices", [])]
 

@@ -30,6 +30,14 @@ PROJ_TYPES = ("identity", "normal", "rademacher", "sjlt", "random_mask", "grass"
 _T = TypeVar("_T")
 
 
+class ProjectionParamsError(TypeError, ValueError):
+    """Invalid or missing projection parameter.
+
+    A ``TypeError`` (ours) that is also a ``ValueError``, like the pydantic
+    ``ValidationError`` upstream dattri raises for the same inputs.
+    """
+
+
 def _params_dataclass(cls: type[_T]) -> type[_T]:
     """Make ``cls`` a keyword-only dataclass that warns about unknown kwargs.
 
@@ -55,7 +63,12 @@ def _params_dataclass(cls: type[_T]) -> type[_T]:
                 UserWarning,
                 stacklevel=2,
             )
-        generated_init(self, **{k: v for k, v in kwargs.items() if k in names})
+        try:
+            generated_init(self, **{k: v for k, v in kwargs.items() if k in names})
+        except TypeError as exc:  # missing required field or wrong type
+            if isinstance(exc, ProjectionParamsError):
+                raise
+            raise ProjectionParamsError(str(exc)) from exc
 
     cls.__init__ = __init__
     return cls
