@@ -14,6 +14,7 @@ setting, method or option). Errors are one line on stderr, without a traceback.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -190,10 +191,13 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. a cache prepared for another configuration
         _error(str(exc))
         return 1
-    except (OSError, RuntimeError, EOFError) as exc:  # damaged cache files
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # damaged files
+        from dattri.benchmark.prepare import _setting_dir
+
+        folder = _setting_dir(setting, args.cache_dir, args.quick)
         _error(
-            f"could not prepare {setting.name}: {type(exc).__name__}: {exc}. If the cache "
-            "is damaged, delete the setting's folder or pass another --cache-dir."
+            f"could not load or prepare {setting.name}: {type(exc).__name__}: {exc}. If the "
+            f"cache is damaged, delete {folder} or pass another --cache-dir."
         )
         return 1
     if args.command == "prepare":
