@@ -153,6 +153,21 @@ def _prepare(args: argparse.Namespace, setting: object, verbose: bool) -> object
     return prepared
 
 
+def _sizes(prepared: object) -> dict:
+    """The sizes a reader of the results needs (samples, parameters, ground truth)."""
+    s = prepared.setting
+    loo = prepared.loo_ground_truth()
+    return {
+        "n_train": len(prepared.y_train),
+        "n_test": len(prepared.y_test),
+        "num_params": sum(p.numel() for p in prepared.model("full").parameters()),
+        "num_subsets": s.num_subsets,
+        "subset_ratio": s.subset_ratio,
+        "num_loo": None if loo is None else len(loo[1]),
+        "noisy": int(prepared.noisy.sum()),
+    }
+
+
 def _default_out(stem: str) -> Path:
     """A new folder ``./dattri-bench-results/<stem>-<UTC time>`` (never overwrites)."""
     base = DEFAULT_OUT / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -217,6 +232,7 @@ def _run(args: argparse.Namespace) -> int:
             setting=setting.name,
             quick=args.quick,
             device=args.device,
+            **_sizes(prepared),
         )
         files = save_results(out, stem, name, reports, meta)
         if not any(f.suffix == ".png" for f in files):
