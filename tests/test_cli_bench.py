@@ -287,3 +287,26 @@ def test_cache_default_untouched(tiny, monkeypatch, tmp_path):
     assert _run(tiny, "--methods", "knn-shapley", "--no-save") == 0
     assert not (tmp_path / "default").exists()
     shutil.rmtree(tmp_path / "dattri-bench-results", ignore_errors=True)
+
+
+def test_real_process_exit_code_and_stderr(tmp_path):
+    """`python -m dattri.benchmark`: the exit status and stderr a shell sees."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dattri.benchmark", "run", "nope", "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert _lines(proc.stderr) == [
+        "dattri-bench: error: unknown setting 'nope'; choose from: " + ", ".join(settings.SETTINGS)
+    ]
