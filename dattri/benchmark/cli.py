@@ -65,31 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("setting", help="a setting name (see: dattri-bench list)")
-        sp.add_argument(
-            "--cache-dir",
-            type=Path,
-            default=None,
-            help="cache root of prepared settings "
-            "(default: $DATTRI_BENCH_CACHE or ~/.cache/dattri-bench)",
-        )
-        sp.add_argument(
-            "--data-dir",
-            type=Path,
-            default=None,
-            help="folder with the dataset files (MNIST/CIFAR)",
-        )
-        sp.add_argument(
-            "--download",
-            action="store_true",
-            help="download missing dataset files (MNIST/CIFAR settings)",
-        )
+        sp.add_argument("--cache-dir", type=Path, default=None, help="cache root directory")
+        sp.add_argument("--data-dir", type=Path, default=None, help="dataset files (MNIST/CIFAR)")
         sp.add_argument("--quick", action="store_true", help="small sizes (smoke test, CI)")
         sp.add_argument("--quiet", action="store_true", help="no progress output")
         if name == "run":
-            sp.add_argument(
-                "--methods", nargs="+", default=None, help="methods to run (default: all)"
-            )
-            sp.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+            sp.add_argument("--methods", nargs="+", default=None, help="methods (default: all)")
+            sp.add_argument("--device", default="cpu")
             sp.add_argument(
                 "--out",
                 type=Path,
@@ -100,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--no-save", action="store_true", help="only print the table, save nothing"
             )
+        sp.add_argument(
+            "--download",
+            action="store_true",
+            help="download missing dataset files (MNIST/CIFAR settings)",
+        )
     return p
 
 
