@@ -78,6 +78,7 @@ def test_version(capsys):
         (["prepare", "nope", "--quick"], r"unknown setting 'nope'"),
         (["run", "digits-lr", "--methods", "if-cg", "foo"], r"unknown method 'foo'; choose"),
         (["run", "digits-lr", "--methods", "foo", "bar"], r"unknown methods 'foo', 'bar'"),
+        (["run", "digits-lr", "--device", "gpu0"], r"--device 'gpu0' is not a torch device"),
     ],
 )
 def test_unknown_names_one_line_exit_2(capsys, tmp_path, argv, pattern):
@@ -89,6 +90,18 @@ def test_unknown_names_one_line_exit_2(capsys, tmp_path, argv, pattern):
     assert re.search(pattern, err)
     assert "Traceback" not in err
     assert not any(tmp_path.iterdir())  # nothing was prepared
+
+
+def test_cuda_without_cuda_is_a_usage_error(capsys, monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on GPU machines
+    assert main(["run", "digits-lr", "--device", "cuda", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert _lines(err) == [
+        "dattri-bench: error: --device cuda: CUDA is not available on this machine; "
+        "use --device cpu"
+    ]
 
 
 def test_unknown_option_exit_2(capsys):

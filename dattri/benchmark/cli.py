@@ -115,6 +115,18 @@ def _check_names(args: argparse.Namespace) -> None:
             f"choose from: {', '.join(METHODS)}"
         )
         raise _Usage(msg)
+    device = getattr(args, "device", "cpu")
+    if device is not None:
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            msg = f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+            raise _Usage(msg) from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            msg = f"--device {device}: CUDA is not available on this machine; use --device cpu"
+            raise _Usage(msg)
 
 
 def _prepare(args: argparse.Namespace, setting: object, verbose: bool) -> object:
