@@ -222,6 +222,24 @@ def test_damaged_cache_one_line(tiny, capsys, tmp_path):
     assert f"delete {cache / TINY} or pass another --cache-dir" in err
 
 
+def test_damaged_ground_truth_and_unwritable_out(tiny, capsys, tmp_path):
+    cache = tmp_path / "cache"
+    assert main(["prepare", TINY, "--quiet", "--cache-dir", str(cache)]) == 0
+    (cache / TINY / "lds_gt.pt").write_bytes(b"\x00" * 10)
+    capsys.readouterr()
+    assert _run(cache, "--methods", "grad-dot", "--no-save") == 1
+    err = capsys.readouterr().err
+    assert len(_lines(err)) == 2, err  # the reuse note and the error
+    assert f"delete {cache / TINY} or pass another --cache-dir" in _lines(err)[-1]
+    shutil.rmtree(cache)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert _run(cache, "--methods", "grad-dot", "--out", str(blocker / "sub")) == 1
+    assert _lines(capsys.readouterr().err)[-1].startswith(
+        f"dattri-bench: error: could not save the results in {blocker / 'sub'}: "
+    )
+
+
 def test_missing_dataset_hint_for_the_cli(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

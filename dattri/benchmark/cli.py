@@ -152,6 +152,22 @@ def _prepare(args: argparse.Namespace, setting: object, verbose: bool) -> object
     return prepared
 
 
+#: errors of reading a damaged or truncated cache file
+_DAMAGED = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
+def _damaged(args: argparse.Namespace, setting: object, exc: BaseException) -> int:
+    """One line naming the cache folder to delete; exit code 1."""
+    from dattri.benchmark.prepare import _setting_dir
+
+    folder = _setting_dir(setting, args.cache_dir, args.quick)
+    _error(
+        f"could not load or prepare {setting.name}: {type(exc).__name__}: {exc}. If the "
+        f"cache is damaged, delete {folder} or pass another --cache-dir."
+    )
+    return 1
+
+
 def _sizes(prepared: object) -> dict:
     """The sizes a reader of the results needs (samples, parameters, ground truth)."""
     s = prepared.setting
@@ -205,21 +221,17 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. a cache prepared for another configuration
         _error(str(exc))
         return 1
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # damaged files
-        from dattri.benchmark.prepare import _setting_dir
-
-        folder = _setting_dir(setting, args.cache_dir, args.quick)
-        _error(
-            f"could not load or prepare {setting.name}: {type(exc).__name__}: {exc}. If the "
-            f"cache is damaged, delete {folder} or pass another --cache-dir."
-        )
-        return 1
+    except _DAMAGED as exc:
+        return _damaged(args, setting, exc)
     if args.command == "prepare":
         return 0
 
     from dattri.benchmark.run import format_table, run_benchmark, run_metadata, save_results
 
-    reports = run_benchmark(prepared, args.methods, device=args.device, verbose=verbose)
+    try:  # the methods' own errors are caught per method; these are ground-truth files
+        reports = run_benchmark(prepared, args.methods, device=args.device, verbose=verbose)
+    except _DAMAGED as exc:
+        return _damaged(args, setting, exc)
     name = setting.name + (" (quick)" if args.quick else "")
     print(format_table(name, reports), flush=True)
     failed = [r.method for r in reports if r.error]
@@ -233,7 +245,11 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device,
             **_sizes(prepared),
         )
-        files = save_results(out, stem, name, reports, meta)
+        try:
+            files = save_results(out, stem, name, reports, meta)
+        except OSError as exc:
+            _error(f"could not save the results in {out}: {exc}")
+            return 1
         if not any(f.suffix == ".png" for f in files):
             _note("plots skipped: matplotlib is not installed (pip install 'dattri[bench]')")
         _note(f"results saved in {out}/ ({', '.join(f.name for f in files)})")
