@@ -341,3 +341,14 @@ def test_real_process_exit_code_and_stderr(tmp_path):
     assert _lines(proc.stderr) == [
         "dattri-bench: error: unknown setting 'nope'; choose from: " + ", ".join(settings.SETTINGS)
     ]
+
+
+def test_prepare_api_missing_data_error(tmp_path):
+    from dattri.benchmark.prepare import MissingDataError, prepare
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MissingDataError, match=r"^mnist-lr: MNIST files .* not found in ") as exc:
+        prepare(settings.get_setting("mnist-lr"), tmp_path / "c", empty, verbose=False)
+    assert str(exc.value).endswith("Pass data_dir (a folder holding the files) or download=True.")
+    assert isinstance(exc.value, FileNotFoundError)

@@ -59,7 +59,7 @@ class MissingDataError(FileNotFoundError):
         self.detail = detail
         super().__init__(
             f"{setting}: {detail.split('. Pass download=True')[0].rstrip('.')}. Pass "
-            "data_dir (a folder holding the files) or download=True to fetch them."
+            "data_dir (a folder holding the files) or download=True."
         )
 
 
