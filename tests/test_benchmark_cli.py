@@ -49,9 +49,10 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     # On a convex model the exact influence function predicts retraining well.
     assert rows["if-explicit"]["lds"] > 0.6
     assert rows["if-explicit"]["loo"] > 0.6
-    assert (tmp_path / "out" / "digits-lr-quick.png").exists()
+    assert (tmp_path / "out" / "digits-lr-quick-lds.png").exists()
+    assert (tmp_path / "out" / "digits-lr-quick-lds-vs-time.png").exists()
     # A second run reuses the prepared cache (no retraining) and gives the same scores.
-    assert _quick_run(tmp_path, "--methods", "if-explicit") == 0
+    assert _quick_run(tmp_path, "--methods", "if-explicit", "--no-save") == 0
     assert f"{rows['if-explicit']['lds']:.3f}" in capsys.readouterr().out
 
 

@@ -159,10 +159,24 @@ def test_tracin_budget_and_score_file(tmp_path) -> None:
     ref = make()
     ref.cache(train)
     expected = ref.attribute(train, test)
+    # Chunked gradients round differently (other matmul shapes). A score is a k-term dot
+    # product of features that are p-term projections, so its forward error is at most
+    # about gamma_{p+k} times the Cauchy-Schwarz magnitude sum_c w_c |phi_ic| |phi_jc|
+    # <= sqrt(self_i self_j) (self-influences of the reference; weights are positive).
+    p = sum(v.numel() for v in model.parameters())
+    u = torch.finfo(torch.float64).eps / 2
+    gamma = (p + 10) * u / (1 - (p + 10) * u)
+    magnitude = torch.sqrt(ref.self_attribute(train)[:, None] * ref.self_attribute(test)[None, :])
+    bound = gamma * magnitude
+
+    def assert_within(got):
+        assert got.shape == expected.shape
+        assert ((got - expected).abs() <= bound).all(), ((got - expected).abs() / bound).max()
+
     tiled = make(max_memory=20_000)  # also splits loader batches into gradient chunks
     tiled.cache(train)
     assert tiled.featurizer.grad_rows is not None and tiled.featurizer.grad_rows < 4
-    torch.testing.assert_close(tiled.attribute(train, test), expected, rtol=1e-12, atol=1e-14)
+    assert_within(tiled.attribute(train, test))
     top = tiled.attribute_topk(train, test, k=3)
     assert torch.equal(top.helpful_indices, expected.topk(3, dim=0).indices.T)
     mapped = ref.attribute(train, test, out=tmp_path / "t.npy")  # uncached-style sink path
@@ -172,7 +186,7 @@ def test_tracin_budget_and_score_file(tmp_path) -> None:
     spilled.cache(train)
     folder = Path(spilled.scale_options._tmp)
     assert isinstance(spilled._store.features[0], StoredRows) and folder.is_dir()
-    torch.testing.assert_close(spilled.attribute(train, test), expected, rtol=1e-12, atol=1e-14)
+    assert_within(spilled.attribute(train, test))
     del spilled, top
     gc.collect()
     assert not folder.exists()  # removed with the attributor

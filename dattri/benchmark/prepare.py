@@ -37,7 +37,48 @@ from dattri.model_util.subset_train import (
     train_subset_models,
 )
 
-__all__ = ["PreparedSetting", "default_cache_dir", "load_prepared", "prepare"]
+__all__ = [
+    "MissingDataError",
+    "PreparedSetting",
+    "default_cache_dir",
+    "load_prepared",
+    "prepare",
+]
+
+
+class MissingDataError(FileNotFoundError):
+    """A setting's dataset files are missing (and no download was asked for).
+
+    Attributes:
+        setting: the setting's name.
+        detail: the dataset loader's message (which files, where it looked).
+    """
+
+    def __init__(self, setting: str, detail: str) -> None:
+        self.setting = setting
+        self.detail = detail
+        super().__init__(
+            f"{setting}: {detail.split('. Pass download=True')[0].rstrip('.')}. Pass "
+            "data_dir (a folder holding the files) or download=True."
+        )
+
+
+def _load_data(
+    setting: Setting, data_dir: Path | None, download: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Call the setting's loader; a loader without a ``download`` argument gets none."""
+    import inspect
+
+    try:
+        params = inspect.signature(setting.load_data).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        params = {}
+    try:
+        if "download" in params:
+            return setting.load_data(data_dir, download=download)
+        return setting.load_data(data_dir)
+    except FileNotFoundError as exc:
+        raise MissingDataError(setting.name, str(exc)) from exc
 
 
 def default_cache_dir() -> Path:
@@ -215,10 +256,11 @@ def prepare(
     data_dir: Path | None = None,
     quick: bool = False,
     verbose: bool = True,
+    download: bool = False,
 ) -> PreparedSetting:
     """Train the models of a setting and build its LDS (and LOO) ground truth.
 
-    Resumable: pieces already on disk are kept.
+    Resumable: pieces already on disk are kept (``verbose`` says so in one line).
 
     Args:
         setting: the setting (already in its quick version when ``quick``).
@@ -226,18 +268,27 @@ def prepare(
         data_dir: where the dataset files are (for MNIST/CIFAR settings).
         quick: whether this is the quick version (changes the directory name).
         verbose: progress bars.
+        download: fetch missing dataset files (MNIST/CIFAR settings).
 
     Returns:
         The prepared setting.
+
+    Raises:
+        MissingDataError: if the dataset files are missing and ``download`` is False.
+        ValueError: if the cache directory was prepared for another configuration.
     """
     path = _setting_dir(setting, cache_dir, quick)
+    resumed = (path / "manifest.json").exists()
     _check_manifest(path, setting)
     (path / "models").mkdir(exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
+    if resumed:
+        kept = len(list(path.glob("*.pt"))) + len(list((path / "models").glob("*.pt")))
+        say(f"[{setting.name}] resuming in {path} ({kept} finished file(s) kept)")
 
     data_file = path / "data.pt"
     if not data_file.exists():
-        x_tr, y_tr, x_te, y_te = setting.load_data(data_dir)
+        x_tr, y_tr, x_te, y_te = _load_data(setting, data_dir, download)
         noisy = torch.zeros(len(y_tr), dtype=torch.bool)
         if setting.noise_ratio > 0:
             flipped, idx = flip_label(y_tr, p=setting.noise_ratio, seed=0)

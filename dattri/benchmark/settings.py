@@ -34,7 +34,8 @@ class Setting:
     Attributes:
         name: registry key, e.g. ``"digits-lr"``.
         description: one line for ``dattri-bench list``.
-        load_data: ``f(data_dir) -> (x_train, y_train, x_test, y_test)``.
+        load_data: ``f(data_dir, download=False) -> (x_train, y_train, x_test, y_test)``
+            (a loader without ``download`` is called as ``f(data_dir)``).
         model_factory: builds a fresh model (called under a fixed seed).
         train_config: training recipe shared by all models of the setting.
         final_layer: name of the last linear layer (RPS, last-layer methods).
@@ -81,7 +82,7 @@ class Setting:
 
 
 def _digits(n_train: int, n_test: int) -> Callable[[Path | None], Tensors]:
-    def load(data_dir: Path | None) -> Tensors:
+    def load(data_dir: Path | None, download: bool = False) -> Tensors:
         train, test = load_digits_dataset(n_train=n_train, n_test=n_test, seed=0)
         return (*train.tensors, *test.tensors)
 
@@ -89,10 +90,10 @@ def _digits(n_train: int, n_test: int) -> Callable[[Path | None], Tensors]:
 
 
 def _mnist(n_train: int, n_test: int, flatten: bool = True) -> Callable[[Path | None], Tensors]:
-    def load(data_dir: Path | None) -> Tensors:
+    def load(data_dir: Path | None, download: bool = False) -> Tensors:
         from dattri.benchmark.datasets.mnist import create_mnist_dataset
 
-        train, test = create_mnist_dataset(data_dir, download=data_dir is None)
+        train, test = create_mnist_dataset(data_dir, download=download)
         xs = []
         for ds, n in ((train, n_train), (test, n_test)):
             x = torch.stack([ds[i][0] for i in range(n)])
@@ -104,10 +105,10 @@ def _mnist(n_train: int, n_test: int, flatten: bool = True) -> Callable[[Path | 
 
 
 def _cifar2(n_train: int, n_test: int) -> Callable[[Path | None], Tensors]:
-    def load(data_dir: Path | None) -> Tensors:
+    def load(data_dir: Path | None, download: bool = False) -> Tensors:
         from dattri.benchmark.datasets.cifar import create_cifar2_dataset
 
-        train, test = create_cifar2_dataset(data_dir, download=data_dir is None)
+        train, test = create_cifar2_dataset(data_dir, download=download)
         xs = []
         for ds, n in ((train, n_train), (test, n_test)):
             xs += [
@@ -174,7 +175,7 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             name="mnist-lr",
             description="MNIST-10 (5000 train / 500 test), L2 logistic regression "
-            "(needs the MNIST files: --data-dir or download)",
+            "(needs the MNIST files: --data-dir or --download)",
             load_data=_mnist(5000, 500),
             model_factory=lambda: create_lr_model("mnist"),
             train_config=dataclasses.replace(_LR_TRAIN, epochs=1000, lr=0.1),
