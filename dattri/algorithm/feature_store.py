@@ -354,6 +354,13 @@ class MemmapFeatureStore:
             missing = [n for n in manifest["arrays"] if not (directory / f"{n}.npy").exists()]
             if not missing:
                 return
+            files = [f"{n}.npy" for n in missing]
+            warnings.warn(
+                f"The feature store in {str(directory)!r} lacks {files}: recomputing all of "
+                "its rows.",
+                UserWarning,
+                stacklevel=4,
+            )
         elif directory.exists() and any(directory.iterdir()):
             msg = (
                 f"cache_dir {str(directory)!r} is not empty and has no {MANIFEST}: pass an "
