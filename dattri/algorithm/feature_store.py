@@ -333,13 +333,15 @@ class MemmapFeatureStore:
             try:
                 cls._create_or_check(directory, manifest)
             except ValueError as err:
-                error = str(err)
+                if not is_distributed():
+                    raise
+                error = (type(err) is StoreDamagedError, str(err))
         if is_distributed():
             from dattri.algorithm.distributed import broadcast_object
 
             error = broadcast_object(error)
         if error is not None:
-            raise ValueError(error)
+            raise (StoreDamagedError if error[0] else ValueError)(error[1])
         return cls(directory, manifest)
 
     @staticmethod
