@@ -4,8 +4,8 @@ Layout of a store directory::
 
     manifest.json          settings + fingerprint, arrays (name, shape, dtype)
     <array>.npy            one ``.npy`` file per array, rows = training samples
-    _checksum_<array>.npy  (n,) uint64: BLAKE2b checksum of every row as written
-    _data_hash.npy         (n,) uint64: BLAKE2b fingerprint of every training sample
+    _checksum_<array>.npy  (n,) uint64: checksum of every row as written
+    _data_hash.npy         (n,) uint64: fingerprint of every training sample
     done-r<rank>.json      row ranges already written and the arrays, per unit
                            (e.g. a checkpoint)
 
@@ -41,6 +41,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,17 @@ _DTYPES = {
     "float32": (torch.float32, np.float32),
     "float64": (torch.float64, np.float64),
 }
+
+
+_HASH_POOL: ThreadPoolExecutor | None = None
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """One background thread fingerprinting a batch while it is featurized."""
+    global _HASH_POOL
+    if _HASH_POOL is None:
+        _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dattri-store-hash")
+    return _HASH_POOL
 
 
 def checksum_array(name: str) -> str:
@@ -596,12 +608,21 @@ class MemmapFeatureStore:
         count = 0
         try:
             pairs = iter_batches(loader, selected)
+            deferred = None  # a batch only checked, while the next one loads
             for b, batch in iterate(pairs, desc, verbose, total=len(selected)):
-                hashes = sample_hashes(batch, sizes[b])
-                self._check_data(b, starts[b], hashes)
+                # fingerprinted in a background thread while the batch is featurized
+                # (or the next one loaded; hashing releases the GIL), checked before
+                # anything of it is written
+                pending = _hash_pool().submit(sample_hashes, batch, sizes[b])
+                if deferred is not None:
+                    self._check_data(deferred[0], starts[deferred[0]], deferred[1].result())
+                    deferred = None
                 if b not in todo:
+                    deferred = (b, pending)
                     continue
                 out = compute(b, batch)
+                hashes = pending.result()
+                self._check_data(b, starts[b], hashes)
                 for name, values in out.items():
                     if values.shape[0] != sizes[b]:
                         msg = f"{name}: batch {b} gave {values.shape[0]} rows, expected {sizes[b]}."
@@ -618,6 +639,8 @@ class MemmapFeatureStore:
                 if time.monotonic() - last > commit_seconds:
                     self.commit()
                     last = time.monotonic()
+            if deferred is not None:
+                self._check_data(deferred[0], starts[deferred[0]], deferred[1].result())
             self._data_checked = True
         finally:
             self.commit()
