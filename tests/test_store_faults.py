@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,9 @@ def test_data_changed_after_the_first_batch_is_refused(method, tmp_path):
     x = sw.data()[0].clone()
     x[13, 2] += 1e-6  # batch 3 of 5 (samples 12-15)
     train, _ = _loaders(x)
-    with pytest.raises(ValueError, match=r"batch 3 of the loader \(samples 12-15; changed: 13\)") as e:
+    with pytest.raises(
+        ValueError, match=r"batch 3 of the loader \(samples 12-15; changed: 13\)"
+    ) as e:
         sw.make(method, tmp_path).cache(train)
     assert "training data differ" in str(e.value) and f"delete {str(tmp_path)!r}" in str(e.value)
 
@@ -162,7 +165,9 @@ def test_data_changed_before_a_resume_is_refused(method, tmp_path):
         MemmapFeatureStore.fill = store_fill
     x = sw.data()[0].clone()
     x[14:16] = 0.0
-    with pytest.raises(ValueError, match=r"batch 3 of the loader \(samples 12-15; changed: 14-15\)"):
+    with pytest.raises(
+        ValueError, match=r"batch 3 of the loader \(samples 12-15; changed: 14-15\)"
+    ):
         sw.make(method, tmp_path).cache(_loaders(x)[0])
 
 
@@ -191,8 +196,11 @@ def test_corrupted_row_is_named_and_recomputed(method, array, value, tmp_path, r
         attr, calls, train, test = _cached(method, tmp_path)
     assert calls[0] == 1  # only batch 3 of that checkpoint
     assert torch.equal(sw.scores(attr, train, test), reference[method])
-    again, calls, _, _ = _cached(method, tmp_path)  # repaired: no warning, nothing computed
+    with warnings.catch_warnings(record=True) as caught:  # repaired: no warning, no work
+        warnings.simplefilter("always")
+        _, calls, _, _ = _cached(method, tmp_path)
     assert calls[0] == 0
+    assert not [w for w in caught if "Feature store rows" in str(w.message)]
 
 
 def test_corrupted_trak_extra_rows_and_distributed_refusal(tmp_path, reference):
@@ -282,3 +290,45 @@ def test_logra_disk_folder_is_never_reused(tmp_path):
     again = make(offload="disk", cache_dir=tmp_path)
     again.cache(changed)
     assert torch.equal(again.attribute(changed, test), ref.attribute(changed, test))
+
+
+# ------------------------------------------------------------------ the hash helpers
+def test_sample_hashes_are_per_sample_and_see_every_byte():
+    from dattri.algorithm.store_integrity import format_rows, row_checksums, sample_hashes
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 4, generator=gen)
+    y = torch.randint(0, 5, (8,), generator=gen)
+    names = [f"s{i}" for i in range(8)]
+    whole = sample_hashes({"x": x, "y": y, "name": names}, 8)
+    halves = [
+        sample_hashes({"x": x[a:b], "y": y[a:b], "name": names[a:b]}, 4)
+        for a, b in ((0, 4), (4, 8))
+    ]
+    assert np.array_equal(whole, np.concatenate(halves))  # independent of the batch size
+    assert len(set(whole.tolist())) == 8
+    for i, j in ((5, 0), (2, 11)):  # one byte of one value of one sample
+        raw = x.clone().view(torch.uint8).reshape(8, -1)
+        raw[i, j] ^= 1
+        changed = sample_hashes(
+            {"x": raw.view(torch.float32).reshape(8, 3, 4), "y": y, "name": names}, 8
+        )
+        assert np.flatnonzero(changed != whole).tolist() == [i]
+    assert not np.array_equal(sample_hashes((x, y), 8), sample_hashes((x, y.float()), 8))  # dtype
+    assert not np.array_equal(sample_hashes((x, y), 8), sample_hashes((y, x), 8))  # place
+    bf = x.to(torch.bfloat16)
+    assert sample_hashes(bf, 8).shape == (8,) and sample_hashes(x.to_sparse(), 8).shape == (8,)
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    sums = row_checksums(rows)
+    rows[2, 1] = 0.0
+    assert np.flatnonzero(row_checksums(rows) != sums).tolist() == [2]
+    assert format_rows([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
+
+
+def test_store_of_an_older_format_is_refused_by_name(tmp_path):
+    MemmapFeatureStore.open(tmp_path, {"a": 1}, 4, {"f": ((2,), "float32")})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["format"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="another version of dattri \\(store format 1, now 2\\)"):
+        MemmapFeatureStore.open(tmp_path, {"a": 1}, 4, {"f": ((2,), "float32")})

@@ -404,6 +404,12 @@ class MemmapFeatureStore:
             if flat_old.get(key) != flat_new.get(key):
                 a, b = str(flat_old.get(key))[:80], str(flat_new.get(key))[:80]
                 diffs.append(f"{key}: stored {a} vs now {b}")
+        if old.get("format") != new["format"]:
+            return (
+                f"The feature store in {str(directory)!r} was written by another version of "
+                f"dattri (store format {old.get('format')}, now {new['format']}). Use a "
+                "different cache_dir, or delete this directory to recompute."
+            )
         return (
             f"The feature store in {str(directory)!r} was written for another task or other "
             f"settings ({'; '.join(diffs)}). Use a different cache_dir, or delete this "

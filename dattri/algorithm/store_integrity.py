@@ -171,6 +171,8 @@ def sample_hashes(batch: Any, size: int) -> np.ndarray:
     for path, leaf in _leaves(batch):
         if isinstance(leaf, Tensor):
             leaf = leaf.detach().cpu()
+            if leaf.layout != torch.strided:
+                leaf = leaf.to_dense()
             if leaf.dtype == torch.bfloat16:
                 leaf = leaf.view(torch.int16)
             leaf = leaf.resolve_conj().resolve_neg().contiguous().numpy()
