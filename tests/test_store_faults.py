@@ -332,3 +332,26 @@ def test_store_of_an_older_format_is_refused_by_name(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="another version of dattri \\(store format 1, now 2\\)"):
         MemmapFeatureStore.open(tmp_path, {"a": 1}, 4, {"f": ((2,), "float32")})
+
+
+def _cache_in_child(folder: str) -> None:
+    _cached("tracin", Path(folder))
+
+
+def test_fingerprint_thread_works_in_a_forked_child(tmp_path):
+    """A child forked after a store was filled (torch.multiprocessing fork) must not hang."""
+    import multiprocessing
+
+    _cached("tracin", tmp_path / "parent")  # starts this process's fingerprint thread
+    child = multiprocessing.get_context("fork").Process(
+        target=_cache_in_child, args=(str(tmp_path / "child"),)
+    )
+    child.start()
+    child.join(120)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
+    assert json.loads((tmp_path / "child" / "done-r0.json").read_text())["done"]["ckpt1"] == [
+        [0, 20]
+    ]

@@ -85,15 +85,21 @@ _DTYPES = {
 }
 
 
-_HASH_POOL: ThreadPoolExecutor | None = None
+_HASH_POOL: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def _hash_pool() -> ThreadPoolExecutor:
-    """One background thread fingerprinting a batch while it is featurized."""
+    """One background thread fingerprinting a batch while it is featurized.
+
+    Created per process: a child forked from a process that had one (e.g.
+    ``torch.multiprocessing`` with the fork start method) inherits the executor but
+    not its thread, so it makes its own.
+    """
     global _HASH_POOL
-    if _HASH_POOL is None:
-        _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dattri-store-hash")
-    return _HASH_POOL
+    if _HASH_POOL is None or _HASH_POOL[0] != os.getpid():
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dattri-store-hash")
+        _HASH_POOL = (os.getpid(), pool)
+    return _HASH_POOL[1]
 
 
 def checksum_array(name: str) -> str:
