@@ -169,7 +169,8 @@ def test_trak_store_equals_in_memory_and_resumes(tmp_path) -> None:
         broken.cache(train)
     assert calls[0] == 5
     progress = json.loads((folder / "done-r0.json").read_text())
-    assert progress == {"ckpt0": [[0, 20]]}
+    assert progress["done"] == {"ckpt0": [[0, 20]]}
+    assert progress["arrays"] == {"ckpt0": ["extra_0", "features_0"]}
 
     resumed = _trak(model, ckpts, margin, prob, cache_dir=folder)
     counter = _fail_after(resumed, 10**6)
@@ -208,7 +209,7 @@ def test_trak_store_refuses_other_settings(tmp_path) -> None:
     shifted = DataLoader(
         TensorDataset(train.dataset.tensors[0] + 1, train.dataset.tensors[1]), batch_size=4
     )
-    with pytest.raises(ValueError, match="data_probe"):
+    with pytest.raises(ValueError, match=r"batch 0 of the loader \(samples 0-3; changed: 0-3\)"):
         _trak(model, ckpts, margin, prob, cache_dir=tmp_path).cache(shifted)
 
 

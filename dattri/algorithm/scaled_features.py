@@ -9,7 +9,8 @@
   of the batches, the rows are gathered in rank order (every rank holds all rows);
 * ``cache_dir``: rows go to a :class:`~dattri.algorithm.feature_store.MemmapFeatureStore`
   (each rank writes its share; an interrupted run resumes; a store written for other
-  settings is refused) and are read back block by block through
+  settings or other data is refused, rows damaged since are recomputed; a one-line
+  message says when a store is reused or resumed) and are read back block by block through
   :class:`~dattri.algorithm.feature_store.StoredRows`.
 * ``max_memory`` without ``cache_dir``: when the features would take more than half
   the budget, a temporary store directory is used (removed with the attributor).
@@ -17,9 +18,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from collections.abc import Callable, Iterable
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from dattri.algorithm.batching import iterate, move_to_device
-from dattri.algorithm.distributed import gather_rows, is_distributed, shard_range
+from dattri.algorithm.distributed import gather_rows, is_distributed, rank_world, shard_range
 from dattri.algorithm.feature_store import (
     MemmapFeatureStore,
     StoredRows,
@@ -96,24 +97,6 @@ class ScaleOptions:
             self._tmp = tempfile.mkdtemp(prefix="dattri-store-")
             weakref.finalize(owner, shutil.rmtree, self._tmp, True)
         return self._tmp
-
-
-def _data_probe(loader: Iterable, device: torch.device) -> str:
-    """Short hash of the first batch (catches a different dataset of the same size)."""
-    digest = hashlib.sha256()
-    for _, batch in iter_batches(loader, [0]):
-        stack = [batch]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, Tensor):
-                t = item.detach().cpu().contiguous()
-                digest.update(str((tuple(t.shape), t.dtype)).encode())
-                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            elif isinstance(item, dict):
-                stack.extend(item[k] for k in sorted(item, reverse=True))
-            elif isinstance(item, (list, tuple)):
-                stack.extend(reversed(item))
-    return digest.hexdigest()[:16]
 
 
 def collect_features_scaled(
@@ -230,7 +213,6 @@ def _collect_scaled(
         "target": bool(target),
         "checkpoints": checkpoint_fingerprint(featurizer.task),
         "num_checkpoints": num_checkpoints,
-        "data_probe": _data_probe(loader, featurizer.device),
         **featurizer.settings(),
     }
     arrays: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -239,6 +221,9 @@ def _collect_scaled(
         if extra is not None:
             arrays[f"extra_{k}"] = ((), "float64")
     store = MemmapFeatureStore.open(directory, settings, n, arrays)
+    line = store.progress_line([f"ckpt{k}" for k in range(num_checkpoints)])
+    if line is not None and verbose and rank_world()[0] == 0:
+        print(line, file=sys.stderr, flush=True)
     for k in range(num_checkpoints):
 
         def compute_k(b: int, batch: Any, k: int = k) -> dict[str, Tensor]:
