@@ -46,9 +46,7 @@ RTOL = 0.05  # scores within 5 % (relative to the clean run's max) count as righ
 # ----------------------------------------------------------------------- problem
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(D_IN, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, N_CLASSES)
-    )
+    return nn.Sequential(nn.Linear(D_IN, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, N_CLASSES))
 
 
 def make_data() -> tuple[torch.Tensor, ...]:
@@ -257,8 +255,20 @@ ATTRIBUTORS: dict[str, Callable] = {
 #: attributors whose loss is ``loss(params, data)`` (the task's loss probes apply)
 FUNCTIONAL = {k for k in ATTRIBUTORS if k not in ("RPS", "KNN-Shapley")}
 #: attributors taking the training loader at cache() and iterating it again
-REITERATE = {"IF-CG", "EK-FAC", "IF-explicit", "LiSSA", "Arnoldi", "DataInf", "LoGra", "TRAK",
-             "TracIn", "Grad-Dot", "Grad-Cos", "RPS"}
+REITERATE = {
+    "IF-CG",
+    "EK-FAC",
+    "IF-explicit",
+    "LiSSA",
+    "Arnoldi",
+    "DataInf",
+    "LoGra",
+    "TRAK",
+    "TracIn",
+    "Grad-Dot",
+    "Grad-Cos",
+    "RPS",
+}
 #: attributors with a device argument
 HAS_DEVICE = set(ATTRIBUTORS) - {"DVEmb"}
 #: attributors with attribute_topk
@@ -372,9 +382,7 @@ def _p_loss_swapped(s: Setup) -> Setup:
 
 
 def _p_generator(s: Setup) -> Setup:
-    s.train_loader = (
-        (s.x_tr[i : i + 8], s.y_tr[i : i + 8]) for i in range(0, N_TRAIN, 8)
-    )
+    s.train_loader = ((s.x_tr[i : i + 8], s.y_tr[i : i + 8]) for i in range(0, N_TRAIN, 8))
     return s
 
 
@@ -399,33 +407,77 @@ def _p_logra_dim(s: Setup) -> Setup:
 
 
 PROBES: list[Probe] = [
-    Probe("loss ignores params", _p_loss_ignores_params, ("params",),
-          lambda a: a in FUNCTIONAL, right_if_clean=False, clear_kind="error"),
-    Probe("TRAK attribute(train, test)", _p_trak_swapped, ("test_dataloader", "train"),
-          lambda a: a == "TRAK", right_if_clean=False, clear_kind="error"),
+    Probe(
+        "loss ignores params",
+        _p_loss_ignores_params,
+        ("params", "functional_call"),
+        lambda a: a in FUNCTIONAL,
+        right_if_clean=False,
+        clear_kind="error",
+    ),
+    Probe(
+        "TRAK attribute(train, test)",
+        _p_trak_swapped,
+        ("test_dataloader", "train"),
+        lambda a: a == "TRAK",
+        right_if_clean=False,
+        clear_kind="error",
+    ),
     Probe("sum-reduced loss", _p_sum_loss, ("sum",), lambda a: a in FUNCTIONAL),
-    Probe("train mode after load", _p_train_mode, ("train mode",),
-          lambda a: a in FUNCTIONAL or a == "RPS"),
+    Probe(
+        "train mode after load",
+        _p_train_mode,
+        ("train mode",),
+        lambda a: a in FUNCTIONAL or a == "RPS",
+    ),
     Probe("huge input 1e10", _p_huge(1e10), ("sample", str(HUGE_ROW))),
     Probe("huge input 3e37", _p_huge(3e37), ("sample", str(HUGE_ROW))),
-    Probe("label out of range", _p_label_oob, ("label",), right_if_clean=False,
-          applies=lambda a: a != "KNN-Shapley"),
+    Probe(
+        "label out of range",
+        _p_label_oob,
+        ("label",),
+        right_if_clean=False,
+        applies=lambda a: a not in ("KNN-Shapley", "RPS"),
+    ),  # they never index by label
     Probe("test feature size", _p_test_feature_size, ("test",), right_if_clean=False),
     Probe("float labels", _p_float_labels, ("label",)),
     Probe("float64 inputs", _p_float64_inputs, ("float64", "float32")),
-    Probe("checkpoint not state_dict", _p_ckpt_not_state_dict, ("checkpoints_load_func",),
-          lambda a: a not in ("KNN-Shapley", "DVEmb"), right_if_clean=False),
-    Probe("loss wrong signature", _p_loss_wrong_signature, ("loss_func", "data"),
-          lambda a: a in FUNCTIONAL, right_if_clean=False, clear_kind="error"),
-    Probe("loss (data, params)", _p_loss_swapped, ("loss_func", "params"),
-          lambda a: a in FUNCTIONAL, right_if_clean=False, clear_kind="error"),
-    Probe("generator train loader", _p_generator, ("iterable",),
-          lambda a: a in REITERATE),
-    Probe("device=cuda without CUDA", _p_cuda, ("cuda",), lambda a: a in HAS_DEVICE,
-          right_if_clean=False, clear_kind="error"),
+    Probe(
+        "checkpoint not state_dict",
+        _p_ckpt_not_state_dict,
+        ("checkpoints_load_func",),
+        lambda a: a not in ("KNN-Shapley", "DVEmb"),
+        right_if_clean=False,
+    ),
+    Probe(
+        "loss wrong signature",
+        _p_loss_wrong_signature,
+        ("loss", "(params,"),
+        lambda a: a in FUNCTIONAL,
+        right_if_clean=False,
+        clear_kind="error",
+    ),
+    Probe(
+        "loss (data, params)",
+        _p_loss_swapped,
+        ("loss_func", "params"),
+        lambda a: a in FUNCTIONAL,
+        right_if_clean=False,
+        clear_kind="error",
+    ),
+    Probe("generator train loader", _p_generator, ("iterable",), lambda a: a in REITERATE),
+    Probe(
+        "device=cuda without CUDA",
+        _p_cuda,
+        ("device", "cuda"),
+        lambda a: a in HAS_DEVICE,
+        right_if_clean=False,
+        clear_kind="error",
+    ),
     Probe("attribute_topk k > n_train", _p_topk, ("k",), lambda a: a in HAS_TOPK),
-    Probe("LoGra proj_dim > layer size", _p_logra_dim, ("proj_dim_per_layer",),
-          lambda a: a == "LoGra"),
+    Probe(
+        "LoGra proj_dim > layer size", _p_logra_dim, ("proj_dim_per_layer",), lambda a: a == "LoGra"
+    ),
 ]
 
 
@@ -463,7 +515,7 @@ def run_one(attr: str, probe: Probe | None, clean: dict[str, Any]) -> Outcome:
         warnings.simplefilter("always")
         try:
             result = ATTRIBUTORS[attr](s)
-        except Exception as err:  # noqa: BLE001 - classify every failure
+        except Exception as err:
             msg = f"{type(err).__name__}: {err}"
             if probe is None:
                 return Outcome("raw", msg)
@@ -471,6 +523,10 @@ def run_one(attr: str, probe: Probe | None, clean: dict[str, Any]) -> Outcome:
             text = msg
             if probe.keywords and _mentions(text, probe.keywords):
                 return Outcome("clear", msg)
+            # a warning naming the cause came just before the error
+            named = [str(w.message) for w in caught if _mentions(str(w.message), probe.keywords)]
+            if named:
+                return Outcome("clear", f"warning: {named[0]} then {msg}")
             return Outcome("raw", msg)
     warns = [f"{w.category.__name__}: {w.message}" for w in caught]
     warns = [w for w in warns if "TracerWarning" not in w]
@@ -526,13 +582,19 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 o = run_one(a, p, clean)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 o = Outcome("raw", traceback.format_exc(limit=1))
             table[p.name][a] = o
             if args.details:
                 print(f"[{p.name}] {a}: {o.kind}: {o.detail[:300]}")
-    short = {"right": "ok", "clear": "CLEAR", "raw": "RAW", "obscure": "OBSC", "silent": "SILENT",
-             "n/a": "-"}
+    short = {
+        "right": "ok",
+        "clear": "CLEAR",
+        "raw": "RAW",
+        "obscure": "OBSC",
+        "silent": "SILENT",
+        "n/a": "-",
+    }
     header = "| probe | " + " | ".join(attrs) + " |"
     lines = [header, "|" + "---|" * (len(attrs) + 1)]
     counts: Counter = Counter()

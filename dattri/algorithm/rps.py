@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.batching import check_loader, iterate, move_to_device
 from dattri.algorithm.utils import RPS_SOLVERS, rps_alpha, rps_finetune_theta
+from dattri.algorithm.validation import require_reiterable, resolve_device
+from dattri.loss_checks import explain_error
 from dattri.task import AttributionTask
 
 __all__ = ["RPSAttributor"]
@@ -96,7 +98,7 @@ class RPSAttributor(BaseAttributor):
         self.normalize_preactivate = normalize_preactivate
         self.l2_strength = float(l2_strength)
         self.epoch = epoch
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.verbose = verbose
         self.label_key = label_key
         self.solver = solver
@@ -184,7 +186,14 @@ class RPSAttributor(BaseAttributor):
             with torch.no_grad():
                 for batch in iterate(loader, f"RPS features ({name})", self.verbose):
                     count = len(feats)
-                    self._forward(model, move_to_device(batch, model_device))
+                    try:
+                        self._forward(model, move_to_device(batch, model_device))
+                    except (RuntimeError, IndexError) as err:
+                        where = f"a batch of {name}"
+                        clear = explain_error(err, model=model, data=batch, where=where)
+                        if clear is None:
+                            raise
+                        raise clear from err
                     if len(feats) != count + 1:
                         msg = (
                             f"Layer {self.final_linear_layer_name!r} was called "
@@ -221,6 +230,7 @@ class RPSAttributor(BaseAttributor):
         Args:
             full_train_dataloader: the training data of the fit (``n`` samples).
         """
+        require_reiterable(full_train_dataloader, "full_train_dataloader", "RPSAttributor")
         thetas = []
         for k in range(self.num_checkpoints):
             f, o, _ = self._collect(full_train_dataloader, k, "full_train_dataloader", False)
