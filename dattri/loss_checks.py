@@ -126,7 +126,7 @@ def explain_error(
     data: Any,
     where: str,
     func_name: str = "loss_func",
-    first_row: int = 0,
+    first_row: int | None = None,
 ) -> ValueError | None:
     """A clear ``ValueError`` for a raw error raised while evaluating ``func_name``.
 
@@ -136,7 +136,8 @@ def explain_error(
         data: the batch the function was evaluated on.
         where: what the batch is, e.g. ``"batch 1 of train_dataloader"``.
         func_name: the user's function that was being evaluated.
-        first_row: global index of the batch's first sample (to name the sample).
+        first_row: global index of the batch's first sample, if known (to name the
+            sample; else the row within the batch is named).
 
     Returns:
         The error to raise (``from err``), or None when the cause is not recognised.
@@ -160,8 +161,9 @@ def explain_error(
         if hit is not None:
             row, value = hit
             classes = f"{limit} classes (0..{limit - 1})" if limit else "fewer classes"
+            who = f"row {row}" if first_row is None else f"sample {first_row + row} (row {row})"
             return ValueError(
-                f"{where}: sample {first_row + row} (row {row} of the batch) has label "
+                f"{where}: {who} of the batch has label "
                 f"{value:g} but the model has {classes}. Fix the labels (they must be "
                 "class indices in [0, num_classes)) or the model's output size."
             )
