@@ -298,7 +298,7 @@ def check_loss_on_batch(
                 f"scalar. Expected: {expected}."
             )
             raise ValueError(msg)
-        _check_uses_params(func, func_name, params, sample, value, where)
+        _check_uses_params(func, func_name, params, sample, where)
         if mean_batch and tensors[0].shape[0] >= 1:
             _check_mean(func, func_name, params, data, where)
 
@@ -308,26 +308,32 @@ def _check_uses_params(
     func_name: str,
     params: Mapping[str, Tensor],
     sample: Any,
-    value: Tensor,
     where: str,
 ) -> None:
-    """Raise if the value does not change when every parameter is perturbed."""
-    if not params or not bool(torch.isfinite(value).all()):
+    """Raise if no autograd path leads from ``params`` to the value (e.g. ``model(x)``).
+
+    Structural, so a saturated loss whose gradient happens to be 0 is not flagged.
+    """
+    leaves = {
+        k: p.detach().requires_grad_(True) for k, p in params.items() if p.is_floating_point()
+    }
+    if not leaves:
         return
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    moved = {}
-    for k, p in params.items():
-        if p.is_floating_point():
-            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
-            moved[k] = p + 0.5 * noise * (p.abs().mean() + 1.0)
-        else:
-            moved[k] = p
-    other = func(moved, sample)
-    if isinstance(other, Tensor) and bool(torch.equal(other.reshape(-1), value.reshape(-1))):
+    with torch.enable_grad():
+        out = func({**params, **leaves}, sample)
+        if not isinstance(out, Tensor):
+            return
+        used = out.requires_grad and any(
+            g is not None
+            for g in torch.autograd.grad(
+                out.sum(), list(leaves.values()), allow_unused=True, retain_graph=False
+            )
+        )
+    if not used:
         msg = (
-            f"{func_name} does not depend on the params it is given: its value on the "
-            f"first sample of {where} is unchanged when every parameter is moved, so all "
-            "gradients (and all scores) would be 0. It probably calls model(x); call "
+            f"{func_name} does not depend on the params it is given: on the first sample "
+            f"of {where} no gradient flows from params to its value, so all gradients (and "
+            "all scores) would be 0. It probably calls model(x) or detaches; call "
             "torch.func.functional_call(model, params, (x,)) instead."
         )
         raise ValueError(msg)

@@ -468,16 +468,16 @@ class AttributionTask:
             funcs.append(("target_func", self.original_target_func, False))
         for name, func, mean in funcs:
             try:
-                required = [
+                positional = [
                     p
                     for p in inspect.signature(func).parameters.values()
-                    if p.default is p.empty
-                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                 ]
             except (TypeError, ValueError):
-                required = []
-            if len(required) == 3:  # eager f(model, batch, device) (LoGra/DVEmb)
-                continue
+                positional = []
+            third = positional[2] if len(positional) > 2 else None
+            if third is not None and (third.default is third.empty or third.name == "device"):
+                continue  # eager f(model, batch, device) (LoGra/DVEmb conventions)
             check_loss_on_batch(
                 func,
                 name,

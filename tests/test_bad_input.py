@@ -147,3 +147,102 @@ def test_bad_input(name, attr, monkeypatch):
             with pytest.raises(UserWarning) as info:
                 run(setup)
     assert info.match(f"(?s){regex}")
+
+
+# ------------------------------------------------------------- valid uses stay quiet
+def _tiny_task(loss):
+    from dattri.task import AttributionTask
+
+    model = probe.make_model().eval()
+    return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict()), model
+
+
+def test_saturated_loss_is_not_taken_for_a_param_free_loss():
+    """A loss that is exactly 0 (float32 saturation) still depends on params."""
+    from torch.func import functional_call
+
+    def loss(params, data):
+        x, y = data
+        logits = functional_call(model, params, (x,)) * 1e4  # margins ~1e3: CE == 0.0
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    task, model = _tiny_task(loss)
+    x, y = torch.randn(4, probe.D_IN), torch.zeros(4, dtype=torch.long)
+    with torch.no_grad():
+        y = model(x).argmax(dim=1)
+    assert float(loss(dict(model.named_parameters()), (x, y))) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.check_functions((x, y), keep_batch_dim=True, mean_batch=True)
+
+
+def test_mean_loss_with_penalty_is_not_reported_as_sum():
+    from torch.func import functional_call
+
+    def loss(params, data):
+        x, y = data
+        ce = torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+        return ce + 1e-2 * sum((p**2).sum() for p in params.values())
+
+    task, model = _tiny_task(loss)
+    x, y = torch.randn(8, probe.D_IN), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.check_functions((x, y), keep_batch_dim=True, mean_batch=True)
+
+
+def test_sum_loss_is_reported_for_the_mean_convention_only():
+    from torch.func import functional_call
+
+    def loss(params, data):
+        x, y = data
+        logits = functional_call(model, params, (x,))
+        return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+
+    task, model = _tiny_task(loss)
+    x, y = torch.randn(8, probe.D_IN), torch.randint(0, 3, (8,))
+    with pytest.warns(UserWarning, match="SUM-reduced"):
+        task.check_functions((x, y), keep_batch_dim=True, mean_batch=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.check_functions((x, y), keep_batch_dim=False, mean_batch=False)
+
+
+def test_huge_value_scan_ignores_masks_and_names_dataset_index():
+    from dattri.algorithm.validation import scan_huge_values
+
+    mask = torch.zeros(3, 5)
+    mask[1, 2] = torch.finfo(torch.float32).min  # additive attention mask
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not scan_huge_values({"mask": mask, "ids": torch.arange(3)}, "x", 0)
+    x = torch.ones(3, 5)
+    x[2, 0] = -2e9
+    with pytest.warns(UserWarning, match=r"Sample 42 \(row 2 of its batch\).*2e\+09"):
+        assert scan_huge_values((x,), "x", 0, torch.tensor([40, 41, 42]))
+
+
+def test_trak_swapped_detected_for_another_loader_on_the_cached_dataset():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    s = probe.base_setup()
+    train_ds = TensorDataset(s.x_tr, s.y_tr)
+    s.train_loader = DataLoader(train_ds, batch_size=8)
+    from dattri.algorithm import TRAKAttributor
+    from dattri.params.projection import TRAKProjectionParams
+
+    attr = TRAKAttributor(
+        probe._task(s),
+        probe.prob_func(s.model),
+        proj_params=TRAKProjectionParams(proj_dim=8),
+        verbose=False,
+    )
+    attr.cache(s.train_loader)
+    test = DataLoader(TensorDataset(s.x_te, s.y_te), batch_size=3)
+    with pytest.raises(ValueError, match="look swapped"):
+        attr.attribute(DataLoader(train_ds, batch_size=4), test)
+    # the documented orders work: (test), (test, cached train), (test, other train)
+    assert attr.attribute(test).shape == (probe.N_TRAIN, probe.N_TEST)
+    assert attr.attribute(test, s.train_loader).shape == (probe.N_TRAIN, probe.N_TEST)
+    other = DataLoader(TensorDataset(s.x_te, s.y_te), batch_size=2)
+    assert attr.attribute(test, other).shape == (probe.N_TEST, probe.N_TEST)

@@ -16,7 +16,9 @@ Every attributor calls these helpers instead of keeping its own copies:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -125,6 +127,11 @@ def validate_loader(
     """
     if is_single_pass(loader) or not hasattr(task, "check_functions"):
         return
+    key = (id(loader), keep_batch_dim, mean_batch, target)
+    done = task.__dict__.setdefault("_validated_loaders", {})
+    ref = done.get(key)
+    if ref is not None and ref() is loader:  # checked before (per loader and convention)
+        return
     try:
         first = next(iter(loader))
     except StopIteration:
@@ -136,6 +143,8 @@ def validate_loader(
         target=target,
         where=f"batch 0 of {name}",
     )
+    with contextlib.suppress(TypeError):  # lists etc. (no weakref): peeking again is cheap
+        done[key] = weakref.ref(loader)
 
 
 def explain_batches(
@@ -200,6 +209,9 @@ def scan_huge_values(item: Any, desc: str, row0: int, indices: Tensor | None = N
 
     for t in tensors_of(item):
         if not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(t.detach())  # no temporary copy of the batch
+        if not (float(hi) >= HUGE_INPUT or float(lo) <= -HUGE_INPUT):
             continue
         mag = t.detach().abs()
         big = (mag >= HUGE_INPUT) & torch.isfinite(mag) & (mag < torch.finfo(t.dtype).max)
