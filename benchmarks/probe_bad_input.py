@@ -213,6 +213,7 @@ def run_rps(s: Setup) -> torch.Tensor:
 def run_dvemb(s: Setup) -> torch.Tensor:
     from dattri.algorithm import DVEmbAttributor
 
+    s.model.eval()  # DVEmb records at the live model: deterministic steps (no dropout)
     attr = DVEmbAttributor(_task(s), verbose=False)
     tr, te = s.loaders()
     start = 0

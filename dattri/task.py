@@ -439,33 +439,38 @@ class AttributionTask:
         *,
         keep_batch_dim: bool,
         mean_batch: bool = False,
-        target: bool = True,
+        target: bool = False,
         where: str = "the first batch",
-        ckpt_idx: int = 0,
+        ckpt_idx: int | None = 0,
     ) -> None:
-        """Check ``loss_func`` (and ``target_func``) on one batch, cheaply.
+        """Check ``loss_func`` (or ``target_func``) on one batch, cheaply.
 
-        Runs each function on the first sample of ``data`` (and, with ``mean_batch``,
+        Runs the function on the first sample of ``data`` (and, with ``mean_batch``,
         on the batch and the batch duplicated) and raises a ``ValueError`` naming the
         cause and the fix for a wrong signature, ``(data, params)`` order, non-scalar
         value, a value that ignores ``params`` (e.g. ``model(x)``), labels outside the
         model's classes, float labels, dtype or feature-size mismatches; warns when a
-        mean loss looks sum-reduced. Eager losses ``f(model, batch, device)`` (three
-        required arguments) are skipped.
+        mean loss looks sum-reduced. Eager losses ``f(model, batch, device)`` are
+        skipped.
 
         Args:
             data: one batch.
             keep_batch_dim: the attributor's per-sample convention.
             mean_batch: the loss is also used as the mean loss of whole batches.
-            target: also check ``target_func`` if it differs from ``loss_func``.
+            target: check ``target_func`` (for test data) instead of ``loss_func``.
             where: the batch, for messages.
-            ckpt_idx: the checkpoint whose parameters are used.
+            ckpt_idx: the checkpoint whose parameters are used; None uses the model's
+                current parameters without loading anything (e.g. during training).
         """
-        self._load_checkpoints(ckpt_idx)
+        if ckpt_idx is not None:
+            self._load_checkpoints(ckpt_idx)
         params = {n: p.detach() for n, p in self.model.named_parameters()}
-        funcs = [("loss_func", self.original_loss_func, mean_batch)]
-        if target and self.original_target_func is not self.original_loss_func:
-            funcs.append(("target_func", self.original_target_func, False))
+        if target:
+            same = self.original_target_func is self.original_loss_func
+            name = "loss_func (the default target_func)" if same else "target_func"
+            funcs = [(name, self.original_target_func, False)]
+        else:
+            funcs = [("loss_func", self.original_loss_func, mean_batch)]
         for name, func, mean in funcs:
             try:
                 positional = [

@@ -312,7 +312,11 @@ class BaseInnerProductAttributor(BaseAttributor):
         check_loader(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)
         validate_loader(
-            self.task, test_dataloader, "test_dataloader", keep_batch_dim=self.keep_batch_dim
+            self.task,
+            test_dataloader,
+            "test_dataloader",
+            keep_batch_dim=self.keep_batch_dim,
+            target=True,
         )
         test_reps = self._test_reps(test_dataloader)
         weights = self.checkpoint_weights()

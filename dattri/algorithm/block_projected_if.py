@@ -514,7 +514,9 @@ class BlockProjectedIFAttributor(BaseAttributor):
         self.cache(train_dataloader)
 
     def _test_reps(self, test_dataloader: Iterable) -> Tensor:
-        validate_loader(self.task, test_dataloader, "test_dataloader", keep_batch_dim=True)
+        validate_loader(
+            self.task, test_dataloader, "test_dataloader", keep_batch_dim=True, target=True
+        )
         reps = [
             self._compress(move_to_device(batch, self.device), target=True)
             for batch in iterate(test_dataloader, "test gradients", self.verbose)

@@ -375,6 +375,7 @@ class DVEmbAttributor:
                 keep_batch_dim=False,
                 target=False,
                 where="the first batch given to cache_gradients",
+                ckpt_idx=None,  # the live model being trained: load nothing
             )
         grads = self._batch_grads(batch_data, target=False)
         self._record(epoch, grads, idx, learning_rate)
@@ -523,7 +524,14 @@ class DVEmbAttributor:
         emb = self._embedding(epoch, train_data_indices)
         check_loader(test_dataloader, "test_dataloader")
         if not self.use_factorization:
-            validate_loader(self.task, test_dataloader, "test_dataloader", keep_batch_dim=False)
+            validate_loader(
+                self.task,
+                test_dataloader,
+                "test_dataloader",
+                keep_batch_dim=False,
+                target=True,
+                ckpt_idx=None,  # the live model
+            )
         cols = [
             emb @ self._batch_grads(b, target=True).to(emb).T
             for b in iterate(test_dataloader, "DVEmb test gradients", self.verbose)

@@ -245,7 +245,9 @@ class TracInAttributor(BaseAttributor):
         """Yield ``(row_start, col_start, tile)``; checkpoints summed inside each tile."""
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
-        validate_loader(self.task, test_dataloader, "test_dataloader", keep_batch_dim=False)
+        validate_loader(
+            self.task, test_dataloader, "test_dataloader", keep_batch_dim=False, target=True
+        )
         test_feats = self._test_features(test_dataloader)
         weights = self._weights()
         n_test = test_feats[0].shape[0]

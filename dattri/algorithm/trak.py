@@ -415,7 +415,9 @@ class TRAKAttributor(BaseAttributor):
         """Yield ``(row_start, col_start, tile)`` score tiles (see :meth:`attribute`)."""
         check_loader(test_dataloader, "test_dataloader")
         self._check_order(test_dataloader, train_dataloader)
-        validate_loader(self.task, test_dataloader, "test_dataloader", keep_batch_dim=False)
+        validate_loader(
+            self.task, test_dataloader, "test_dataloader", keep_batch_dim=False, target=True
+        )
         store = self._state_for(train_dataloader)
         tests = self._test_transform(store, test_dataloader)
         n_test = tests[0].shape[0]

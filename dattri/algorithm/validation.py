@@ -111,9 +111,10 @@ def validate_loader(
     *,
     keep_batch_dim: bool,
     mean_batch: bool = False,
-    target: bool = True,
+    target: bool = False,
+    ckpt_idx: int | None = 0,
 ) -> None:
-    """Check the task's functions on the first batch of ``loader`` (see module doc).
+    """Check the task's loss (or target) function on the first batch of ``loader``.
 
     Skipped for single-pass iterators (peeking would consume a batch).
 
@@ -123,7 +124,8 @@ def validate_loader(
         name: argument name for messages.
         keep_batch_dim: the attributor's per-sample convention.
         mean_batch: the loss is also the mean loss of whole batches (IF family).
-        target: also check ``target_func``.
+        target: check ``target_func`` (test loaders) instead of ``loss_func``.
+        ckpt_idx: checkpoint to load first, or None for the model as it is.
     """
     if is_single_pass(loader) or not hasattr(task, "check_functions"):
         return
@@ -142,6 +144,7 @@ def validate_loader(
         mean_batch=mean_batch,
         target=target,
         where=f"batch 0 of {name}",
+        ckpt_idx=ckpt_idx,
     )
     with contextlib.suppress(TypeError):  # lists etc. (no weakref): peeking again is cheap
         done[key] = weakref.ref(loader)
