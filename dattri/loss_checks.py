@@ -23,7 +23,8 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "check_loss_on_batch",
     "check_train_mode",
     "explain_error",
+    "explained_errors",
     "tensors_of",
 ]
 
@@ -212,6 +214,39 @@ def explain_error(
             "the training data."
         )
     return None
+
+
+@contextmanager
+def explained_errors(
+    model: nn.Module,
+    data: Any,
+    where: str,
+    func_name: str = "loss_func",
+    first_row: int | None = None,
+) -> Iterator[None]:
+    """Re-raise a raw ``RuntimeError``/``IndexError`` of the block as a clear ``ValueError``.
+
+    Errors :func:`explain_error` does not recognise propagate unchanged.
+
+    Args:
+        model: the model (sizes the messages).
+        data: the batch being evaluated.
+        where: the batch, e.g. ``"batch 3 of full_train_dataloader"``.
+        func_name: the user's function evaluated in the block.
+        first_row: global index of the batch's first sample, if known.
+
+    Yields:
+        None.
+    """
+    try:
+        yield
+    except (RuntimeError, IndexError) as err:
+        clear = explain_error(
+            err, model=model, data=data, where=where, func_name=func_name, first_row=first_row
+        )
+        if clear is None:
+            raise
+        raise clear from err
 
 
 def _call_error(func: Callable, args: tuple) -> str | None:

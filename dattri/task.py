@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from dattri.func.utils import flatten_func, normalize_layer_name, partial_param
-from dattri.loss_checks import check_loss_on_batch, check_train_mode, explain_error
+from dattri.loss_checks import check_loss_on_batch, check_train_mode, explained_errors
 
 __all__ = ["AttributionTask"]
 
@@ -413,7 +413,7 @@ class AttributionTask:
         names = self.selected_param_names(layer_name)
         params = {n: p.detach() for n, p in self.named_parameters.items()}
         func = self.original_target_func if target else self.original_loss_func
-        try:
+        with explained_errors(self.model, data, where, "target_func" if target else "loss_func"):
             return per_sample_grad(
                 self.model,
                 func,
@@ -426,12 +426,6 @@ class AttributionTask:
                 out=out,
                 check_finite=check_finite,
             )
-        except (RuntimeError, IndexError) as err:
-            name = "target_func" if target else "loss_func"
-            clear = explain_error(err, model=self.model, data=data, where=where, func_name=name)
-            if clear is None:
-                raise
-            raise clear from err
 
     def check_functions(
         self,

@@ -56,7 +56,7 @@ from dattri.algorithm.block_projected_store import (
 )
 from dattri.algorithm.validation import resolve_device, validate_loader
 from dattri.func.per_sample_grad import per_sample_kron_projected
-from dattri.loss_checks import explain_error
+from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
 
 __all__ = ["DEFAULT_DAMPING", "BlockProjectedIFAttributor", "stable_inverse"]
@@ -314,7 +314,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
         model = self.task.get_model()
         func = self.task.original_target_func if target else self.task.original_loss_func
         loss = functional_loss(func, model, self.device, "target_func" if target else "loss_func")
-        try:
+        with explained_errors(model, batch, "a test batch" if target else "a training batch"):
             kron = per_sample_kron_projected(
                 model,
                 loss,
@@ -325,12 +325,6 @@ class BlockProjectedIFAttributor(BaseAttributor):
                 {c.name: c.proj_out for c in self.compressors},
                 keep_batch_dim=True,
             )
-        except (RuntimeError, IndexError) as err:
-            where = "a test batch" if target else "a training batch"
-            clear = explain_error(err, model=model, data=batch, where=where)
-            if clear is None:
-                raise
-            raise clear from err
         return torch.cat([c.finish(kron[c.name]) for c in self.compressors], dim=1)
 
     def _target_is_loss(self) -> bool:

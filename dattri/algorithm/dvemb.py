@@ -42,7 +42,7 @@ from dattri.algorithm.utils import (
 from dattri.algorithm.validation import scan_huge_values, validate_loader
 from dattri.func.layer_grads import factor_grads, kron_project, layer_kind, linear_factors
 from dattri.func.per_sample_grad import per_sample_grad
-from dattri.loss_checks import explain_error
+from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
 
 __all__ = ["DVEmbAttributor"]
@@ -252,16 +252,11 @@ class DVEmbAttributor:
     def _none_grads(self, batch: Any, target: bool) -> Tensor:
         func = self.task.original_target_func if target else self.task.original_loss_func
         params = {n: p.detach() for n, p in self.model.named_parameters()}
-        try:
+        where = "a test batch" if target else "the batch given to cache_gradients"
+        with explained_errors(self.model, batch, where):
             g = per_sample_grad(
                 self.model, func, params, batch, param_names=self._param_names, keep_batch_dim=False
             )
-        except (RuntimeError, IndexError) as err:
-            where = "a test batch" if target else "the batch given to cache_gradients"
-            clear = explain_error(err, model=self.model, data=batch, where=where)
-            if clear is None:
-                raise
-            raise clear from err
         return self._project_full(g)
 
     def _factor_grads_from(self, store: dict, batch_size: int) -> Tensor:

@@ -39,7 +39,7 @@ from dattri.func.fisher import (
 )
 from dattri.func.layer_grads import layer_kind
 from dattri.func.per_sample_grad import per_sample_layer_factors
-from dattri.loss_checks import explain_error
+from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
 
 __all__ = ["IFAttributorEKFAC"]
@@ -170,7 +170,7 @@ class IFAttributorEKFAC(IFBase):
         for step, batch in iterate(pairs, desc, self.verbose, total=total):
             if self._max_iter is not None and step >= self._max_iter:
                 break
-            try:
+            with explained_errors(model, batch, f"batch {step} of full_train_dataloader"):
                 factors = per_sample_layer_factors(
                     model,
                     self.task.original_loss_func,
@@ -180,12 +180,6 @@ class IFAttributorEKFAC(IFBase):
                     keep_batch_dim=True,
                     bias_column=True,
                 )
-            except (RuntimeError, IndexError) as err:
-                where = f"batch {step} of full_train_dataloader"
-                clear = explain_error(err, model=model, data=batch, where=where)
-                if clear is None:
-                    raise
-                raise clear from err
             out = {}
             for n, (a, ds) in factors.items():
                 has_bias_col = a.shape[-1] == self._shapes[n][1] + 1

@@ -33,7 +33,7 @@ from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.batching import check_loader, iterate, move_to_device
 from dattri.algorithm.utils import RPS_SOLVERS, rps_alpha, rps_finetune_theta
 from dattri.algorithm.validation import require_reiterable, resolve_device
-from dattri.loss_checks import explain_error
+from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
 
 __all__ = ["RPSAttributor"]
@@ -186,14 +186,8 @@ class RPSAttributor(BaseAttributor):
             with torch.no_grad():
                 for batch in iterate(loader, f"RPS features ({name})", self.verbose):
                     count = len(feats)
-                    try:
+                    with explained_errors(model, batch, f"a batch of {name}", "the model"):
                         self._forward(model, move_to_device(batch, model_device))
-                    except (RuntimeError, IndexError) as err:
-                        where = f"a batch of {name}"
-                        clear = explain_error(err, model=model, data=batch, where=where)
-                        if clear is None:
-                            raise
-                        raise clear from err
                     if len(feats) != count + 1:
                         msg = (
                             f"Layer {self.final_linear_layer_name!r} was called "

@@ -42,7 +42,7 @@ from dattri.algorithm.scoring import (
 )
 from dattri.algorithm.topk import TopKResult
 from dattri.algorithm.validation import resolve_device, validate_loader
-from dattri.loss_checks import explain_error
+from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
 
 __all__ = ["KernelInverse", "TRAKAttributor", "factor_kernel"]
@@ -272,19 +272,9 @@ class TRAKAttributor(BaseAttributor):
             self.correct_probability_func, in_dims=(None, 0), randomness="different"
         )
         with torch.no_grad():
-            try:
+            model = self.task.get_model()
+            with explained_errors(model, batch, "a batch", "correct_probability_func"):
                 p = func(params, batch)
-            except (RuntimeError, IndexError) as err:
-                clear = explain_error(
-                    err,
-                    model=self.task.get_model(),
-                    data=batch,
-                    where="a training batch",
-                    func_name="correct_probability_func",
-                )
-                if clear is None:
-                    raise
-                raise clear from err
         if not isinstance(p, Tensor):
             msg = "correct_probability_func must return a tensor (the probability)."
             raise TypeError(msg)
