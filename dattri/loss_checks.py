@@ -37,6 +37,7 @@ __all__ = [
     "explain_error",
     "explained_errors",
     "tensors_of",
+    "train_mode_ok",
 ]
 
 #: the calling convention of each attributor family (stated in error messages).
@@ -399,6 +400,18 @@ def _check_mean(
         )
 
 
+#: message prefix of :func:`check_train_mode` (silenced by :func:`train_mode_ok`).
+_TRAIN_MODE = "The model is in train mode after loading a checkpoint"
+
+
+@contextmanager
+def train_mode_ok() -> Iterator[None]:
+    """Silence :func:`check_train_mode` where the caller sets the mode itself (RPS)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TRAIN_MODE)
+        yield
+
+
 def check_train_mode(model: nn.Module, custom_loader: bool) -> None:
     """Warn if ``model`` is in train mode with active dropout or batch-norm.
 
@@ -419,7 +432,7 @@ def check_train_mode(model: nn.Module, custom_loader: bool) -> None:
         return
     who = "checkpoints_load_func" if custom_loader else "the model"
     warnings.warn(
-        f"The model is in train mode after loading a checkpoint ({who} did not call "
+        f"{_TRAIN_MODE} ({who} did not call "
         f"model.eval()): dropout/batch-norm modules {active[:5]} are active, so gradients "
         "are random and the scores wrong. Call model.eval() in checkpoints_load_func "
         "(and return the model).",

@@ -54,8 +54,8 @@ def expected(name: str, attr: str) -> tuple[str, str]:
     if name == "sum-reduced loss":
         return warn(r"SUM-reduced.*reduction='mean'") if attr in MEAN_HVP else RIGHT
     if name == "train mode after load":
-        if attr == "DVEmb":
-            return RIGHT  # records at the live model; checkpoints are not loaded
+        if attr in ("DVEmb", "RPS"):
+            return RIGHT  # DVEmb: the live model, no checkpoint; RPS sets eval mode itself
         return warn(r"train mode after loading.*model\.eval\(\)")
     if name == "huge input 1e10":
         return warn(r"Sample 10 \(row 2 of its batch\).*magnitude 1e\+10.*Normalise")

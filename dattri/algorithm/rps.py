@@ -33,7 +33,7 @@ from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.batching import check_loader, iterate, move_to_device
 from dattri.algorithm.utils import RPS_SOLVERS, rps_alpha, rps_finetune_theta
 from dattri.algorithm.validation import require_reiterable, resolve_device
-from dattri.loss_checks import explained_errors
+from dattri.loss_checks import explained_errors, train_mode_ok
 from dattri.task import AttributionTask
 
 __all__ = ["RPSAttributor"]
@@ -103,7 +103,8 @@ class RPSAttributor(BaseAttributor):
         self.label_key = label_key
         self.solver = solver
         self.loss_func = task.get_target_func(flatten=False)
-        task._load_checkpoints(0)
+        with train_mode_ok():  # RPS runs the model in eval mode itself
+            task._load_checkpoints(0)
         self._layer()  # validates the name
         #: fitted ``(C, d [+1])`` weights, one per checkpoint (bias as last column).
         self.theta: list[Tensor] = []
@@ -165,7 +166,8 @@ class RPSAttributor(BaseAttributor):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Layer inputs ``(n, d)``, outputs ``(n, C)`` and optionally labels ``(n,)``."""
         check_loader(loader, name)
-        self.task._load_checkpoints(ckpt_idx)
+        with train_mode_ok():  # eval mode is set below
+            self.task._load_checkpoints(ckpt_idx)
         model, layer = self.task.get_model(), self._layer()
         try:
             model_device = next(model.parameters()).device
