@@ -305,66 +305,57 @@ def check_loss_on_batch(
             f"{func_name}(params, data) ({bind}). Expected: {expected}."
         )
         raise ValueError(msg)
-    with torch.no_grad():
+    leaves = {
+        k: p.detach().requires_grad_(True) for k, p in params.items() if p.is_floating_point()
+    }
+    try:
+        with torch.enable_grad():
+            value = func({**params, **leaves}, sample)
+    except Exception as err:
         try:
-            value = func(params, sample)
-        except Exception as err:
-            try:
-                swapped = func(sample, params)
-            except Exception:
-                swapped = None
-            if isinstance(swapped, Tensor):
-                msg = (
-                    f"{func_name} takes its arguments in the order (data, params); "
-                    f"dattri calls {func_name}(params, data). Expected: {expected}."
-                )
-                raise ValueError(msg) from err
-            clear = explain_error(err, model=model, data=data, where=where, func_name=func_name)
-            if clear is not None:
-                raise clear from err
+            swapped = func(sample, params)
+        except Exception:
+            swapped = None
+        if isinstance(swapped, Tensor):
             msg = (
-                f"{func_name} raised {type(err).__name__} on the first sample of {where}: "
-                f"{err}. Expected: {expected}."
+                f"{func_name} takes its arguments in the order (data, params); "
+                f"dattri calls {func_name}(params, data). Expected: {expected}."
             )
             raise ValueError(msg) from err
-        if not isinstance(value, Tensor) or value.numel() != 1:
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            msg = (
-                f"{func_name} returned {shape} on one sample of {where}; it must return a "
-                f"scalar. Expected: {expected}."
-            )
-            raise ValueError(msg)
-        _check_uses_params(func, func_name, params, sample, where)
-        if mean_batch and tensors[0].shape[0] >= 1:
+        clear = explain_error(err, model=model, data=data, where=where, func_name=func_name)
+        if clear is not None:
+            raise clear from err
+        msg = (
+            f"{func_name} raised {type(err).__name__} on the first sample of {where}: "
+            f"{err}. Expected: {expected}."
+        )
+        raise ValueError(msg) from err
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        msg = (
+            f"{func_name} returned {shape} on one sample of {where}; it must return a "
+            f"scalar. Expected: {expected}."
+        )
+        raise ValueError(msg)
+    _check_uses_params(func_name, leaves, value, where)
+    if mean_batch and tensors[0].shape[0] >= 1:
+        with torch.no_grad():
             _check_mean(func, func_name, params, data, where)
 
 
 def _check_uses_params(
-    func: Callable,
-    func_name: str,
-    params: Mapping[str, Tensor],
-    sample: Any,
-    where: str,
+    func_name: str, leaves: Mapping[str, Tensor], value: Tensor, where: str
 ) -> None:
-    """Raise if no autograd path leads from ``params`` to the value (e.g. ``model(x)``).
+    """Raise if no autograd path leads from the ``leaves`` to ``value`` (``model(x)``).
 
     Structural, so a saturated loss whose gradient happens to be 0 is not flagged.
     """
-    leaves = {
-        k: p.detach().requires_grad_(True) for k, p in params.items() if p.is_floating_point()
-    }
     if not leaves:
         return
-    with torch.enable_grad():
-        out = func({**params, **leaves}, sample)
-        if not isinstance(out, Tensor):
-            return
-        used = out.requires_grad and any(
-            g is not None
-            for g in torch.autograd.grad(
-                out.sum(), list(leaves.values()), allow_unused=True, retain_graph=False
-            )
-        )
+    used = value.requires_grad and any(
+        g is not None
+        for g in torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
+    )
     if not used:
         msg = (
             f"{func_name} does not depend on the params it is given: on the first sample "
