@@ -352,10 +352,11 @@ def _check_uses_params(
     """
     if not leaves:
         return
-    used = value.requires_grad and any(
-        g is not None
-        for g in torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
-    )
+    with torch.enable_grad():  # callers may run under torch.no_grad()
+        used = value.requires_grad and any(
+            g is not None
+            for g in torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
+        )
     if not used:
         msg = (
             f"{func_name} does not depend on the params it is given: on the first sample "

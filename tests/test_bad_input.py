@@ -249,3 +249,14 @@ def test_trak_swapped_detected_for_another_loader_on_the_cached_dataset():
     assert attr.attribute(test, s.train_loader).shape == (probe.N_TRAIN, probe.N_TEST)
     other = DataLoader(TensorDataset(s.x_te, s.y_te), batch_size=2)
     assert attr.attribute(test, other).shape == (probe.N_TEST, probe.N_TEST)
+
+
+def test_checks_work_under_no_grad():
+    """Attributors are often called under torch.no_grad(); the checks still run."""
+    s = probe.base_setup()
+    with torch.no_grad():
+        clean = probe.ATTRIBUTORS["IF-CG"](s)
+    assert torch.isfinite(clean).all()
+    bad = probe._p_loss_ignores_params(probe.base_setup())
+    with torch.no_grad(), pytest.raises(ValueError, match="does not depend on the params"):
+        probe.ATTRIBUTORS["TracIn"](bad)
