@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from dattri.func.utils import flatten_func, normalize_layer_name, partial_param
+from dattri.loss_checks import check_loss_on_batch, check_train_mode, explained_errors
 
 __all__ = ["AttributionTask"]
 
@@ -45,7 +47,17 @@ def _default_load(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
             device = next(model.parameters()).device
         except StopIteration:
             device = torch.device("cpu")
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        try:
+            state = torch.load(checkpoint, map_location=device, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as err:
+            msg = (
+                f"Checkpoint file {os.fspath(checkpoint)!r} is not a state_dict that "
+                "torch.load(weights_only=True) can read (e.g. a whole pickled model, or a "
+                "damaged file). Save torch.save(model.state_dict(), path), or pass "
+                "checkpoints_load_func=f(model, checkpoint) -> model that loads this file "
+                f"(and calls model.eval()). ({type(err).__name__}: {str(err).splitlines()[0]})"
+            )
+            raise ValueError(msg) from err
     else:
         state = checkpoint
     if isinstance(state, Mapping) and not all(isinstance(v, Tensor) for v in state.values()):
@@ -162,6 +174,7 @@ class AttributionTask:
         self.model = model
         self.named_parameters = self._trainable(model)
         self.current_checkpoint_idx = ckpt_idx
+        check_train_mode(model, self.checkpoints_load_func is not _default_load)
 
     def get_checkpoints(self) -> list[Checkpoint]:
         """Return the list of checkpoints."""
@@ -371,6 +384,7 @@ class AttributionTask:
         *,
         out: Tensor | None = None,
         check_finite: bool = True,
+        where: str = "a batch",
     ) -> Tensor:
         """Per-sample gradients of the loss (or target) for one batch.
 
@@ -390,6 +404,8 @@ class AttributionTask:
             out: optional contiguous ``(B, p_selected)`` buffer to write into (see
                 :func:`dattri.func.per_sample_grad.per_sample_grad`).
             check_finite: raise on NaN/inf gradients (default True).
+            where: the batch, named in the error raised for bad data (labels outside
+                the model's classes, wrong feature size, float labels, dtype mismatch).
 
         Returns:
             ``(B, p_selected)`` gradients (``out`` when given), columns in
@@ -401,18 +417,80 @@ class AttributionTask:
         names = self.selected_param_names(layer_name)
         params = {n: p.detach() for n, p in self.named_parameters.items()}
         func = self.original_target_func if target else self.original_loss_func
-        return per_sample_grad(
-            self.model,
-            func,
-            params,
-            data,
-            param_names=names,
-            keep_batch_dim=keep_batch_dim,
-            route=route,
-            chunk_size=chunk_size,
-            out=out,
-            check_finite=check_finite,
-        )
+        with explained_errors(self.model, data, where, "target_func" if target else "loss_func"):
+            return per_sample_grad(
+                self.model,
+                func,
+                params,
+                data,
+                param_names=names,
+                keep_batch_dim=keep_batch_dim,
+                route=route,
+                chunk_size=chunk_size,
+                out=out,
+                check_finite=check_finite,
+            )
+
+    def check_functions(
+        self,
+        data: Any,
+        *,
+        keep_batch_dim: bool,
+        mean_batch: bool = False,
+        target: bool = False,
+        where: str = "the first batch",
+        ckpt_idx: int | None = 0,
+    ) -> None:
+        """Check ``loss_func`` (or ``target_func``) on one batch, cheaply.
+
+        Runs the function on the first sample of ``data`` (and, with ``mean_batch``,
+        on the batch and the batch duplicated) and raises a ``ValueError`` naming the
+        cause and the fix for a wrong signature, ``(data, params)`` order, non-scalar
+        value, a value that ignores ``params`` (e.g. ``model(x)``), labels outside the
+        model's classes, float labels, dtype or feature-size mismatches; warns when a
+        mean loss looks sum-reduced. Eager losses ``f(model, batch, device)`` are
+        skipped.
+
+        Args:
+            data: one batch.
+            keep_batch_dim: the attributor's per-sample convention.
+            mean_batch: the loss is also used as the mean loss of whole batches.
+            target: check ``target_func`` (for test data) instead of ``loss_func``.
+            where: the batch, for messages.
+            ckpt_idx: the checkpoint whose parameters are used; None uses the model's
+                current parameters without loading anything (e.g. during training).
+        """
+        if ckpt_idx is not None:
+            self._load_checkpoints(ckpt_idx)
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        if target:
+            same = self.original_target_func is self.original_loss_func
+            name = "loss_func (the default target_func)" if same else "target_func"
+            funcs = [(name, self.original_target_func, False)]
+        else:
+            funcs = [("loss_func", self.original_loss_func, mean_batch)]
+        for name, func, mean in funcs:
+            try:
+                positional = [
+                    p
+                    for p in inspect.signature(func).parameters.values()
+                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                ]
+            except (TypeError, ValueError):
+                positional = []
+            third = positional[2] if len(positional) > 2 else None
+            if third is not None and (third.default is third.empty or third.name == "device"):
+                continue  # eager f(model, batch, device) (LoGra/DVEmb conventions)
+            check_loss_on_batch(
+                func,
+                name,
+                self.model,
+                params,
+                data,
+                keep_batch_dim=keep_batch_dim,
+                mean_batch=mean,
+                where=where,
+            )
 
     def grad_layout(
         self, layer_name: str | Sequence[str] | None = None

@@ -215,6 +215,8 @@ INTERNAL_MODULES = {
     "dattri.algorithm.if_lissa": "top_eigenvalue helper (IFAttributorLiSSA is documented)",
     "dattri.algorithm.block_projected_if": "DEFAULT_DAMPING / stable_inverse helpers",
     "dattri.algorithm.scaled_features": "store-backed feature collection behind TRAK/TracIn",
+    "dattri.algorithm.validation": "input checks shared by the attributors (issue #17)",
+    "dattri.loss_checks": "loss/data checks behind AttributionTask.check_functions",
 }
 
 

@@ -34,6 +34,7 @@ from dattri.algorithm.batching import (
     move_to_device,
 )
 from dattri.algorithm.topk import TopKAccumulator, TopKResult
+from dattri.algorithm.validation import require_reiterable, resolve_device, validate_loader
 from dattri.task import AttributionTask
 
 __all__ = ["BaseAttributor", "BaseInnerProductAttributor"]
@@ -142,6 +143,9 @@ class BaseInnerProductAttributor(BaseAttributor):
     #: if True, ``attribute`` before ``cache`` warns and caches on the train loader;
     #: if False it raises.
     cache_on_attribute: bool = True
+    #: whether the loss is also evaluated on whole batches as their MEAN loss (HVPs):
+    #: a sum-reduced loss is then reported.
+    mean_batch_loss: bool = False
 
     def __init__(
         self,
@@ -156,7 +160,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         self.task = task
         task.selected_param_names(layer_name)  # validates the names
         self.layer_name = layer_name
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.verbose = verbose
         self.full_train_dataloader: Iterable | None = None
         self._cached = False
@@ -183,13 +187,32 @@ class BaseInnerProductAttributor(BaseAttributor):
             full_train_dataloader: the training data defining the Hessian/Fisher etc.
         """
         check_loader(full_train_dataloader, "full_train_dataloader")
+        require_reiterable(full_train_dataloader, "full_train_dataloader", type(self).__name__)
+        validate_loader(
+            self.task,
+            full_train_dataloader,
+            "full_train_dataloader",
+            keep_batch_dim=self.keep_batch_dim,
+            mean_batch=self.mean_batch_loss,
+            target=False,
+        )
         self.full_train_dataloader = full_train_dataloader
         for ckpt_idx in range(self.num_checkpoints):
-            self._cache_checkpoint(ckpt_idx, full_train_dataloader)
+            try:
+                self._cache_checkpoint(ckpt_idx, full_train_dataloader)
+            except (RuntimeError, IndexError) as err:
+                clear = self._explain_error(err, ckpt_idx)
+                if clear is None:
+                    raise
+                raise clear from err
         self._cached = True
 
     def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
         """Compute the train-side state of one checkpoint (default: nothing)."""
+
+    def _explain_error(self, err: BaseException, ckpt_idx: int) -> BaseException | None:
+        """A clear error for a raw one raised on the training data (default: None)."""
+        return None
 
     def _ensure_cached(self, train_dataloader: Iterable) -> None:
         if self._cached:
@@ -269,7 +292,13 @@ class BaseInnerProductAttributor(BaseAttributor):
             batch = move_to_device(batch, self.device)
             for ckpt_idx in range(self.num_checkpoints):
                 g = self.generate_test_rep(ckpt_idx, batch)
-                reps[ckpt_idx].append(self.transform_test_rep(ckpt_idx, g))
+                try:
+                    reps[ckpt_idx].append(self.transform_test_rep(ckpt_idx, g))
+                except (RuntimeError, IndexError) as err:  # e.g. in HVPs on training data
+                    clear = self._explain_error(err, ckpt_idx)
+                    if clear is None:
+                        raise
+                    raise clear from err
         return [torch.cat(r) for r in reps]
 
     def _iter_score_blocks(
@@ -282,6 +311,13 @@ class BaseInnerProductAttributor(BaseAttributor):
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)
+        validate_loader(
+            self.task,
+            test_dataloader,
+            "test_dataloader",
+            keep_batch_dim=self.keep_batch_dim,
+            target=True,
+        )
         test_reps = self._test_reps(test_dataloader)
         weights = self.checkpoint_weights()
         with self._train_rep_buffer.active():

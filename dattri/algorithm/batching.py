@@ -133,11 +133,19 @@ def iterate(
         total: number of batches if ``len(loader)`` is not available.
 
     Yields:
-        The batches.
+        The batches (a warning names the first sample with a huge finite input,
+        see :func:`dattri.algorithm.validation.scan_huge_values`).
     """
+    from dattri.algorithm.validation import batch_rows, scan_huge_values
+
     if total is None and hasattr(loader, "__len__"):
         total = len(loader)
-    yield from tqdm(loader, desc=desc, total=total, disable=not verbose, leave=False)
+    rows, warned = 0, False
+    for item in tqdm(loader, desc=desc, total=total, disable=not verbose, leave=False):
+        if not warned:  # one cheap max(|x|) per batch until a huge input is reported
+            warned = scan_huge_values(item, desc, rows)
+            rows += batch_rows(item)
+        yield item
 
 
 class ReusableBuffer:

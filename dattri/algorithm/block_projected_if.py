@@ -54,7 +54,9 @@ from dattri.algorithm.block_projected_store import (
     RowStore,
     write_metadata,
 )
+from dattri.algorithm.validation import resolve_device, validate_loader
 from dattri.func.per_sample_grad import per_sample_kron_projected
+from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
 
 __all__ = ["DEFAULT_DAMPING", "BlockProjectedIFAttributor", "stable_inverse"]
@@ -223,7 +225,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
         self.task = task
         self.hessian = hessian
         self.damping = _check_damping(damping)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.offload = offload
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.chunk_size = chunk_size
@@ -312,16 +314,17 @@ class BlockProjectedIFAttributor(BaseAttributor):
         model = self.task.get_model()
         func = self.task.original_target_func if target else self.task.original_loss_func
         loss = functional_loss(func, model, self.device, "target_func" if target else "loss_func")
-        kron = per_sample_kron_projected(
-            model,
-            loss,
-            params,
-            batch,
-            self.layer_names,
-            {c.name: c.proj_in for c in self.compressors},
-            {c.name: c.proj_out for c in self.compressors},
-            keep_batch_dim=True,
-        )
+        with explained_errors(model, batch, "a test batch" if target else "a training batch"):
+            kron = per_sample_kron_projected(
+                model,
+                loss,
+                params,
+                batch,
+                self.layer_names,
+                {c.name: c.proj_in for c in self.compressors},
+                {c.name: c.proj_out for c in self.compressors},
+                keep_batch_dim=True,
+            )
         return torch.cat([c.finish(kron[c.name]) for c in self.compressors], dim=1)
 
     def _target_is_loss(self) -> bool:
@@ -397,6 +400,13 @@ class BlockProjectedIFAttributor(BaseAttributor):
                 rows of :meth:`attribute` when the same loader object is passed there.
         """
         check_loader(full_train_dataloader, "full_train_dataloader")
+        validate_loader(
+            self.task,
+            full_train_dataloader,
+            "full_train_dataloader",
+            keep_batch_dim=True,
+            target=False,
+        )
         self._close_stores()
         self._precond = None
         grads = RowStore(self.offload, self.device, self._path("train_grads.bin"))
@@ -498,6 +508,9 @@ class BlockProjectedIFAttributor(BaseAttributor):
         self.cache(train_dataloader)
 
     def _test_reps(self, test_dataloader: Iterable) -> Tensor:
+        validate_loader(
+            self.task, test_dataloader, "test_dataloader", keep_batch_dim=True, target=True
+        )
         reps = [
             self._compress(move_to_device(batch, self.device), target=True)
             for batch in iterate(test_dataloader, "test gradients", self.verbose)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move_to_device
+from dattri.algorithm.validation import resolve_device
 
 __all__ = ["KNNShapleyAttributor", "default_dist_func", "knn_shapley_values"]
 
@@ -154,7 +155,7 @@ class KNNShapleyAttributor(BaseAttributor):
         self.task = None
         self.distance_func = distance_func or default_dist_func
         self.label_key = label_key
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.verbose = verbose
 
     def cache(self, full_train_dataloader: Iterable | None = None) -> None:
@@ -214,7 +215,16 @@ class KNNShapleyAttributor(BaseAttributor):
         col = 0
         for batch in iterate(test_batches, "KNN-Shapley", self.verbose):
             bt = batch_size_of(batch)
-            dist = torch.cat([self.distance_func(batch, tb) for tb in train_batches], dim=1)
+            try:
+                dist = torch.cat([self.distance_func(batch, tb) for tb in train_batches], dim=1)
+            except RuntimeError as err:
+                msg = (
+                    f"distance_func failed on the test batch starting at test sample {col}: "
+                    f"{err}. Its features have shape {tuple(_features(batch).shape[1:])}, "
+                    f"the training features {tuple(_features(train_batches[0]).shape[1:])}; "
+                    "test samples must have the training samples' feature size."
+                )
+                raise ValueError(msg) from err
             if dist.shape != (bt, y_train.shape[0]):
                 msg = (
                     f"distance_func returned shape {tuple(dist.shape)}; expected "

@@ -39,8 +39,10 @@ from dattri.algorithm.utils import (
     full_projector,
     required_positional_args,
 )
+from dattri.algorithm.validation import scan_huge_values, validate_loader
 from dattri.func.layer_grads import factor_grads, kron_project, layer_kind, linear_factors
 from dattri.func.per_sample_grad import per_sample_grad
+from dattri.loss_checks import explained_errors
 from dattri.params.projection import DVEmbProjectionParams
 from dattri.task import AttributionTask
 
@@ -321,9 +323,11 @@ class DVEmbAttributor:
     def _none_grads(self, batch: Any, target: bool) -> Tensor:
         func = self.task.original_target_func if target else self.task.original_loss_func
         params = {n: p.detach() for n, p in self.model.named_parameters()}
-        g = per_sample_grad(
-            self.model, func, params, batch, param_names=self._param_names, keep_batch_dim=False
-        )
+        where = "a test batch" if target else "the batch given to cache_gradients"
+        with explained_errors(self.model, batch, where):
+            g = per_sample_grad(
+                self.model, func, params, batch, param_names=self._param_names, keep_batch_dim=False
+            )
         return self._project_full(g)
 
     def _factor_grads_from(self, store: dict, batch_size: int, record: bool = False) -> Tensor:
@@ -445,6 +449,15 @@ class DVEmbAttributor:
         """
         idx = self._check_step_args(indices, learning_rate)
         self._set_method("direct")
+        scan_huge_values(batch_data, "cache_gradients", 0, idx)
+        if not self.cached_gradients and not self.use_factorization:
+            self.task.check_functions(
+                move_to_device(batch_data, self.device),
+                keep_batch_dim=False,
+                target=False,
+                where="the first batch given to cache_gradients",
+                ckpt_idx=None,  # the live model being trained: load nothing
+            )
         grads = self._batch_grads(batch_data, target=False)
         self._record(epoch, grads, idx, learning_rate)
 
@@ -592,6 +605,15 @@ class DVEmbAttributor:
         """
         emb = self._embedding(epoch, train_data_indices)
         check_loader(test_dataloader, "test_dataloader")
+        if not self.use_factorization:
+            validate_loader(
+                self.task,
+                test_dataloader,
+                "test_dataloader",
+                keep_batch_dim=False,
+                target=True,
+                ckpt_idx=None,  # the live model
+            )
         cols = [
             emb @ self._batch_grads(b, target=True).to(emb).T
             for b in iterate(test_dataloader, "DVEmb test gradients", self.verbose)

@@ -24,6 +24,7 @@ from dattri.algorithm.base import BaseInnerProductAttributor
 from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move_to_device
 from dattri.algorithm.distributed import all_reduce_sum, is_distributed, shard_range
 from dattri.algorithm.feature_store import iter_batches
+from dattri.algorithm.validation import explain_batches, require_reiterable
 from dattri.func.batch_utils import NonFiniteGradientError, nonfinite_rows
 from dattri.func.hvp_core import hvp_matvec, linearization_bytes
 from dattri.task import AttributionTask
@@ -139,6 +140,7 @@ class IFBase(BaseInnerProductAttributor):
     """
 
     keep_batch_dim = True
+    mean_batch_loss = True
     #: with torch.distributed, whether ``_cache_batches`` keeps only this rank's
     #: contiguous share of the batches (the mean-loss HVP is then summed over ranks).
     shard_cache: bool = False
@@ -165,6 +167,7 @@ class IFBase(BaseInnerProductAttributor):
     def _cache_batches(self, full_train_dataloader: Iterable, ratio: float = 1.0) -> None:
         # order is irrelevant for the Hessian; the base class warns about shuffling once
         check_loader(full_train_dataloader, "full_train_dataloader", order_matters=False)
+        require_reiterable(full_train_dataloader, "full_train_dataloader", type(self).__name__)
         self._n_total = None
         if self.shard_cache and is_distributed():
             self._batches, self._sizes = _materialize_shard(
@@ -204,6 +207,16 @@ class IFBase(BaseInnerProductAttributor):
                 "check the data, the checkpoint and the loss."
             )
             raise ValueError(msg)
+
+    def _explain_error(self, err: BaseException, ckpt_idx: int) -> BaseException | None:
+        """Find the cached training batch on which the loss fails and explain it."""
+        if not self._batches:
+            return None
+        func, params = self._loss_and_params(ckpt_idx)
+        clear = explain_batches(
+            err, self.task, lambda b: func(params, b), self._batches, "full_train_dataloader"
+        )
+        return None if clear is err else clear
 
     def mean_hvp_operator(
         self,

@@ -59,6 +59,8 @@ class IFAttributorDataInf(IFBase):
         verbose: show progress bars.
     """
 
+    mean_batch_loss = False  # per-sample gradients only: the reduction cancels
+
     def __init__(
         self,
         task: AttributionTask,

@@ -39,6 +39,7 @@ from dattri.func.fisher import (
 )
 from dattri.func.layer_grads import layer_kind
 from dattri.func.per_sample_grad import per_sample_layer_factors
+from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
 
 __all__ = ["IFAttributorEKFAC"]
@@ -91,6 +92,8 @@ class IFAttributorEKFAC(IFBase):
             ``0.1 * mean(Lambda)`` per module.
         verbose: show progress bars.
     """
+
+    mean_batch_loss = False  # per-sample gradients only: the reduction cancels
 
     def __init__(
         self,
@@ -167,15 +170,16 @@ class IFAttributorEKFAC(IFBase):
         for step, batch in iterate(pairs, desc, self.verbose, total=total):
             if self._max_iter is not None and step >= self._max_iter:
                 break
-            factors = per_sample_layer_factors(
-                model,
-                self.task.original_loss_func,
-                params,
-                move_to_device(batch, self.device),
-                self.module_name,
-                keep_batch_dim=True,
-                bias_column=True,
-            )
+            with explained_errors(model, batch, f"batch {step} of full_train_dataloader"):
+                factors = per_sample_layer_factors(
+                    model,
+                    self.task.original_loss_func,
+                    params,
+                    move_to_device(batch, self.device),
+                    self.module_name,
+                    keep_batch_dim=True,
+                    bias_column=True,
+                )
             out = {}
             for n, (a, ds) in factors.items():
                 has_bias_col = a.shape[-1] == self._shapes[n][1] + 1

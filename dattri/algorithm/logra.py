@@ -11,6 +11,7 @@ the compressed gradients (see :class:`BlockProjectedIFAttributor`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,17 @@ class LoGraAttributor(BlockProjectedIFAttributor):
             chunk_size=chunk_size,
             verbose=verbose,
         )
+        if k is not None:
+            modules = dict(self.model.named_modules())
+            sizes = {n: sum(q.numel() for q in modules[n].parameters()) for n in self.layer_names}
+            small = {n: s for n, s in sizes.items() if s < p["proj_dim_per_layer"]}
+            if small:
+                warnings.warn(
+                    f"LoGra: proj_dim_per_layer={p['proj_dim_per_layer']} exceeds the number "
+                    f"of parameters of layer(s) {small}: the projection is larger than the "
+                    "gradient it compresses (memory and time grow as proj_dim_per_layer^2 "
+                    "per layer for nothing). Pass a proj_dim_per_layer below the layer "
+                    "sizes, or proj_type='identity'.",
+                    UserWarning,
+                    stacklevel=2,
+                )

@@ -228,6 +228,7 @@ class GradientFeaturizer:
                 keep_batch_dim=False,
                 out=self._grad_buffer(batch_size_of(batch)),
                 check_finite=check_finite,
+                where=f"batch{where}" if where else "a batch",
             )
         except NonFiniteGradientError as err:
             raise ValueError(self._nonfinite(err.indices, ckpt_idx, target, where)) from err

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.batching import check_loader, iterate, move_to_device
 from dattri.algorithm.utils import RPS_SOLVERS, rps_alpha, rps_finetune_theta
+from dattri.algorithm.validation import require_reiterable, resolve_device
+from dattri.loss_checks import explained_errors, train_mode_ok
 from dattri.task import AttributionTask
 
 __all__ = ["RPSAttributor"]
@@ -96,12 +98,13 @@ class RPSAttributor(BaseAttributor):
         self.normalize_preactivate = normalize_preactivate
         self.l2_strength = float(l2_strength)
         self.epoch = epoch
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.verbose = verbose
         self.label_key = label_key
         self.solver = solver
         self.loss_func = task.get_target_func(flatten=False)
-        task._load_checkpoints(0)
+        with train_mode_ok():  # RPS runs the model in eval mode itself
+            task._load_checkpoints(0)
         self._layer()  # validates the name
         #: fitted ``(C, d [+1])`` weights, one per checkpoint (bias as last column).
         self.theta: list[Tensor] = []
@@ -163,7 +166,8 @@ class RPSAttributor(BaseAttributor):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Layer inputs ``(n, d)``, outputs ``(n, C)`` and optionally labels ``(n,)``."""
         check_loader(loader, name)
-        self.task._load_checkpoints(ckpt_idx)
+        with train_mode_ok():  # eval mode is set below
+            self.task._load_checkpoints(ckpt_idx)
         model, layer = self.task.get_model(), self._layer()
         try:
             model_device = next(model.parameters()).device
@@ -184,7 +188,8 @@ class RPSAttributor(BaseAttributor):
             with torch.no_grad():
                 for batch in iterate(loader, f"RPS features ({name})", self.verbose):
                     count = len(feats)
-                    self._forward(model, move_to_device(batch, model_device))
+                    with explained_errors(model, batch, f"a batch of {name}", "the model"):
+                        self._forward(model, move_to_device(batch, model_device))
                     if len(feats) != count + 1:
                         msg = (
                             f"Layer {self.final_linear_layer_name!r} was called "
@@ -221,6 +226,7 @@ class RPSAttributor(BaseAttributor):
         Args:
             full_train_dataloader: the training data of the fit (``n`` samples).
         """
+        require_reiterable(full_train_dataloader, "full_train_dataloader", "RPSAttributor")
         thetas = []
         for k in range(self.num_checkpoints):
             f, o, _ = self._collect(full_train_dataloader, k, "full_train_dataloader", False)

@@ -39,6 +39,7 @@ from dattri.algorithm.distributed import (
     shard_range,
 )
 from dattri.algorithm.topk import TopKAccumulator, TopKResult
+from dattri.algorithm.validation import warn_topk
 
 __all__ = [
     "MemmapScoreSink",
@@ -299,7 +300,7 @@ class TopKSink:
     def _local(self) -> TopKResult | None:
         if not self._accs:
             return None
-        parts = [self._accs[c].result() for c in sorted(self._accs)]
+        parts = [self._accs[c].result(warn=False) for c in sorted(self._accs)]
         return TopKResult(*(torch.cat([getattr(p, f) for p in parts]) for f in _FIELDS))
 
     def finalize(self) -> TopKResult:
@@ -309,6 +310,7 @@ class TopKSink:
             if local is None:
                 msg = "No score tile was added to the top-k sink."
                 raise RuntimeError(msg)
+            warn_topk(self.k, self._rows)
             return local
         if self.n_test is None:
             msg = "TopKSink needs n_test with torch.distributed."
@@ -339,7 +341,9 @@ class TopKSink:
         per_rank = [
             TopKResult(*(gathered[f][r * k : (r + 1) * k].T for f in _FIELDS)) for r in range(world)
         ]
-        keep = min(k, int(all_reduce_sum(self._rows)))
+        n_rows = int(all_reduce_sum(self._rows))
+        warn_topk(k, n_rows)
+        keep = min(k, n_rows)
         merged = merge_topk(per_rank, k)
         return TopKResult(*(getattr(merged, f)[:, :keep] for f in _FIELDS))
 

@@ -73,8 +73,8 @@ class TopKAccumulator:
         self._top = self._merge(self._top, scores, idx, self.k, largest=True)
         self._bottom = self._merge(self._bottom, scores, idx, self.k, largest=False)
 
-    def result(self) -> TopKResult:
-        """Return the accumulated top-k.
+    def result(self, warn: bool = True) -> TopKResult:
+        """Return the accumulated top-k (warns if fewer than ``k`` rows were added).
 
         Raises:
             RuntimeError: if no block was added.
@@ -82,6 +82,10 @@ class TopKAccumulator:
         if self._top is None or self._bottom is None:
             msg = "No score block was added to the top-k accumulator."
             raise RuntimeError(msg)
+        from dattri.algorithm.validation import warn_topk
+
+        if warn:
+            warn_topk(self.k, self._top[0].shape[1])
         return TopKResult(
             helpful_indices=self._top[1],
             helpful_scores=self._top[0],

@@ -38,6 +38,7 @@ from dattri.algorithm.scoring import (
     topk_of_tiles,
 )
 from dattri.algorithm.topk import TopKResult
+from dattri.algorithm.validation import resolve_device, validate_loader
 from dattri.task import AttributionTask
 
 __all__ = ["TracInAttributor"]
@@ -136,7 +137,7 @@ class TracInAttributor(BaseAttributor):
         self.weight_list = weights
         self.normalized_grad = normalized_grad
         self.layer_name = layer_name
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.verbose = verbose
         self.proj_params = resolve_projection(proj_params, projector_kwargs, TracInProjectionParams)
         self.featurizer = GradientFeaturizer(task, layer_name, self.proj_params, self.device)
@@ -194,6 +195,13 @@ class TracInAttributor(BaseAttributor):
         if full_train_dataloader is None:
             return
         check_loader(full_train_dataloader, "full_train_dataloader")
+        validate_loader(
+            self.task,
+            full_train_dataloader,
+            "full_train_dataloader",
+            keep_batch_dim=False,
+            target=False,
+        )
         budget = self.scale_options.max_memory
         if budget is not None:
             plan = plan_tiles(1, 1, 1, budget, num_params=self.featurizer.feature_dim, itemsize=8)
@@ -237,6 +245,9 @@ class TracInAttributor(BaseAttributor):
         """Yield ``(row_start, col_start, tile)``; checkpoints summed inside each tile."""
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
+        validate_loader(
+            self.task, test_dataloader, "test_dataloader", keep_batch_dim=False, target=True
+        )
         test_feats = self._test_features(test_dataloader)
         weights = self._weights()
         n_test = test_feats[0].shape[0]

@@ -41,6 +41,8 @@ from dattri.algorithm.scoring import (
     topk_of_tiles,
 )
 from dattri.algorithm.topk import TopKResult
+from dattri.algorithm.validation import resolve_device, validate_loader
+from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
 
 __all__ = ["KernelInverse", "TRAKAttributor", "factor_kernel"]
@@ -243,7 +245,7 @@ class TRAKAttributor(BaseAttributor):
         self.task = task
         self.correct_probability_func = correct_probability_func
         self.layer_name = layer_name
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.regularization = None if regularization is None else float(regularization)
         self.verbose = verbose
         self.proj_params = resolve_projection(proj_params, projector_kwargs, TRAKProjectionParams)
@@ -270,7 +272,9 @@ class TRAKAttributor(BaseAttributor):
             self.correct_probability_func, in_dims=(None, 0), randomness="different"
         )
         with torch.no_grad():
-            p = func(params, batch)
+            model = self.task.get_model()
+            with explained_errors(model, batch, "a batch", "correct_probability_func"):
+                p = func(params, batch)
         if not isinstance(p, Tensor):
             msg = "correct_probability_func must return a tensor (the probability)."
             raise TypeError(msg)
@@ -361,6 +365,13 @@ class TRAKAttributor(BaseAttributor):
                 kernel and the default rows of :meth:`attribute`.
         """
         check_loader(full_train_dataloader, "full_train_dataloader")
+        validate_loader(
+            self.task,
+            full_train_dataloader,
+            "full_train_dataloader",
+            keep_batch_dim=False,
+            target=False,
+        )
         self._store = self._build(full_train_dataloader, "train gradients")
 
     def _apply_budget(self, loader: Iterable) -> None:
@@ -393,6 +404,10 @@ class TRAKAttributor(BaseAttributor):
     ) -> Iterator[tuple[int, int, Tensor]]:
         """Yield ``(row_start, col_start, tile)`` score tiles (see :meth:`attribute`)."""
         check_loader(test_dataloader, "test_dataloader")
+        self._check_order(test_dataloader, train_dataloader)
+        validate_loader(
+            self.task, test_dataloader, "test_dataloader", keep_batch_dim=False, target=True
+        )
         store = self._state_for(train_dataloader)
         tests = self._test_transform(store, test_dataloader)
         n_test = tests[0].shape[0]
@@ -414,6 +429,30 @@ class TRAKAttributor(BaseAttributor):
             yield from iter_loader_tiles(
                 train_dataloader, featurize, tests, None, n_test, shard, self.verbose
             )
+
+    def _check_order(self, first: Iterable, second: Iterable | None) -> None:
+        """Raise if ``attribute(train, test)`` was called (TRAK's order is (test, train)).
+
+        Detected after :meth:`cache` when the first loader is the cached training
+        loader (or iterates the same dataset object) and the second is another one.
+        """
+        store = self._store
+        if store is None or second is None or store.is_for(second):
+            return
+        cached = store.loader
+        same = store.is_for(first) or (
+            getattr(first, "dataset", None) is not None
+            and getattr(first, "dataset", None) is getattr(cached, "dataset", object())
+        )
+        if same:
+            msg = (
+                "TRAKAttributor.attribute(test_dataloader, train_dataloader=None): the "
+                "first argument is the cached training loader, so the arguments look "
+                "swapped. TRAK keeps upstream's order (test, train), unlike the other "
+                "attributors: call attribute(test_loader) or attribute(test_loader, "
+                "train_loader)."
+            )
+            raise ValueError(msg)
 
     def _iter_score_blocks(
         self, train_dataloader: Iterable | None, test_dataloader: Iterable
