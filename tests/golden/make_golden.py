@@ -33,12 +33,11 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``tests`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.golden.cases import (  # noqa: E402
+from tests.golden.cases import (
     CASES,
     D_IN,
     DATA_DIR,
     DVEMB_EPOCHS,
-    HIDDEN,
     N_CLASSES,
     N_TEST,
     N_TRAIN,
@@ -47,7 +46,7 @@ from tests.golden.cases import (  # noqa: E402
     load_problems,
     make_model,
 )
-from tests.golden.reference import closed_forms, rel_err  # noqa: E402
+from tests.golden.reference import closed_forms, rel_err
 
 
 def _commit() -> str:

@@ -136,13 +136,17 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-#: entry -> (reference builder, relative tolerance of the *method* against it).
-#: Exact methods: 1e-9 (float64 rounding only). CG: its tol=1e-6 relative residual
-#: times cond(H + WD I) (~1e2 here). LiSSA (damping LISSA_REG): the full-batch recursion converges
-#: to float64 rounding in 200 steps; the mini-batch one (10 samples a step) is a noisy
-#: estimate (~20-40 % of the max here), checked to 0.5 (a wrong scale or sign fails). Arnoldi with all p directions is exact; truncated Arnoldi is compared with
-#: the exact top-30 eigenspace.
 def closed_forms(problems: dict[str, GoldenProblem]) -> dict[str, tuple[dict, float]]:
+    """``entry -> (reference outputs, tolerance of the method against them)``.
+
+    Tolerances (``max |method - reference| / max |reference|``): exact methods 1e-9
+    (float64 rounding only). CG: its ``tol=1e-6`` relative residual times
+    ``cond(H + WD I)`` (~1e2 here), 1e-4. LiSSA (damping ``LISSA_REG``): the full-batch
+    recursion converges to rounding in its 200 steps (1e-9); the mini-batch one (10
+    samples a step) is a noisy estimate (~0.3 here), checked to 0.5 so that a wrong
+    scale or sign still fails. Arnoldi with all ``p`` directions is exact; truncated
+    Arnoldi is compared with the exact top-30 eigenspace of ``H + WD I`` (1e-6).
+    """
     inf = {k: influence(pb) for k, pb in problems.items()}
     out: dict[str, tuple[dict, float]] = {}
     for k in ("lr", "mlp"):
