@@ -372,14 +372,14 @@ def _cases() -> dict[str, Case]:
         c[f"if_cg_{pb}"] = _if_case("IFAttributorCG", pb, regularization=WD, max_iter=100, tol=1e-6)
         # full-batch recursion (deterministic, converges to the exact inverse) and the
         # seeded mini-batch sampler (stochastic estimate)
-        for suffix, bs in (("", N_TRAIN), ("_minibatch", 10)):
+        for suffix, bs in (("", N_TRAIN), ("_minibatch", 20)):
             c[f"if_lissa{suffix}_{pb}"] = _if_case(
                 "IFAttributorLiSSA",
                 pb,
                 scaling="auto",
                 regularization=LISSA_REG,
                 batch_size=bs,
-                recursion_depth=200,
+                recursion_depth=100,
                 seed=0,
             )
         c[f"if_datainf_{pb}"] = _if_case("IFAttributorDataInf", pb)
