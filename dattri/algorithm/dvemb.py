@@ -153,12 +153,12 @@ class DVEmbAttributor:
         modules = dict(self.model.named_modules())
         ok = {n: m for n, m in modules.items() if self._factorizable(m)}
         if names is None:
-            chosen = {n: m for n, m in modules.items() if type(m) is nn.Linear}
+            chosen = {n: m for n, m in modules.items() if layer_kind(m) in ("linear", "conv1d")}
         else:
             bad = [n for n in names if n not in ok]
             if bad:
                 msg = (
-                    f"layer_names {bad} are not nn.Linear/nn.Conv2d (groups=1) modules of "
+                    f"layer_names {bad} are not nn.Linear/Conv1D/nn.Conv2d (groups=1) modules of "
                     f"the model; valid names: {list(ok)}."
                 )
                 raise ValueError(msg)
@@ -171,7 +171,7 @@ class DVEmbAttributor:
     @staticmethod
     def _factorizable(module: nn.Module) -> bool:
         kind = layer_kind(module)
-        return kind == "linear" or (kind == "conv2d" and module.groups == 1)
+        return kind in ("linear", "conv1d") or (kind == "conv2d" and module.groups == 1)
 
     def _select_params(self, names: list[str] | None) -> list[str]:
         params = [n for n, p in self.model.named_parameters() if p.requires_grad]
