@@ -39,7 +39,13 @@ from dattri.algorithm.utils import (
     full_projector,
     required_positional_args,
 )
-from dattri.func.layer_grads import factor_grads, kron_project, layer_kind, linear_factors
+from dattri.func.layer_grads import (
+    factor_grads,
+    kron_project,
+    layer_kind,
+    linear_factors,
+    matrix_shape,
+)
 from dattri.func.per_sample_grad import per_sample_grad
 from dattri.task import AttributionTask
 
@@ -227,8 +233,7 @@ class DVEmbAttributor:
             k = self.proj_dim_per_layer
             k_f = math.isqrt(k) if self.factorization_type == "kronecker" else k
             w = module.weight
-            d_out, d_in = w.shape[0], w[0].numel()
-            d_in += module.bias is not None
+            d_out, d_in = matrix_shape(module, with_bias=True)  # Conv1D: transposed
             seed = int(getattr(self.proj_params, "proj_seed", 0)) + 1000 * idx
             p_in = dense_projection_matrix(d_in, k_f, self._proj_type, seed, w.device, w.dtype)
             p_out = dense_projection_matrix(
