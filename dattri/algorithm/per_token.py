@@ -16,6 +16,10 @@ result is produced a chunk of token queries at a time and either kept in memory,
 written to a ``.npy`` file (memory-mapped, never held in memory) or reduced to the
 top-k training sequences of every (query, token).
 
+The iterative IF solvers are linear in the query once converged (CG to its ``tol``,
+Arnoldi and LiSSA always: fixed projections / a fixed recursion); an unconverged CG
+solve is not, and its token scores then only approximately add up.
+
 Grad-Cos (``normalized_grad=True``) normalises the test gradient and is not linear in
 it; RPS, KNN-Shapley and Data Shapley have no test gradient. They are refused with the
 reason.
