@@ -325,13 +325,17 @@ def _knn_shapley(ctx: _Context) -> MethodOutput:
 
 def _logra_like(ctx: _Context, cls_name: str) -> MethodOutput:
     from dattri.algorithm import factgrass, logra
+    from dattri.params.projection import FactGrassProjectionParams, LoGraProjectionParams
 
     cls = logra.LoGraAttributor if cls_name == "logra" else factgrass.FactGraSSAttributor
     model = ctx.prepared.model("full").to(ctx.device)
     task = AttributionTask(
         loss_func=_eager_loss, model=model, checkpoints=[ctx.prepared.state_dict("full")]
     )
-    a = cls(task, device=ctx.device, offload="none", verbose=ctx.verbose)
+    kw = ctx.prepared.setting.method_kwargs.get(cls_name, {})
+    params = LoGraProjectionParams if cls_name == "logra" else FactGrassProjectionParams
+    proj = params(**kw) if kw else None
+    a = cls(task, device=ctx.device, proj_params=proj, offload="none", verbose=ctx.verbose)
     _, t_cache = _timed(lambda: a.cache(ctx.train_loader))
     scores, t_attr = _timed(lambda: a.attribute(ctx.train_loader, ctx.test_loader))
     self_scores = a.compute_self_attribution()
