@@ -241,6 +241,8 @@ SETTINGS: dict[str, Setting] = {
                 "train_config": {"epochs": 10},
             },
             inapplicable={
+                "if-explicit": "not run: the dense (5.8k)^2 Hessian takes too long on "
+                "CPU; if-cg, if-lissa and if-arnoldi solve the same system",
                 "rps": "representer points need one classification output per sample; "
                 "a sequence has one next-token prediction per position",
                 "knn-shapley": "KNN-Shapley needs one label per sample and a feature "
