@@ -125,6 +125,10 @@ class _Context:
         s = self.prepared.setting
         return max(s.train_config.weight_decay, s.ihvp_damping)
 
+    def options(self, method: str, **defaults: Any) -> dict[str, Any]:
+        """``defaults`` updated with the setting's ``method_kwargs[method]``."""
+        return {**defaults, **self.prepared.setting.method_kwargs.get(method, {})}
+
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.prepared.model("full").parameters())
@@ -178,9 +182,8 @@ def _if_cg(ctx: _Context) -> MethodOutput:
         ctx.task(_loss_if),
         device=ctx.device,
         regularization=ctx.damping,
-        max_iter=100,
-        tol=1e-6,
         verbose=ctx.verbose,
+        **ctx.options("if-cg", max_iter=100, tol=1e-6),
     )
     return _inner_product(ctx, a)
 
@@ -193,9 +196,8 @@ def _if_lissa(ctx: _Context) -> MethodOutput:
         device=ctx.device,
         scaling="auto",
         regularization=ctx.damping,
-        batch_size=50,
-        recursion_depth=1000,
         verbose=ctx.verbose,
+        **ctx.options("if-lissa", batch_size=50, recursion_depth=1000),
     )
     return _inner_product(ctx, a)
 
@@ -208,9 +210,8 @@ def _if_arnoldi(ctx: _Context) -> MethodOutput:
         ctx.task(_loss_if),
         device=ctx.device,
         regularization=ctx.damping,
-        proj_dim=min(p, 200),
-        max_iter=min(p, 300),
         verbose=ctx.verbose,
+        **ctx.options("if-arnoldi", proj_dim=min(p, 200), max_iter=min(p, 300)),
     )
     return _inner_product(ctx, a)
 

@@ -249,6 +249,10 @@ SETTINGS: dict[str, Setting] = {
                 "space for the inputs; sequences have a target per token",
             },
             method_kwargs={
+                # iteration counts for a 2-core CPU budget (each HVP is a pass over the data)
+                "if-cg": {"max_iter": 20},
+                "if-lissa": {"recursion_depth": 100},
+                "if-arnoldi": {"proj_dim": 100, "max_iter": 150},
                 "logra": {"proj_dim_per_layer": 256},
                 "factgrass": {"proj_dim_per_layer": 256},
             },
