@@ -146,7 +146,7 @@ def _inner_product(ctx: _Context, attributor: Any, self_attr: bool = True) -> Me
     _, t_cache = _timed(lambda: attributor.cache(ctx.train_loader))
     scores, t_attr = _timed(lambda: attributor.attribute(ctx.train_loader, ctx.test_loader))
     self_scores = None
-    if self_attr:
+    if self_attr and ctx.prepared.setting.self_attribution:
         self_scores, t_self = _timed(lambda: attributor.self_attribute(ctx.train_loader))
         t_attr += t_self
     return MethodOutput(
