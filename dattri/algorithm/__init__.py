@@ -23,6 +23,7 @@ from dattri.algorithm.influence_function import (
     IFAttributorLiSSA,
 )
 from dattri.algorithm.logra import LoGraAttributor
+from dattri.algorithm.per_token import PerTokenTopK, attribute_per_token
 from dattri.algorithm.rps import RPSAttributor
 from dattri.algorithm.topk import TopKResult
 from dattri.algorithm.tracin import TracInAttributor
@@ -42,8 +43,10 @@ __all__ = [
     "IFAttributorLiSSA",
     "KNNShapleyAttributor",
     "LoGraAttributor",
+    "PerTokenTopK",
     "RPSAttributor",
     "TRAKAttributor",
     "TopKResult",
     "TracInAttributor",
+    "attribute_per_token",
 ]

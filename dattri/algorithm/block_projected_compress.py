@@ -46,7 +46,7 @@ __all__ = [
 #: factor (first-stage) projection types.
 FACTOR_TYPES = ("normal", "rademacher", "random_mask", "identity")
 #: layer kinds the Kronecker engine supports.
-_KINDS = ("linear", "conv2d", "embedding")
+_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 #: seed offset between layers.
 _LAYER_SEED_STRIDE = 10_000
 
@@ -93,9 +93,10 @@ def resolve_layer_names(model: nn.Module, layer_names: str | Sequence[str] | Non
 
     Args:
         model: The model.
-        layer_names: None (every ``nn.Linear``, as upstream), one module name or a
-            list of ``model.named_modules()`` names of ``nn.Linear``, ``nn.Conv2d`` or
-            ``nn.Embedding`` layers.
+        layer_names: None (every ``nn.Linear``, as upstream, and every
+            ``transformers`` GPT-2 ``Conv1D``), one module name or a list of
+            ``model.named_modules()`` names of ``nn.Linear``, ``Conv1D``,
+            ``nn.Conv2d`` or ``nn.Embedding`` layers.
 
     Returns:
         The list of module names.
@@ -107,11 +108,12 @@ def resolve_layer_names(model: nn.Module, layer_names: str | Sequence[str] | Non
     modules = dict(model.named_modules())
     valid = [n for n, m in modules.items() if layer_kind(m) in _KINDS]
     if layer_names is None:
-        names = [n for n, m in modules.items() if layer_kind(m) == "linear"]
+        names = [n for n, m in modules.items() if layer_kind(m) in ("linear", "conv1d")]
         if not names:
             msg = (
-                "The model has no nn.Linear layer; pass layer_names with nn.Conv2d / "
-                f"nn.Embedding layers. Supported layers of this model: {valid}."
+                "The model has no nn.Linear (or transformers Conv1D) layer; pass "
+                "layer_names with nn.Conv2d / nn.Embedding layers."
+                f" Supported layers of this model: {valid}."
             )
             raise ValueError(msg)
         return names
@@ -131,7 +133,7 @@ def resolve_layer_names(model: nn.Module, layer_names: str | Sequence[str] | Non
     bad = [n for n in names if n not in valid]
     if bad:
         msg = (
-            f"layer_names {bad} are not nn.Linear / nn.Conv2d / nn.Embedding modules of "
+            f"layer_names {bad} are not nn.Linear / Conv1D / nn.Conv2d / nn.Embedding modules of "
             f"the model (exact types; Embedding without max_norm/scale_grad_by_freq). "
             f"Valid names: {valid}."
         )

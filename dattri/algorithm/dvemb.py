@@ -40,7 +40,13 @@ from dattri.algorithm.utils import (
     required_positional_args,
 )
 from dattri.algorithm.validation import scan_huge_values, validate_loader
-from dattri.func.layer_grads import factor_grads, kron_project, layer_kind, linear_factors
+from dattri.func.layer_grads import (
+    factor_grads,
+    kron_project,
+    layer_kind,
+    linear_factors,
+    matrix_shape,
+)
 from dattri.func.per_sample_grad import per_sample_grad
 from dattri.loss_checks import explained_errors
 from dattri.params.projection import DVEmbProjectionParams
@@ -226,12 +232,12 @@ class DVEmbAttributor:
         modules = dict(self.model.named_modules())
         ok = {n: m for n, m in modules.items() if self._factorizable(m)}
         if names is None:
-            chosen = {n: m for n, m in modules.items() if type(m) is nn.Linear}
+            chosen = {n: m for n, m in modules.items() if layer_kind(m) in ("linear", "conv1d")}
         else:
             bad = [n for n in names if n not in ok]
             if bad:
                 msg = (
-                    f"layer_names {bad} are not nn.Linear/nn.Conv2d (groups=1) modules of "
+                    f"layer_names {bad} are not nn.Linear/Conv1D/nn.Conv2d (groups=1) modules of "
                     f"the model; valid names: {list(ok)}."
                 )
                 raise ValueError(msg)
@@ -244,7 +250,7 @@ class DVEmbAttributor:
     @staticmethod
     def _factorizable(module: nn.Module) -> bool:
         kind = layer_kind(module)
-        return kind == "linear" or (kind == "conv2d" and module.groups == 1)
+        return kind in ("linear", "conv1d") or (kind == "conv2d" and module.groups == 1)
 
     def _select_params(self, names: list[str] | None) -> list[str]:
         params = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -300,8 +306,7 @@ class DVEmbAttributor:
             k = self.proj_dim_per_layer
             k_f = math.isqrt(k) if self.factorization_type == "kronecker" else k
             w = module.weight
-            d_out, d_in = w.shape[0], w[0].numel()
-            d_in += module.bias is not None
+            d_out, d_in = matrix_shape(module, with_bias=True)  # Conv1D: transposed
             seed = int(getattr(self.proj_params, "proj_seed", 0)) + 1000 * idx
             p_in = dense_projection_matrix(d_in, k_f, self._proj_type, seed, w.device, w.dtype)
             p_out = dense_projection_matrix(

@@ -1,6 +1,8 @@
 """EK-FAC influence functions (George et al., 2018; Grosse et al., 2023).
 
-For every selected ``nn.Linear`` module (weight ``(d_out, d_in)``, optional bias), the
+For every selected ``nn.Linear`` module (weight ``(d_out, d_in)``, optional bias) or
+``transformers`` GPT-2 ``Conv1D`` (weight stored as ``(d_in, d_out)``, handled in the
+``nn.Linear`` orientation through its transpose), the
 per-sample gradient is the matrix ``G_i = sum_t ds_it a_it^T`` ``(d_out, d_in')`` (``a``
 with a trailing 1 when the bias is trained, so the bias is the last column; ``t`` runs
 over sequence positions of 3-D inputs). From the cached training data:
@@ -37,7 +39,7 @@ from dattri.func.fisher import (
     linear_grad_to_matrix,
     matrix_to_linear_grad,
 )
-from dattri.func.layer_grads import layer_kind
+from dattri.func.layer_grads import layer_kind, matrix_shape
 from dattri.func.per_sample_grad import per_sample_layer_factors
 from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
@@ -50,11 +52,14 @@ def _linear_modules(
 ) -> dict[str, nn.Linear]:
     """Validate ``module_name`` and return the selected ``nn.Linear`` modules."""
     modules = dict(task.get_model().named_modules())
-    valid = [n for n, m in modules.items() if layer_kind(m) == "linear"]
+    valid = [n for n, m in modules.items() if layer_kind(m) in ("linear", "conv1d")]
     if module_name is None:
         names = [n for n in valid if modules[n].weight.requires_grad]
         if not names:
-            msg = "The model has no trainable nn.Linear module; EK-FAC supports nn.Linear only."
+            msg = (
+                "The model has no trainable nn.Linear (or transformers Conv1D) module; "
+                "EK-FAC supports those layers only."
+            )
             raise ValueError(msg)
     elif isinstance(module_name, str):
         names = [module_name]
@@ -66,7 +71,7 @@ def _linear_modules(
     bad = [n for n in names if n not in valid]
     if bad or not names or len(set(names)) != len(names):
         msg = (
-            f"module_name {names} must list distinct nn.Linear modules of the model; "
+            f"module_name {names} must list distinct nn.Linear/Conv1D modules of the model; "
             f"valid names: {valid}."
         )
         raise ValueError(msg)
@@ -124,7 +129,9 @@ class IFAttributorEKFAC(IFBase):
             raise ValueError(msg)
         self.module_name = list(modules)
         self.damping = damping
-        self._shapes = {n: (m.out_features, m.in_features) for n, m in modules.items()}
+        self._shapes = {n: matrix_shape(m, with_bias=False) for n, m in modules.items()}
+        #: modules whose weight is stored transposed, ``(d_in, d_out)`` (Conv1D).
+        self._transposed = {n: layer_kind(m) == "conv1d" for n, m in modules.items()}
         self._max_iter: int | None = None
         #: per checkpoint ``{module: (Q_A, Q_S, Lambda, damping)}``.
         self.factors: dict[int, dict[str, tuple[Tensor, Tensor, Tensor, float]]] = {}
@@ -236,12 +243,15 @@ class IFAttributorEKFAC(IFBase):
             if self._bias[n]:
                 b = test_rep[:, offset : offset + d_out]
                 offset += d_out
-            mat = linear_grad_to_matrix(
-                w.to(lam.dtype), None if b is None else b.to(lam.dtype), d_out
-            )
+            w = w.to(lam.dtype)
+            if self._transposed[n]:  # Conv1D weight (d_in, d_out) -> (d_out, d_in)
+                w = w.reshape(-1, d_in, d_out).transpose(1, 2)
+            mat = linear_grad_to_matrix(w, None if b is None else b.to(lam.dtype), d_out)
             res_w, res_b = matrix_to_linear_grad(
                 ekfac_ifvp(mat, q_a, q_s, lam, damp), self._bias[n]
             )
+            if self._transposed[n]:
+                res_w = res_w.transpose(1, 2)
             outs.append(res_w.reshape(res_w.shape[0], -1))
             if res_b is not None:
                 outs.append(res_b)

@@ -211,6 +211,8 @@ def _run(args: argparse.Namespace) -> int:
         print("Settings:")
         for s in SETTINGS.values():
             print(f"  {s.name:18s} {s.description}")
+            for method, reason in s.inapplicable.items():
+                print(f"  {'':18s}   not applicable: {method} ({reason})")
         print("Methods:")
         print("  " + ", ".join(METHODS))
         return 0

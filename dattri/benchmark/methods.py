@@ -125,6 +125,10 @@ class _Context:
         s = self.prepared.setting
         return max(s.train_config.weight_decay, s.ihvp_damping)
 
+    def options(self, method: str, **defaults: Any) -> dict[str, Any]:
+        """``defaults`` updated with the setting's ``method_kwargs[method]``."""
+        return {**defaults, **self.prepared.setting.method_kwargs.get(method, {})}
+
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.prepared.model("full").parameters())
@@ -178,9 +182,8 @@ def _if_cg(ctx: _Context) -> MethodOutput:
         ctx.task(_loss_if),
         device=ctx.device,
         regularization=ctx.damping,
-        max_iter=100,
-        tol=1e-6,
         verbose=ctx.verbose,
+        **ctx.options("if-cg", max_iter=100, tol=1e-6),
     )
     return _inner_product(ctx, a)
 
@@ -193,9 +196,8 @@ def _if_lissa(ctx: _Context) -> MethodOutput:
         device=ctx.device,
         scaling="auto",
         regularization=ctx.damping,
-        batch_size=50,
-        recursion_depth=1000,
         verbose=ctx.verbose,
+        **ctx.options("if-lissa", batch_size=50, recursion_depth=1000),
     )
     return _inner_product(ctx, a)
 
@@ -208,9 +210,8 @@ def _if_arnoldi(ctx: _Context) -> MethodOutput:
         ctx.task(_loss_if),
         device=ctx.device,
         regularization=ctx.damping,
-        proj_dim=min(p, 200),
-        max_iter=min(p, 300),
         verbose=ctx.verbose,
+        **ctx.options("if-arnoldi", proj_dim=min(p, 200), max_iter=min(p, 300)),
     )
     return _inner_product(ctx, a)
 
@@ -325,13 +326,17 @@ def _knn_shapley(ctx: _Context) -> MethodOutput:
 
 def _logra_like(ctx: _Context, cls_name: str) -> MethodOutput:
     from dattri.algorithm import factgrass, logra
+    from dattri.params.projection import FactGrassProjectionParams, LoGraProjectionParams
 
     cls = logra.LoGraAttributor if cls_name == "logra" else factgrass.FactGraSSAttributor
     model = ctx.prepared.model("full").to(ctx.device)
     task = AttributionTask(
         loss_func=_eager_loss, model=model, checkpoints=[ctx.prepared.state_dict("full")]
     )
-    a = cls(task, device=ctx.device, offload="none", verbose=ctx.verbose)
+    kw = ctx.prepared.setting.method_kwargs.get(cls_name, {})
+    params = LoGraProjectionParams if cls_name == "logra" else FactGrassProjectionParams
+    proj = params(**kw) if kw else None
+    a = cls(task, device=ctx.device, proj_params=proj, offload="none", verbose=ctx.verbose)
     _, t_cache = _timed(lambda: a.cache(ctx.train_loader))
     scores, t_attr = _timed(lambda: a.attribute(ctx.train_loader, ctx.test_loader))
     self_scores = a.compute_self_attribution()

@@ -91,7 +91,16 @@ def _fingerprint(setting: Setting) -> dict[str, Any]:
     fields = {
         k: v
         for k, v in asdict(setting).items()
-        if k not in ("load_data", "model_factory", "train_config", "quick", "description")
+        if k
+        not in (
+            "load_data",
+            "model_factory",
+            "train_config",
+            "quick",
+            "description",
+            "inapplicable",
+            "method_kwargs",
+        )
     }
     return {"setting": fields, "train_config": cfg, "version": 1}
 
@@ -194,11 +203,18 @@ def train_models(
 def per_sample_test_loss(
     setting: Setting, state_dict: dict[str, Tensor], x: Tensor, y: Tensor
 ) -> Tensor:
-    """Cross-entropy of each test sample under a model, ``(n_test,)``."""
+    """Loss of each test sample under a model, ``(n_test,)``.
+
+    Cross-entropy, or the setting's per-sample training loss when it is a callable
+    (e.g. the mean next-token loss of a sequence).
+    """
     model = setting.model_factory()
     model.load_state_dict(state_dict)
     model.eval()
+    loss = setting.train_config.loss
     with torch.no_grad():
+        if callable(loss):
+            return loss(model(x), y)
         return nn.functional.cross_entropy(model(x), y, reduction="none")
 
 

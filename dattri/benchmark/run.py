@@ -100,6 +100,10 @@ def evaluate(
 ) -> MethodReport:
     """Run one method and compute its LDS (with 95% CI), LOO correlation and AUC."""
     report = MethodReport(name)
+    reason = prepared.setting.inapplicable.get(name)
+    if reason is not None:
+        report.error = f"not applicable: {reason}"
+        return report
     try:
         with PeakRSS() as mem:
             out = run_method(name, prepared, device=device, verbose=verbose)

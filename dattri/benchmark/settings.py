@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dattri.benchmark.corpus_lm import create_corpus_lm, load_corpus, sequence_loss
 from dattri.benchmark.datasets.digits import load_digits_dataset
 from dattri.benchmark.models import create_lr_model, create_mlp_model, create_resnet9_model
 from dattri.model_util.subset_train import SubsetTrainConfig
@@ -52,6 +53,10 @@ class Setting:
             decay for convex models; larger for non-convex ones, whose Hessian is
             indefinite).
         quick: overrides applied by ``--quick`` (small, for CI and smoke tests).
+        inapplicable: ``{method: reason}`` for methods that do not apply to the
+            setting (``dattri-bench list`` shows them; ``run`` reports the reason).
+        method_kwargs: ``{method: {option: value}}`` setting-specific method options
+            (e.g. LoGra's projection size for small layers).
     """
 
     name: str
@@ -70,6 +75,8 @@ class Setting:
     noise_ratio: float = 0.0
     ihvp_damping: float = 1e-2
     quick: dict = field(default_factory=dict)
+    inapplicable: dict = field(default_factory=dict)
+    method_kwargs: dict = field(default_factory=dict)
 
     def quick_version(self) -> Setting:
         """The setting with its ``quick`` overrides applied."""
@@ -205,6 +212,51 @@ SETTINGS: dict[str, Setting] = {
             num_subsets=50,
             num_ensemble=5,
             ihvp_damping=1e-1,
+        ),
+        Setting(
+            name="corpus-nanogpt",
+            description="char-level nanoGPT (1 layer, 16-d, 5.8k params) on 32-char blocks "
+            "of the shipped corpus (197 train / 24 test blocks); target = mean next-char "
+            "loss; offline",
+            load_data=load_corpus(n_test=24),
+            model_factory=create_corpus_lm,
+            train_config=SubsetTrainConfig(
+                epochs=20,
+                lr=0.5,
+                momentum=0.9,
+                weight_decay=1e-3,
+                batch_size=32,
+                loss=sequence_loss,
+                seed=0,
+            ),
+            final_layer="gpt.lm_head",
+            num_subsets=32,
+            runs_per_subset=2,
+            num_ensemble=4,
+            num_tracin_checkpoints=3,
+            ihvp_damping=1e-1,
+            quick={
+                "num_subsets": 16,
+                "num_ensemble": 2,
+                "num_tracin_checkpoints": 2,
+                "train_config": {"epochs": 10},
+            },
+            inapplicable={
+                "if-explicit": "not run: the dense (5.8k)^2 Hessian takes too long on "
+                "CPU; if-cg, if-lissa and if-arnoldi solve the same system",
+                "rps": "representer points need one classification output per sample; "
+                "a sequence has one next-token prediction per position",
+                "knn-shapley": "KNN-Shapley needs one label per sample and a feature "
+                "space for the inputs; sequences have a target per token",
+            },
+            method_kwargs={
+                # iteration counts for a 2-core CPU budget (each HVP is a pass over the data)
+                "if-cg": {"max_iter": 20},
+                "if-lissa": {"recursion_depth": 100},
+                "if-arnoldi": {"proj_dim": 100, "max_iter": 150},
+                "logra": {"proj_dim_per_layer": 256},
+                "factgrass": {"proj_dim_per_layer": 256},
+            },
         ),
     ]
 }

@@ -12,7 +12,15 @@ computes, from it,
 
 Supported layers (exact type match, subclasses are not assumed to share the forward):
 ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` (without ``max_norm`` or
-``scale_grad_by_freq``) and ``nn.LayerNorm``.
+``scale_grad_by_freq``), ``nn.LayerNorm`` and the ``Conv1D`` of Hugging Face
+``transformers`` (GPT-2's attention and MLP projections: ``y = x @ W + b`` with the
+weight stored transposed, ``(d_in, d_out)``). ``transformers`` is not imported: the
+class is recognised by its name and module.
+
+For ``Conv1D`` the Kronecker/linearised forms use the ``nn.Linear`` orientation: the
+gradient matrix is ``grad_W^T`` of shape ``(d_out, d_in)``, so K-FAC/LoGra code treats
+both layer types alike; :func:`factor_grads` returns gradients in the parameter's own
+``(d_in, d_out)`` layout.
 
 Shapes: ``B`` is the number of samples; the captured per-sample tensors may carry any
 number of leading dimensions (a sequence axis, a kept batch axis of size 1, ...),
@@ -44,6 +52,26 @@ _KINDS: dict[type, str] = {
 }
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly ``transformers.pytorch_utils.Conv1D``.
+
+    Args:
+        module: Any module.
+
+    Returns:
+        True for the Hugging Face ``Conv1D`` (GPT-2 projections) with a 2-D weight
+        of shape ``(nx, nf)``.
+    """
+    cls = type(module)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__ == "transformers.pytorch_utils"
+        and getattr(module, "weight", None) is not None
+        and module.weight.dim() == 2
+        and module.weight.shape[1] == getattr(module, "nf", None)
+    )
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """Return the factor kind of a module, or ``None`` if hooks cannot handle it.
 
@@ -51,11 +79,13 @@ def layer_kind(module: nn.Module) -> str | None:
         module: Any module.
 
     Returns:
-        One of ``"linear"``, ``"conv2d"``, ``"embedding"``, ``"layernorm"``, or
-        ``None`` when the module type is not supported (subclasses included) or its
-        configuration changes the gradient (``Embedding`` with ``max_norm`` or
-        ``scale_grad_by_freq``).
+        One of ``"linear"``, ``"conv1d"`` (Hugging Face GPT-2 ``Conv1D``),
+        ``"conv2d"``, ``"embedding"``, ``"layernorm"``, or ``None`` when the module
+        type is not supported (subclasses included) or its configuration changes
+        the gradient (``Embedding`` with ``max_norm`` or ``scale_grad_by_freq``).
     """
+    if is_hf_conv1d(module):
+        return "conv1d"
     kind = _KINDS.get(type(module))
     if kind == "embedding" and (module.max_norm is not None or module.scale_grad_by_freq):
         return None
@@ -65,7 +95,8 @@ def layer_kind(module: nn.Module) -> str | None:
 def matrix_shape(module: nn.Module, with_bias: bool) -> tuple[int, int]:
     """Shape ``(d_out, d_in)`` of the gradient matrix a Kronecker projection acts on.
 
-    ``Linear``: ``(out_features, in_features [+1])``; ``Conv2d``:
+    ``Linear``: ``(out_features, in_features [+1])``; ``Conv1D`` (transformers):
+    ``(nf, nx [+1])``, i.e. the transposed weight gradient; ``Conv2d``:
     ``(out_channels, in_channels / groups * kh * kw [+1])``; ``Embedding``:
     ``(num_embeddings, embedding_dim)``. The ``+1`` is the bias column (appended
     last) when ``with_bias`` is true and the layer has a bias.
@@ -84,6 +115,8 @@ def matrix_shape(module: nn.Module, with_bias: bool) -> tuple[int, int]:
     extra = int(with_bias and getattr(module, "bias", None) is not None)
     if kind == "linear":
         return module.out_features, module.in_features + extra
+    if kind == "conv1d":
+        return module.weight.shape[1], module.weight.shape[0] + extra
     if kind == "conv2d":
         d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
         return module.out_channels, d_in + extra
@@ -91,7 +124,7 @@ def matrix_shape(module: nn.Module, with_bias: bool) -> tuple[int, int]:
         return module.num_embeddings, module.embedding_dim
     msg = (
         f"{type(module).__name__} has no Kronecker (matrix) form; supported are "
-        "nn.Linear, nn.Conv2d and nn.Embedding. Project its gradient with "
+        "nn.Linear, transformers' Conv1D, nn.Conv2d and nn.Embedding. Project its gradient with "
         "per_sample_grad_dict and a random projector instead."
     )
     raise ValueError(msg)
@@ -155,7 +188,7 @@ def _grouped(module: nn.Module, kind: str, a: Tensor, ds: Tensor) -> tuple[Tenso
         matching ``weight.view(C_out, -1)``).
     """
     n = a.shape[0]
-    if kind == "linear":
+    if kind in ("linear", "conv1d"):
         a2 = a.reshape(n, -1, 1, a.shape[-1])
         s2 = ds.reshape(n, -1, 1, ds.shape[-1])
         return a2, s2
@@ -265,7 +298,15 @@ def factor_grads(
     n = a.shape[0]
     dst = out or {}
     res: dict[str, Tensor] = {}
-    if kind in ("linear", "conv2d"):
+    if kind == "conv1d":
+        a2 = a.reshape(n, -1, a.shape[-1]).to(ds.dtype)
+        s2 = ds.reshape(n, -1, ds.shape[-1])
+        if "weight" in attrs:  # weight (d_in, d_out): sum_t a_t s_t^T
+            gw = torch.matmul(a2.transpose(1, 2), s2)
+            res["weight"] = _emit(gw, dst.get("weight"), accumulate)
+        if "bias" in attrs:
+            res["bias"] = _emit(s2.sum(1), dst.get("bias"), accumulate)
+    elif kind in ("linear", "conv2d"):
         a2, s2 = _grouped(module, kind, a.to(ds.dtype), ds)
         w_dst = dst.get("weight")
         if "weight" in attrs and a2.shape[1] == 1 and a2.shape[2] == 1:
@@ -327,7 +368,9 @@ def linear_factors(
     ``sum_t S[b, t] * A[b, t]`` (LayerNorm weight) or a scatter of ``S`` into the
     rows ``A`` (Embedding).
 
-    - ``Linear``: ``A`` ``(B, T, d_in [+1])``, ``S`` ``(B, T, d_out)``.
+    - ``Linear`` and transformers' ``Conv1D``: ``A`` ``(B, T, d_in [+1])``, ``S``
+      ``(B, T, d_out)`` (for ``Conv1D`` the sum is ``grad_W^T``, the weight being
+      stored as ``(d_in, d_out)``).
     - ``Conv2d`` (groups = 1): ``A`` ``(B, T, C_in * kh * kw [+1])`` unfolded patches,
       ``T`` = output positions; ``S`` ``(B, T, C_out)``.
     - ``Embedding``: ``A`` token indices ``(B, T)`` (long), ``S`` ``(B, T, D)`` with
@@ -351,7 +394,7 @@ def linear_factors(
         ValueError: For unsupported modules.
     """
     kind = layer_kind(module)
-    if kind in ("linear", "conv2d"):
+    if kind in ("linear", "conv1d", "conv2d"):
         if kind == "conv2d" and module.groups != 1:
             msg = (
                 "Linearised factors of a grouped Conv2d are block-diagonal and are "
@@ -375,7 +418,8 @@ def check_kron_shapes(module: nn.Module, proj_in: Tensor, proj_out: Tensor) -> N
     """Validate Kronecker projector shapes for a layer.
 
     Args:
-        module: ``nn.Linear``, ``nn.Conv2d`` or ``nn.Embedding``.
+        module: ``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv2d`` or
+            ``nn.Embedding``.
         proj_in: Expected ``(k_in, d_in)`` or, for layers with a bias,
             ``(k_in, d_in + 1)``.
         proj_out: Expected ``(k_out, d_out)``.
@@ -411,7 +455,8 @@ def kron_project(
 ) -> Tensor:
     """Per-sample ``P_out G P_in^T`` without forming the per-sample gradient ``G``.
 
-    ``G`` is the per-sample gradient in matrix form (see :func:`matrix_shape`); when
+    ``G`` is the per-sample gradient in matrix form (see :func:`matrix_shape`; for
+    transformers' ``Conv1D`` the transposed weight gradient); when
     ``proj_in`` has ``d_in + 1`` columns and the layer has a bias, ``G`` is
     ``[grad_W | grad_b]`` (bias as last column), with ``d_in`` columns the bias is
     left out. Inputs and output gradients are projected first and their outer

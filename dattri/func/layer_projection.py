@@ -184,7 +184,7 @@ def per_sample_kron_projected(
             that reach the loss outside their layer.
     """
     modules, checked = _layer_modules(
-        model, params, module_names, ("linear", "conv2d", "embedding")
+        model, params, module_names, ("linear", "conv1d", "conv2d", "embedding")
     )
     for what, mats in (("proj_in", proj_in), ("proj_out", proj_out)):
         if not isinstance(mats, Mapping):
@@ -278,7 +278,7 @@ def per_sample_layer_factors(
         NotImplementedError: For grouped convolutions.
     """
     modules, checked = _layer_modules(
-        model, params, module_names, ("linear", "conv2d", "embedding", "layernorm")
+        model, params, module_names, ("linear", "conv1d", "conv2d", "embedding", "layernorm")
     )
     for n, m in modules.items():
         if layer_kind(m) == "conv2d" and m.groups != 1:

@@ -11,7 +11,9 @@ Two routes give the same numbers:
 - ``"vmap"``: ``torch.func.vmap(torch.func.grad(loss))`` over samples; works for any
   differentiable loss.
 - ``"hook"``: capture each selected layer's input ``a`` and output gradient ``ds``
-  (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``) in one batched
+  (``nn.Linear``, ``transformers``' GPT-2 ``Conv1D``, ``nn.Conv2d``,
+  ``nn.Embedding``, ``nn.LayerNorm``; sequence inputs ``(T, d)`` are summed over
+  positions) in one batched
   pass and form the gradients from the factors (see :mod:`dattri.func.grad_capture`
   and :mod:`dattri.func.layer_grads`). Much cheaper for convolutions and the basis of
   Kronecker-factored (LoGra) projection, which never forms the full gradient.
@@ -129,7 +131,8 @@ def _hookable(model: nn.Module) -> dict[str, tuple[str, str]]:
 def grad_routes(model: nn.Module, param_names: Sequence[str] | None = None) -> dict[str, str]:
     """Report which route ``route="auto"`` uses for each parameter.
 
-    ``"hook"``: weight/bias owned directly by an ``nn.Linear``, ``nn.Conv2d``,
+    ``"hook"``: weight/bias owned directly by an ``nn.Linear``, ``transformers``'
+    ``Conv1D``, ``nn.Conv2d``,
     ``nn.Embedding`` (no ``max_norm``/``scale_grad_by_freq``) or ``nn.LayerNorm``
     (exact types) and not tied to another module. ``"vmap"``: everything else
     (BatchNorm, custom layers, tied weights, names not in ``model``). At run time
@@ -252,7 +255,8 @@ def _hook_chunks(
         bad = [n for n in names if n not in owned]
         msg = (
             f"route='hook' cannot handle parameter(s) {bad}: only weight/bias of "
-            "nn.Linear, nn.Conv2d, nn.Embedding and nn.LayerNorm that are not tied "
+            "nn.Linear, transformers' Conv1D, nn.Conv2d, nn.Embedding and nn.LayerNorm "
+            "that are not tied "
             "are supported. Use route='auto' or route='vmap'."
         )
         raise ValueError(msg)
