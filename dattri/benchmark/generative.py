@@ -103,10 +103,7 @@ class TokenLM(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits ``(B, V, T)`` of token ids ``(B, T)``."""
-        if self.call_kwargs:
-            out = self.lm(input_ids=idx, **self.call_kwargs)
-        else:
-            out = self.lm(idx)
+        out = self.lm(input_ids=idx, **self.call_kwargs) if self.call_kwargs else self.lm(idx)
         logits = getattr(out, "logits", out)
         return logits.transpose(-1, -2)
 

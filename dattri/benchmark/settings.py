@@ -154,6 +154,7 @@ _QUICK_DIGITS = {
     "train_config": {"epochs": 200},
 }
 
+
 def _not_applicable(n_params: str) -> dict[str, str]:
     return {
         "if-explicit": f"not run: the dense Hessian of {n_params} parameters does not fit "
