@@ -240,6 +240,13 @@ def test_gpt2_factory_untied_pretrained_keeps_the_function(wikitext, tmp_path):
         torch.testing.assert_close(model(ids), tied(input_ids=ids).logits.transpose(1, 2))
 
 
+def test_gpt2_factory_is_shared_by_deepcopy():
+    import copy
+
+    factory = GPT2Factory(config={"n_layer": 1})
+    assert copy.deepcopy(factory) is factory
+
+
 def test_gpt2_factory_without_weights_warns_and_builds_from_config(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.delenv("DATTRI_GPT2_WEIGHTS", raising=False)
@@ -255,10 +262,18 @@ def test_wikitext2_without_a_tokenizer_is_missing_data(wikitext, tmp_path, monke
     data.mkdir()
     for f in ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"):
         (data / f).write_bytes((root / "wikitext-2-raw" / f).read_bytes())
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import dattri.benchmark.datasets.wikitext2.data as wikitext_data
+
+    # no tokenizer/ folder, and GPT-2's tokenizer is not in the (local) cache
+    monkeypatch.setattr(wikitext_data, "GPT2_TOKENIZER", str(tmp_path / "no-tokenizer"))
     with pytest.raises(FileNotFoundError, match="tokenizer folder at"):
         load_wikitext2_blocks(n_test=2, block_size=8)(data)
+    # the CLI turns it into the one-line missing-data message
+    setting = dataclasses.replace(
+        get_setting("wikitext2-gpt2", quick=True), load_data=load_wikitext2_blocks(n_test=2)
+    )
+    with pytest.raises(MissingDataError, match="tokenizer"):
+        prepare(setting, tmp_path / "cache", data, quick=True, verbose=False)
 
 
 # ----------------------------------------------------------------------- maestro

@@ -231,6 +231,10 @@ class GPT2Factory:
         self._base_config: Any = None
         self.pretrained: bool | None = None
 
+    def __deepcopy__(self, memo: dict) -> GPT2Factory:
+        """The factory itself: a builder whose weight cache is read-only (no 500 MB copy)."""
+        return self
+
     def _resolve(self) -> None:
         from dattri.benchmark.datasets.wikitext2.data import import_transformers
 
