@@ -101,6 +101,7 @@ def _fingerprint(setting: Setting) -> dict[str, Any]:
             "inapplicable",
             "method_kwargs",
             "eval_batch_size",
+            "self_attribution",
         )
     }
     return {"setting": fields, "train_config": cfg, "version": 1}

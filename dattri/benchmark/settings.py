@@ -68,6 +68,9 @@ class Setting:
         eval_batch_size: batch size of the methods' data loaders and of the
             ground-truth evaluation (None: the runner's default, 256, and the whole
             test set at once); bounds memory for large models.
+        self_attribution: also compute self-influence with the inner-product
+            methods (used for the noisy-label AUC; for the IF solvers it costs one
+            inverse-HVP per training sample).
     """
 
     name: str
@@ -89,6 +92,7 @@ class Setting:
     inapplicable: dict = field(default_factory=dict)
     method_kwargs: dict = field(default_factory=dict)
     eval_batch_size: int | None = None
+    self_attribution: bool = True
 
     def quick_version(self) -> Setting:
         """The setting with its ``quick`` overrides applied."""
@@ -163,6 +167,8 @@ def _not_applicable(n_params: str) -> dict[str, str]:
         "a sequence has one next-token prediction per position",
         "knn-shapley": "KNN-Shapley needs one label per sample and a feature "
         "space for the inputs; sequences have a target per token",
+        "dvemb": "not run: it records the per-sample gradients of every training step, "
+        f"hundreds of GB to TB for {n_params} parameters (the benchmark's limit is 1 GiB)",
     }
 
 
@@ -202,6 +208,7 @@ _GENERATIVE = [
             "num_tracin_checkpoints": 2,
             "train_config": {"epochs": 20},
         },
+        self_attribution=False,
         inapplicable=_not_applicable("10.8M"),
         method_kwargs={
             "if-cg": {"max_iter": 20},
@@ -243,6 +250,7 @@ _GENERATIVE = [
             "num_tracin_checkpoints": 2,
             "train_config": {"epochs": 2},
         },
+        self_attribution=False,
         inapplicable=_not_applicable("124M"),
         method_kwargs={
             "if-cg": {"max_iter": 10},
@@ -284,6 +292,7 @@ _GENERATIVE = [
             "num_tracin_checkpoints": 2,
             "train_config": {"epochs": 5},
         },
+        self_attribution=False,
         inapplicable=_not_applicable("13.1M"),
         method_kwargs={
             "if-cg": {"max_iter": 20},
@@ -391,7 +400,15 @@ SETTINGS: dict[str, Setting] = {
                 "num_ensemble": 2,
                 "num_tracin_checkpoints": 2,
                 "train_config": {"epochs": 10},
+                "method_kwargs": {
+                    "if-cg": {"max_iter": 8},
+                    "if-lissa": {"recursion_depth": 20, "batch_size": 25},
+                    "if-arnoldi": {"proj_dim": 50, "max_iter": 60},
+                    "logra": {"proj_dim_per_layer": 256},
+                    "factgrass": {"proj_dim_per_layer": 256},
+                },
             },
+            self_attribution=False,
             inapplicable={
                 "if-explicit": "not run: the dense (5.8k)^2 Hessian takes too long on "
                 "CPU; if-cg, if-lissa and if-arnoldi solve the same system",
@@ -403,7 +420,7 @@ SETTINGS: dict[str, Setting] = {
             method_kwargs={
                 # iteration counts for a 2-core CPU budget (each HVP is a pass over the data)
                 "if-cg": {"max_iter": 20},
-                "if-lissa": {"recursion_depth": 100},
+                "if-lissa": {"recursion_depth": 50},
                 "if-arnoldi": {"proj_dim": 100, "max_iter": 150},
                 "logra": {"proj_dim_per_layer": 256},
                 "factgrass": {"proj_dim_per_layer": 256},
