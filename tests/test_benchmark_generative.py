@@ -349,3 +349,12 @@ def test_music_model_is_upstreams_size():
         assert out.shape == (2, 390, 8)
         want = torch.stack([F.cross_entropy(model.lm(x[i]), y[i]) for i in range(2)])
         torch.testing.assert_close(sequence_loss(out, y), want)
+
+
+def test_prepare_takes_a_training_device(tmp_path, capsys):
+    args = ["prepare", "shakespeare-nanogpt", "--quick", "--cache-dir", str(tmp_path)]
+    assert main([*args, "--device", "nonsense"]) == 2
+    assert "--device 'nonsense' is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
