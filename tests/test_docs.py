@@ -56,6 +56,7 @@ API_PAGES = {
         "dattri.benchmark",
         "dattri.benchmark.settings",
         "dattri.benchmark.corpus_lm",
+        "dattri.benchmark.generative",
         "dattri.benchmark.prepare",
         "dattri.benchmark.run",
         "dattri.benchmark.methods",

@@ -67,10 +67,15 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("setting", help="a setting name (see: dattri-bench list)")
         sp.add_argument("--cache-dir", type=Path, default=None, help="cache root directory")
-        sp.add_argument("--data-dir", type=Path, default=None, help="dataset files (MNIST/CIFAR)")
+        sp.add_argument(
+            "--data-dir", type=Path, default=None, help="dataset files (see: dattri-bench list)"
+        )
         sp.add_argument("--quick", action="store_true", help="small sizes (smoke test, CI)")
         sp.add_argument("--quiet", action="store_true", help="no progress output")
         if name == "prepare":
+            sp.add_argument(
+                "--device", default=None, help="training device (default: the setting's, cpu)"
+            )
             sp.add_argument(
                 "--export-upstream",
                 type=Path,
@@ -94,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--download",
             action="store_true",
-            help="download missing dataset files (MNIST/CIFAR settings)",
+            help="download missing dataset files (settings that need files)",
         )
     return p
 
@@ -156,6 +161,7 @@ def _prepare(args: argparse.Namespace, setting: object, verbose: bool) -> object
         quick=args.quick,
         verbose=verbose,
         download=args.download,
+        device=args.device,
     )
     _note(f"prepared {setting.name} in {prepared.path}")
     return prepared

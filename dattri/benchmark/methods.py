@@ -435,7 +435,7 @@ def run_method(
         prepared: the prepared setting.
         device: torch device.
         verbose: progress bars.
-        batch_size: loader batch size.
+        batch_size: loader batch size (the setting's ``eval_batch_size`` wins).
 
     Returns:
         The method's scores and timings.
@@ -446,4 +446,5 @@ def run_method(
     if name not in METHODS:
         msg = f"Unknown method {name!r}; available: {list(METHODS)}."
         raise ValueError(msg)
+    batch_size = prepared.setting.eval_batch_size or batch_size
     return METHODS[name](_Context(prepared, device, verbose, batch_size))

@@ -100,6 +100,7 @@ def _fingerprint(setting: Setting) -> dict[str, Any]:
             "description",
             "inapplicable",
             "method_kwargs",
+            "eval_batch_size",
             "self_attribution",
         )
     }
@@ -202,21 +203,34 @@ def train_models(
 
 
 def per_sample_test_loss(
-    setting: Setting, state_dict: dict[str, Tensor], x: Tensor, y: Tensor
+    setting: Setting,
+    state_dict: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    device: str | torch.device | None = None,
 ) -> Tensor:
-    """Loss of each test sample under a model, ``(n_test,)``.
+    """Loss of each test sample under a model, ``(n_test,)`` on the CPU.
 
     Cross-entropy, or the setting's per-sample training loss when it is a callable
-    (e.g. the mean next-token loss of a sequence).
+    (e.g. the mean next-token loss of a sequence). Evaluated in batches of the
+    setting's ``eval_batch_size`` (all at once when it is None) on ``device``
+    (default: the training device).
     """
+    device = setting.train_config.device if device is None else device
     model = setting.model_factory()
     model.load_state_dict(state_dict)
-    model.eval()
+    model.to(device).eval()
     loss = setting.train_config.loss
+    step = setting.eval_batch_size or max(len(x), 1)
+    out = []
     with torch.no_grad():
-        if callable(loss):
-            return loss(model(x), y)
-        return nn.functional.cross_entropy(model(x), y, reduction="none")
+        for start in range(0, len(x), step):
+            xb, yb = x[start : start + step].to(device), y[start : start + step].to(device)
+            if callable(loss):
+                out.append(loss(model(xb), yb).cpu())
+            else:
+                out.append(nn.functional.cross_entropy(model(xb), yb, reduction="none").cpu())
+    return torch.cat(out)
 
 
 class PreparedSetting:
@@ -274,6 +288,7 @@ def prepare(
     quick: bool = False,
     verbose: bool = True,
     download: bool = False,
+    device: str | None = None,
 ) -> PreparedSetting:
     """Train the models of a setting and build its LDS (and LOO) ground truth.
 
@@ -286,6 +301,8 @@ def prepare(
         quick: whether this is the quick version (changes the directory name).
         verbose: progress bars.
         download: fetch missing dataset files (MNIST/CIFAR settings).
+        device: training device (default: the setting's ``train_config.device``);
+            not part of the cache fingerprint.
 
     Returns:
         The prepared setting.
@@ -318,12 +335,12 @@ def prepare(
     prepared = PreparedSetting(setting, path)
     x, y = prepared.x_train, prepared.y_train
     n = len(y)
-    cfg = setting.train_config
+    cfg = setting.train_config if device is None else replace(setting.train_config, device=device)
 
     # The attributed model and its training trajectory (TracIn checkpoints).
     if not (path / "models" / "full.pt").exists():
         say(f"[{setting.name}] training the model")
-        (sd,) = train_models(setting, x, y, torch.ones(1, n), [0], verbose=verbose)
+        (sd,) = train_models(setting, x, y, torch.ones(1, n), [0], cfg, verbose=verbose)
         _save(sd, path / "models" / "full.pt")
     k_traj = setting.num_tracin_checkpoints
     for k in range(k_traj):
@@ -346,7 +363,7 @@ def prepare(
             pos = np.random.default_rng(10_000 + k).choice(n, n // 2, replace=False)
             masks[row, pos] = 1
         for k, sd in zip(
-            missing, train_models(setting, x, y, masks, missing, verbose=verbose), strict=True
+            missing, train_models(setting, x, y, masks, missing, cfg, verbose=verbose), strict=True
         ):
             _save(sd, path / "models" / f"half_{k}.pt")
 
@@ -357,7 +374,8 @@ def prepare(
 
     def target(ckpt: str, loader: DataLoader) -> Tensor:
         xt, yt = next(iter(loader))
-        return per_sample_test_loss(setting, torch.load(ckpt, weights_only=True), xt, yt)
+        sd = torch.load(ckpt, weights_only=True)
+        return per_sample_test_loss(setting, sd, xt, yt, cfg.device)
 
     if not (path / "lds_gt.pt").exists():
         say(f"[{setting.name}] LDS ground truth: {setting.num_subsets} subsets")
@@ -374,7 +392,7 @@ def prepare(
                 verbose=verbose,
             )
         else:
-            _retrain_lds_loader(setting, x, y, path / "lds", verbose)
+            _retrain_lds_loader(replace(setting, train_config=cfg), x, y, path / "lds", verbose)
         gt = calculate_lds_ground_truth(target, path / "lds", test_loader)
         _save(gt, path / "lds_gt.pt")
 
@@ -385,10 +403,9 @@ def prepare(
         say(f"[{setting.name}] LOO ground truth: {n_loo} models")
         masks = torch.ones(n_loo, n)
         masks[torch.arange(n_loo), torch.arange(n_loo)] = 0
-        sds = train_models(setting, x, y, masks, [0] * n_loo, verbose=verbose)
-        values = torch.stack(
-            [per_sample_test_loss(setting, sd, prepared.x_test, prepared.y_test) for sd in sds]
-        )
+        sds = train_models(setting, x, y, masks, [0] * n_loo, cfg, verbose=verbose)
+        xt, yt = prepared.x_test, prepared.y_test
+        values = torch.stack([per_sample_test_loss(setting, sd, xt, yt, cfg.device) for sd in sds])
         _save((values, torch.arange(n_loo)), path / "loo_gt.pt")
     return prepared
 

@@ -20,6 +20,14 @@ from torch import Tensor, nn
 
 from dattri.benchmark.corpus_lm import create_corpus_lm, load_corpus, sequence_loss
 from dattri.benchmark.datasets.digits import load_digits_dataset
+from dattri.benchmark.generative import (
+    GPT2Factory,
+    create_music_lm,
+    create_shakespeare_lm,
+    load_maestro_windows,
+    load_shakespeare_blocks,
+    load_wikitext2_blocks,
+)
 from dattri.benchmark.models import create_lr_model, create_mlp_model, create_resnet9_model
 from dattri.model_util.subset_train import SubsetTrainConfig
 
@@ -57,6 +65,9 @@ class Setting:
             setting (``dattri-bench list`` shows them; ``run`` reports the reason).
         method_kwargs: ``{method: {option: value}}`` setting-specific method options
             (e.g. LoGra's projection size for small layers).
+        eval_batch_size: batch size of the methods' data loaders and of the
+            ground-truth evaluation (None: the runner's default, 256, and the whole
+            test set at once); bounds memory for large models.
         self_attribution: also compute self-influence with the inner-product
             methods (used for the noisy-label AUC; for the IF solvers it costs one
             inverse-HVP per training sample).
@@ -80,6 +91,7 @@ class Setting:
     quick: dict = field(default_factory=dict)
     inapplicable: dict = field(default_factory=dict)
     method_kwargs: dict = field(default_factory=dict)
+    eval_batch_size: int | None = None
     self_attribution: bool = True
 
     def quick_version(self) -> Setting:
@@ -145,6 +157,150 @@ _QUICK_DIGITS = {
     "loo_size": 20,
     "train_config": {"epochs": 200},
 }
+
+
+def _not_applicable(n_params: str) -> dict[str, str]:
+    return {
+        "if-explicit": f"not run: the dense Hessian of {n_params} parameters does not fit "
+        "in memory; if-cg, if-lissa and if-arnoldi solve the same system",
+        "rps": "representer points need one classification output per sample; "
+        "a sequence has one next-token prediction per position",
+        "knn-shapley": "KNN-Shapley needs one label per sample and a feature "
+        "space for the inputs; sequences have a target per token",
+        "dvemb": "not run: it records the per-sample gradients of every training step, "
+        f"hundreds of GB to TB for {n_params} parameters (the benchmark's limit is 1 GiB)",
+    }
+
+
+#: the generative settings at upstream's sizes (GPU recommended); each has a
+#: ``--quick`` version sized for a few GPU minutes.
+_GENERATIVE = [
+    Setting(
+        name="shakespeare-nanogpt",
+        description="char-level nanoGPT at upstream's size (6 layers, 384-d, 10.8M params) "
+        "on 256-char tinyshakespeare blocks (all ~3.9k train / 200 val blocks); target = "
+        "mean next-char loss; GPU recommended (data: --download or --data-dir DIR)",
+        load_data=load_shakespeare_blocks(n_train=None, n_test=200, block_size=256),
+        model_factory=create_shakespeare_lm,
+        # SGD with lr 0.1 diverges at this size (CPU probe: 6x384 model, context 64,
+        # batch 16); 0.03 and 0.01 train stably
+        train_config=SubsetTrainConfig(
+            epochs=20,
+            lr=0.03,
+            momentum=0.9,
+            weight_decay=1e-4,
+            batch_size=64,
+            loss=sequence_loss,
+            seed=0,
+            model_chunk_size=8,
+        ),
+        final_layer="gpt.lm_head",
+        num_subsets=50,
+        runs_per_subset=2,
+        num_ensemble=5,
+        num_tracin_checkpoints=3,
+        ihvp_damping=1e-1,
+        eval_batch_size=16,
+        quick={
+            "load_data": load_shakespeare_blocks(n_train=512, n_test=32, block_size=256),
+            "num_subsets": 16,
+            "num_ensemble": 2,
+            "num_tracin_checkpoints": 2,
+            "train_config": {"epochs": 20},
+        },
+        self_attribution=False,
+        inapplicable=_not_applicable("10.8M"),
+        method_kwargs={
+            "if-cg": {"max_iter": 20},
+            "if-lissa": {"recursion_depth": 100},
+            "if-arnoldi": {"proj_dim": 50, "max_iter": 100},
+        },
+    ),
+    Setting(
+        name="wikitext2-gpt2",
+        description="GPT-2 124M (transformers; pretrained weights from the Hugging Face "
+        "cache, else config-built) fine-tuned on 512-token WikiText-2 blocks (all train / "
+        "all validation blocks); target = mean next-token loss; GPU needed "
+        "(data: --download or --data-dir DIR)",
+        load_data=load_wikitext2_blocks(n_train=None, n_test=None, block_size=512),
+        model_factory=GPT2Factory(),
+        train_config=SubsetTrainConfig(
+            epochs=3,
+            lr=1e-3,
+            momentum=0.9,
+            weight_decay=1e-4,
+            batch_size=8,
+            loss=sequence_loss,
+            seed=0,
+            model_chunk_size=2,
+        ),
+        final_layer="lm.lm_head",
+        num_subsets=50,
+        # pretrained initialisation + the shared batch order make every run of a
+        # subset the same model: one run per subset, more subsets instead
+        runs_per_subset=1,
+        num_ensemble=3,
+        num_tracin_checkpoints=3,
+        ihvp_damping=1e-1,
+        eval_batch_size=4,
+        quick={
+            "load_data": load_wikitext2_blocks(n_train=256, n_test=32, block_size=128),
+            "num_subsets": 16,
+            "num_ensemble": 2,
+            "num_tracin_checkpoints": 2,
+            "train_config": {"epochs": 2},
+        },
+        self_attribution=False,
+        inapplicable=_not_applicable("124M"),
+        method_kwargs={
+            "if-cg": {"max_iter": 10},
+            "if-lissa": {"recursion_depth": 50},
+            # Krylov basis of max_iter vectors of 124M parameters
+            "if-arnoldi": {"proj_dim": 20, "max_iter": 30},
+        },
+    ),
+    Setting(
+        name="maestro-musictransformer",
+        description="Music Transformer at upstream's size (6 layers, 512-d, relative "
+        "attention, 13.1M params) on 256-event MAESTRO v2.0.0 windows (5000 train / 178 "
+        "validation); target = mean next-event loss; GPU recommended "
+        "(data: --download or --data-dir DIR)",
+        load_data=load_maestro_windows(n_train=5000, n_test=178, block_size=256),
+        model_factory=create_music_lm,
+        # lr probed on CPU only for stability (6x512 model, context 64, batch 16)
+        train_config=SubsetTrainConfig(
+            epochs=10,
+            lr=0.03,
+            momentum=0.9,
+            weight_decay=1e-4,
+            batch_size=64,
+            loss=sequence_loss,
+            seed=0,
+            model_chunk_size=8,
+        ),
+        final_layer="lm.Wout",
+        num_subsets=50,
+        runs_per_subset=2,
+        num_ensemble=5,
+        num_tracin_checkpoints=3,
+        ihvp_damping=1e-1,
+        eval_batch_size=16,
+        quick={
+            "load_data": load_maestro_windows(n_train=512, n_test=32, block_size=256),
+            "num_subsets": 16,
+            "num_ensemble": 2,
+            "num_tracin_checkpoints": 2,
+            "train_config": {"epochs": 5},
+        },
+        self_attribution=False,
+        inapplicable=_not_applicable("13.1M"),
+        method_kwargs={
+            "if-cg": {"max_iter": 20},
+            "if-lissa": {"recursion_depth": 100},
+            "if-arnoldi": {"proj_dim": 50, "max_iter": 100},
+        },
+    ),
+]
 
 SETTINGS: dict[str, Setting] = {
     s.name: s
@@ -270,6 +426,7 @@ SETTINGS: dict[str, Setting] = {
                 "factgrass": {"proj_dim_per_layer": 256},
             },
         ),
+        *_GENERATIVE,
     ]
 }
 
