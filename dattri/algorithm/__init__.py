@@ -23,6 +23,7 @@ from dattri.algorithm.influence_function import (
     IFAttributorLiSSA,
 )
 from dattri.algorithm.logra import LoGraAttributor
+from dattri.algorithm.magic import MAGICAttributor
 from dattri.algorithm.rps import RPSAttributor
 from dattri.algorithm.topk import TopKResult
 from dattri.algorithm.tracin import TracInAttributor
@@ -42,6 +43,7 @@ __all__ = [
     "IFAttributorLiSSA",
     "KNNShapleyAttributor",
     "LoGraAttributor",
+    "MAGICAttributor",
     "RPSAttributor",
     "TRAKAttributor",
     "TopKResult",
