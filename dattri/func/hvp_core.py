@@ -510,8 +510,9 @@ def cg_solve(
         zero = curv == 0
         if bool(neg.any()) and not warned:
             warnings.warn(
-                "CG met negative curvature: H + regularization * I is indefinite. CG keeps "
-                "going (it still solves a non-singular system), but convergence may be "
+                "CG met negative curvature: H + regularization * I is not positive "
+                "definite. CG keeps going (it still solves a non-singular system), but "
+                "convergence may be "
                 "slow or erratic; see info.negative_curvature, and increase "
                 "`regularization` if the Hessian should be positive definite.",
                 UserWarning,
