@@ -35,6 +35,20 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--methods", nargs="+", default=None, help="methods (default: all)")
             sp.add_argument("--device", default="cpu")
             sp.add_argument("--out", type=Path, default=None, help="folder for JSON and PNG")
+            sp.add_argument(
+                "--protocol",
+                choices=("default", "fixed-seed"),
+                default=None,
+                help="LDS ground truth: subsets from their own init (default) or from the "
+                "full model's init and batch order (fixed-seed); see benchmark.protocols",
+            )
+            sp.add_argument(
+                "--drop-fractions",
+                type=float,
+                nargs="+",
+                default=None,
+                help="LDS at these removal fractions (e.g. 0.01 0.05 0.1 0.5)",
+            )
     return p
 
 
@@ -75,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from dattri.benchmark.run import format_table, plot_bars, run_benchmark, write_json
 
+    if args.protocol is not None or args.drop_fractions is not None:
+        return _run_protocol(args, setting, prepared, verbose)
     reports = run_benchmark(prepared, args.methods, device=args.device, verbose=verbose)
     name = setting.name + (" (quick)" if args.quick else "")
     print(format_table(name, reports))
@@ -84,6 +100,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(args.out / f"{stem}.json", name, reports)
         if plot_bars(args.out / f"{stem}.png", name, reports) and verbose:
             print(f"wrote {args.out / (stem + '.png')}")
+    return 1 if all(r.error for r in reports) else 0
+
+
+def _run_protocol(
+    args: argparse.Namespace, setting: object, prepared: object, verbose: bool
+) -> int:
+    """``run --protocol/--drop-fractions``: LDS per removal fraction (benchmark.protocols)."""
+    from dattri.benchmark.methods import METHODS
+    from dattri.benchmark.protocols import evaluate_protocol, format_fraction_table
+    from dattri.benchmark.run import write_json
+
+    protocol = args.protocol or "default"
+    fractions = args.drop_fractions or [0.5]
+    methods = args.methods or list(METHODS)
+    reports = evaluate_protocol(prepared, methods, protocol, fractions, args.device, verbose)
+    name = setting.name + (" (quick)" if args.quick else "")
+    print(format_fraction_table(name, reports, fractions, protocol))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"{setting.name}{'-quick' if args.quick else ''}-{protocol}"
+        write_json(args.out / f"{stem}.json", name, reports)
     return 1 if all(r.error for r in reports) else 0
 
 

@@ -13,6 +13,7 @@ right shift for them (EK-FAC on digits-MLP: 0.46 with damping 1e-2, 0.64 automat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -338,6 +339,29 @@ def _logra_like(ctx: _Context, cls_name: str) -> MethodOutput:
     return MethodOutput(scores.cpu(), self_scores.cpu(), t_cache, t_attr)
 
 
+def _magic(ctx: _Context) -> MethodOutput:
+    """MAGIC through the setting's training run (the full model: init seed 0)."""
+    from dattri.algorithm.magic import MAGICAttributor
+
+    setting = ctx.prepared.setting
+    cfg = dataclasses.replace(setting.train_config, device=ctx.device)
+    n_test = len(ctx.prepared.y_test)
+    a = MAGICAttributor(
+        ctx.task(_loss_if),
+        setting.model_factory,
+        cfg,
+        init_seed=0,
+        test_block_size=min(n_test, 256),
+        verbose=ctx.verbose,
+    )
+    tensors = (ctx.prepared.x_train, ctx.prepared.y_train)
+    _, t_cache = _timed(lambda: a.cache(tensors))
+    scores, t_attr = _timed(
+        lambda: a.attribute(tensors, (ctx.prepared.x_test, ctx.prepared.y_test))
+    )
+    return MethodOutput(scores.detach().cpu(), None, t_cache, t_attr)
+
+
 METHODS: dict[str, Callable[[_Context], MethodOutput]] = {
     "if-explicit": _if_explicit,
     "if-cg": _if_cg,
@@ -354,6 +378,7 @@ METHODS: dict[str, Callable[[_Context], MethodOutput]] = {
     "knn-shapley": _knn_shapley,
     "logra": lambda ctx: _logra_like(ctx, "logra"),
     "factgrass": lambda ctx: _logra_like(ctx, "factgrass"),
+    "magic": _magic,
 }
 
 
