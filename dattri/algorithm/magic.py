@@ -140,7 +140,8 @@ class MAGICAttributor(BaseAttributor):
             block's scores are saved there, and a later run with the same settings
             resumes from them.
         check_checkpoint: warn if the task's checkpoint differs from the replayed
-            final parameters (relative difference above ``1e-4``).
+            final parameters (relative difference above ``1e-4`` in float64, ``1e-2``
+            otherwise).
         verbose: show progress bars.
     """
 

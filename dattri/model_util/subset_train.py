@@ -193,6 +193,8 @@ def _make_model(
         msg = f"model_factory must return an nn.Module; got {type(model).__name__}."
         raise TypeError(msg)
     for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p == 0:
+            continue  # the identity
         if isinstance(mod, nn.modules.dropout._DropoutNd | nn.modules.batchnorm._NormBase):
             msg = (
                 f"Module {name!r} ({type(mod).__name__}) is stochastic or keeps running "
