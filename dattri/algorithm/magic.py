@@ -30,14 +30,15 @@ Reverse mode (one pass per block of test samples): with the adjoint
 
 * ``vjp`` of the element-wise optimizer update ``U`` (gives ``theta_bar`` direct part,
   ``state_bar`` and ``g_bar``),
-* one forward-over-reverse ``jvp`` of ``theta -> (grad_theta L_B, per-sample losses)``
-  along ``g_bar`` (gives ``H_B g_bar`` and the per-sample directional derivatives
-  ``J g_bar``),
+* ``vjp`` of ``(theta, w_B) -> grad_theta L_B(theta, w_B)`` (linearised once per step,
+  reverse-over-reverse) with cotangent ``g_bar``: gives ``H_B g_bar`` (added to
+  ``theta_bar``) and ``d(g_bar . grad L_B)/d w_B`` (accumulated into the weights'
+  gradient; with ``L_B = sum_i w_i l_i / sum_i w_i`` this is
+  ``(g_bar . grad l_i - g_bar . grad L_B) / sum_i w_i``),
 
-all vectorised over the ``k`` test samples of the block with ``vmap``. With
-``L_B = sum_i w_i l_i / S`` (``S = sum_i w_i`` over the batch),
-``dL_B/dw_i = (l_i - L_B) / S``, so each batch sample receives
-``w_bar_i += ((J g_bar)_i - sum_j w_j (J g_bar)_j / S) / S``.
+both vectorised over the ``k`` test samples of the block with ``vmap`` (one
+linearisation, ``k`` double-backward products: cost about ``k`` Hessian-vector products
+per step).
 
 States along the trajectory are recomputed from checkpoints: by default
 ``~sqrt(T)`` kept checkpoints and segments of ``~sqrt(T)`` recomputed states (memory
@@ -58,7 +59,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, vjp, vmap
 from tqdm.auto import tqdm
 
 from dattri.algorithm.base import BaseAttributor
@@ -217,20 +218,18 @@ class MAGICAttributor(BaseAttributor):
         init = (self._init_params, init_optimizer_state(self._init_params, cfg))
         self._state_bytes = sum(t.numel() * t.element_size() for t in init[0] + init[1])
 
-    def _batch_loss(self, params: list[Tensor], t: int, w: Tensor) -> tuple[Tensor, Tensor]:
-        """Weighted batch loss of step ``t`` and its per-sample losses ``(B,)``."""
+    def _batch_loss(self, params: list[Tensor], t: int, wb: Tensor) -> tuple[Tensor, Tensor]:
+        """Weighted loss of step ``t``'s batch (weights ``wb`` ``(B,)``), per-sample losses."""
         idx = self._steps[t]
-        out = functional_call(
-            self._model, dict(zip(self._names, params, strict=True)), (self._x[idx],)
-        )
-        per = self._loss(out, self._y[idx])
-        return weighted_mean_loss(per, w[idx]), per
+        named = dict(zip(self._names, params, strict=True))
+        per = self._loss(functional_call(self._model, named, (self._x[idx],)), self._y[idx])
+        return weighted_mean_loss(per, wb), per
 
     def _step(self, state: State, t: int) -> State:
         """Training step ``t`` (the shared :func:`train_step`)."""
         self.forward_steps += 1
         return train_step(
-            lambda ps: self._batch_loss(ps, t, self._weights)[0],
+            lambda ps: self._batch_loss(ps, t, self._weights[self._steps[t]])[0],
             state[0],
             state[1],
             t,
@@ -377,31 +376,22 @@ class MAGICAttributor(BaseAttributor):
         """Pull the adjoint of the state after step ``t`` back to before it."""
         self.reverse_steps += 1
         params, opt = state
-        w = self._weights
         idx = self._steps[t]
         lr = lr_at(self.config, t, self._T)
 
-        def grad_and_per(ps: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-            g, per = grad(lambda q: self._batch_loss(q, t, w), has_aux=True)(ps)
-            return g, per
+        def grad_of(ps: list[Tensor], wb: Tensor) -> list[Tensor]:
+            return grad(lambda q: self._batch_loss(q, t, wb)[0])(ps)
 
-        g, _ = grad_and_per(params)
+        # one linearisation of (theta, w_B) -> grad L_B, reused by all k cotangents
+        g, pull_grad = vjp(grad_of, params, self._weights[idx])
 
         def update(ps: list[Tensor], st: list[Tensor], gs: list[Tensor]) -> tuple:
             return tuple(optimizer_update(ps, st, gs, t, lr, self.config))
 
         _, pull = vjp(update, params, opt, g)
         p_dir, opt_bar, g_bar = vmap(pull)(tuple(adj))
-
-        def push(tangent: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-            return jvp(grad_and_per, (params,), (tangent,))[1]
-
-        hg, jg = vmap(push)(g_bar)  # (k, ...) each, (k, B)
-        wb = w[idx]
-        total = wb.sum()
-        if total != 0:
-            mean = (jg * wb).sum(1, keepdim=True) / total
-            w_bar.index_add_(0, idx, ((jg - mean) / total).T)
+        hg, wg = vmap(pull_grad)(g_bar)  # H_B g_bar (k, ...) each; d(g_bar . g)/dw_B (k, B)
+        w_bar.index_add_(0, idx, wg.T)
         return [a + b for a, b in zip(p_dir, hg, strict=True)], list(opt_bar)
 
     def _reverse(self, a: int, b: int, start: State, budget: int, visit: Callable) -> None:
