@@ -172,7 +172,7 @@ def _if_explicit(ctx: _Context) -> MethodOutput:
     return _inner_product(ctx, a)
 
 
-def _if_cg(ctx: _Context) -> MethodOutput:
+def _if_cg(ctx: _Context, preconditioner: str | None = None) -> MethodOutput:
     from dattri.algorithm.influence_function import IFAttributorCG
 
     a = IFAttributorCG(
@@ -182,6 +182,7 @@ def _if_cg(ctx: _Context) -> MethodOutput:
         max_iter=100,
         tol=1e-6,
         verbose=ctx.verbose,
+        preconditioner=preconditioner,
     )
     return _inner_product(ctx, a)
 
@@ -365,6 +366,9 @@ def _magic(ctx: _Context) -> MethodOutput:
 METHODS: dict[str, Callable[[_Context], MethodOutput]] = {
     "if-explicit": _if_explicit,
     "if-cg": _if_cg,
+    "if-cg-diag": lambda ctx: _if_cg(ctx, "diagonal"),
+    "if-cg-kfac": lambda ctx: _if_cg(ctx, "kfac"),
+    "if-cg-ekfac": lambda ctx: _if_cg(ctx, "ekfac"),
     "if-lissa": _if_lissa,
     "if-arnoldi": _if_arnoldi,
     "if-ekfac": _if_ekfac,
