@@ -183,6 +183,9 @@ def test_resumable_cache_and_errors(tmp_path):
         MAGICAttributor(task, mlp, other, cache_dir=tmp_path, verbose=False).cache((x, y))
     with pytest.raises(ValueError, match="trainable parameters"):
         MAGICAttributor(task, logreg, cfg, verbose=False).cache((x, y))
+    # self-influence = the diagonal of attribute(train, train)
+    full = att.attribute((x, y), (x, y))
+    torch.testing.assert_close(att.self_attribute((x, y)), full.diagonal())
     # a DataLoader-style list of batches gives the same scores
     loader = [(x[i : i + 5], y[i : i + 5]) for i in range(0, 24, 5)]
     torch.testing.assert_close(att.attribute(loader, [(xt[:2], yt[:2]), (xt[2:], yt[2:])]), first)

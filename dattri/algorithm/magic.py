@@ -497,6 +497,29 @@ class MAGICAttributor(BaseAttributor):
                 out.append(self._block_with_resume(fields, bar))
         return torch.cat(out, dim=1).cpu()
 
+    def self_attribute(self, train_dataloader: Iterable) -> Tensor:
+        """``(n_train,)`` self-influence ``-d loss_i(theta_T(w)) / d w_i`` at ``w = 1``.
+
+        Every training sample is a test function here (its target through
+        ``task.target_func``), so this costs ``n_train / test_block_size`` reverse passes.
+
+        Args:
+            train_dataloader: the training data of :meth:`cache` (same order).
+
+        Returns:
+            ``(n_train,)`` scores.
+        """
+        fields = _gather(train_dataloader, "train_dataloader")
+        out = []
+        for s in range(0, self._n if self._cached else 0, self.test_block_size):
+            block = tuple(f[s : s + self.test_block_size] for f in fields)
+            scores = self.attribute(train_dataloader, block)
+            out.append(scores[s : s + scores.shape[1]].diagonal())
+        if not self._cached:
+            msg = "MAGICAttributor: call cache(full_train_dataloader) before self_attribute()."
+            raise ValueError(msg)
+        return torch.cat(out)
+
     def _block_with_resume(self, fields: tuple[Tensor, ...], bar: tqdm) -> Tensor:
         if self.cache_dir is None:
             return self._scores_block(fields, bar)
