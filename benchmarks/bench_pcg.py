@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from dattri.task import AttributionTask
 KINDS = [None, "diagonal", "kfac", "ekfac"]
 
 
-def run(setting: str, n_rhs: int, tol: float, reg: float, max_iter: int) -> list[dict]:
+def run(setting: str, n_rhs: int, tol: float, reg: float, max_iter: int) -> Iterator[dict]:
     xtr, ytr, xte, yte = _data(setting)
     model = _model(setting)
     _train(model, xtr, ytr)
@@ -48,7 +49,7 @@ def run(setting: str, n_rhs: int, tol: float, reg: float, max_iter: int) -> list
     task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
     train = DataLoader(TensorDataset(xtr, ytr), batch_size=1000)
     rhs = task.per_sample_grads((xte[:n_rhs], yte[:n_rhs]), keep_batch_dim=True, target=True)
-    rows, ref = [], None
+    ref = None
     for kind in KINDS:
         att = IFAttributorCG(
             task, max_iter=max_iter, tol=tol, regularization=reg, preconditioner=kind, verbose=False
@@ -63,7 +64,7 @@ def run(setting: str, n_rhs: int, tol: float, reg: float, max_iter: int) -> list
         solve = time.perf_counter() - t
         info = att.last_cg_info
         ref = sol if ref is None else ref
-        rows.append(
+        yield (
             {
                 "setting": setting,
                 "p": rhs.shape[1],
@@ -77,7 +78,6 @@ def run(setting: str, n_rhs: int, tol: float, reg: float, max_iter: int) -> list
                 "indefinite": bool(info.negative_curvature.any()),
             }
         )
-    return rows
 
 
 def main() -> None:
@@ -100,9 +100,9 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting in args.settings:
-        rows = run(setting, args.n_rhs, args.tol, args.regularization, args.max_iter)
-        base = rows[0]
-        for r in rows:
+        base = None
+        for r in run(setting, args.n_rhs, args.tol, args.regularization, args.max_iter):
+            base = base or r
             total = r["build_s"] + r["solve_s"]
             base_total = base["build_s"] + base["solve_s"]
             print(
