@@ -52,13 +52,15 @@ def main() -> None:
             setting, args.cache_dir, quick=quick, verbose=False
         )
         x, y = prepared.x_train, prepared.y_train
-        t = time.perf_counter()
-        train_models(setting, x, y, torch.ones(1, len(y)), [0], verbose=False)
-        train_s = time.perf_counter() - t
+        train_s = float("inf")
+        for _ in range(3):  # fastest of three (the machine may be shared)
+            t = time.perf_counter()
+            train_models(setting, x, y, torch.ones(1, len(y)), [0], verbose=False)
+            train_s = min(train_s, time.perf_counter() - t)
         reports = evaluate_protocol(prepared, args.methods, args.protocol, args.drop_fractions)
         label = f"{name}{' (quick)' if quick else ''}: {len(y)} train / {len(prepared.y_test)} test"
         print(format_fraction_table(label, reports, args.drop_fractions, args.protocol))
-        print(f"\none training run of the full model: {train_s:.2f} s")
+        print(f"\none training run of the full model (fastest of 3): {train_s:.2f} s")
         for r in reports:
             if r.method == "magic" and not r.error:
                 total = r.cache_s + r.attribute_s
