@@ -23,6 +23,7 @@ from dattri.algorithm.influence_function import (
     IFAttributorLiSSA,
 )
 from dattri.algorithm.logra import LoGraAttributor
+from dattri.algorithm.magic import MAGICAttributor
 from dattri.algorithm.per_token import PerTokenTopK, attribute_per_token
 from dattri.algorithm.rps import RPSAttributor
 from dattri.algorithm.topk import TopKResult
@@ -43,6 +44,7 @@ __all__ = [
     "IFAttributorLiSSA",
     "KNNShapleyAttributor",
     "LoGraAttributor",
+    "MAGICAttributor",
     "PerTokenTopK",
     "RPSAttributor",
     "TRAKAttributor",

@@ -59,6 +59,7 @@ from dattri.algorithm.if_base import IFBase
 from dattri.algorithm.if_datainf import IFAttributorDataInf
 from dattri.algorithm.if_ekfac import IFAttributorEKFAC
 from dattri.algorithm.if_lissa import IFAttributorLiSSA
+from dattri.algorithm.if_precondition import build_preconditioner, check_preconditioner
 from dattri.func.hessian import cg_solve
 from dattri.task import AttributionTask
 
@@ -228,6 +229,9 @@ class IFAttributorCG(IFBase):
     after ``max_iter`` iterations. ``H + lambda I`` must be positive definite. Convergence
     of the last solve is in :attr:`last_cg_info`; a warning names rows that did not
     converge (raise ``max_iter``: CG needs about ``sqrt(cond(H))`` iterations per digit).
+    With ``preconditioner`` (``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a callable
+    ``(B, p) -> (B, p)``, see :mod:`dattri.algorithm.if_precondition`), preconditioned
+    CG reaches the same solve in about ``sqrt(cond(P H))`` iterations per digit.
 
     Args:
         task: the attribution task.
@@ -238,6 +242,10 @@ class IFAttributorCG(IFBase):
         mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
         regularization: ``lambda >= 0``.
         verbose: show progress bars.
+        preconditioner: None (plain CG), ``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a
+            callable ``M^{-1}`` on ``(B, p)`` rows.
+        preconditioner_damping: damping of the built preconditioner (default:
+            ``regularization`` if positive, else ``1e-3`` times its mean curvature).
     """
 
     shard_cache = True  # torch.distributed: each rank holds its batches, HVPs summed
@@ -252,6 +260,9 @@ class IFAttributorCG(IFBase):
         mode: str = "rev-rev",
         regularization: float = 0.0,
         verbose: bool = True,
+        *,
+        preconditioner: str | Callable[[Tensor], Tensor] | None = None,
+        preconditioner_damping: float | None = None,
     ) -> None:
         super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -264,6 +275,9 @@ class IFAttributorCG(IFBase):
         self._ops: dict[int, Callable[[Tensor], Tensor]] = {}
         self._dtypes: dict[int, torch.dtype] = {}
         self.last_cg_info = None
+        self.preconditioner = check_preconditioner(preconditioner)
+        self.preconditioner_damping = preconditioner_damping
+        self._preconds: dict[int, Callable[[Tensor], Tensor] | None] = {}
 
     def cache(self, full_train_dataloader: Iterable) -> None:
         """Keep the training batches on ``device`` and build the HVP operators.
@@ -279,11 +293,28 @@ class IFAttributorCG(IFBase):
         self._check_loss(func, params)
         self._ops[ckpt_idx] = self.mean_hvp_operator(ckpt_idx, self.mode, self.regularization)
         self._dtypes[ckpt_idx] = params.dtype
+        self._preconds[ckpt_idx] = (
+            None
+            if self.preconditioner is None
+            else build_preconditioner(
+                self,
+                self.preconditioner,
+                ckpt_idx,
+                self.preconditioner_damping,
+                self.regularization,
+            )
+        )
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """Batched CG solve of ``(H + lambda I) x = g`` for every row, ``(B, p)``."""
         rhs = test_rep.to(self._dtypes[ckpt_idx])
-        sol, info = cg_solve(self._ops[ckpt_idx], rhs, self.max_iter, self.tol)
+        sol, info = cg_solve(
+            self._ops[ckpt_idx],
+            rhs,
+            self.max_iter,
+            self.tol,
+            preconditioner=self._preconds.get(ckpt_idx),
+        )
         self.last_cg_info = info
         if not bool(info.converged.all()):
             warnings.warn(

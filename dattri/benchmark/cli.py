@@ -96,6 +96,20 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--no-save", action="store_true", help="only print the table, save nothing"
             )
+            sp.add_argument(
+                "--protocol",
+                choices=("default", "fixed-seed"),
+                default=None,
+                help="LDS ground truth: subsets from their own init (default) or from the "
+                "full model's init and batch order (fixed-seed); see benchmark.protocols",
+            )
+            sp.add_argument(
+                "--drop-fractions",
+                type=float,
+                nargs="+",
+                default=None,
+                help="LDS at these removal fractions (e.g. 0.01 0.05 0.1 0.5)",
+            )
         sp.add_argument(
             "--download",
             action="store_true",
@@ -249,6 +263,9 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"exported {setting.name} in upstream's layout to {out}")
         return 0
 
+    if args.protocol is not None or args.drop_fractions is not None:
+        return _run_protocol(args, setting, prepared, verbose)
+
     from dattri.benchmark.run import format_table, run_benchmark, run_metadata, save_results
 
     try:  # the methods' own errors are caught per method; these are ground-truth files
@@ -306,6 +323,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+
+
+def _run_protocol(
+    args: argparse.Namespace, setting: object, prepared: object, verbose: bool
+) -> int:
+    """``run --protocol/--drop-fractions``: LDS per removal fraction (benchmark.protocols)."""
+    from dattri.benchmark.methods import METHODS
+    from dattri.benchmark.protocols import evaluate_protocol, format_fraction_table
+    from dattri.benchmark.run import run_metadata, write_json
+
+    protocol = args.protocol or "default"
+    fractions = args.drop_fractions or [0.5]
+    methods = args.methods or list(METHODS)
+    reports = evaluate_protocol(prepared, methods, protocol, fractions, args.device, verbose)
+    name = setting.name + (" (quick)" if args.quick else "")
+    print(format_fraction_table(name, reports, fractions, protocol), flush=True)
+    if not args.no_save:
+        stem = f"{setting.name}{'-quick' if args.quick else ''}-{protocol}"
+        out = args.out if args.out is not None else _default_out(stem)
+        meta = run_metadata(
+            command="dattri-bench " + " ".join(args.argv),
+            setting=setting.name,
+            quick=args.quick,
+            device=args.device,
+            protocol=protocol,
+            drop_fractions=fractions,
+        )
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / f"{stem}.json", name, reports, meta)
+        except OSError as exc:
+            _error(f"could not save the results in {out}: {exc}")
+            return 1
+        _note(f"results saved in {out}/ ({stem}.json)")
+    failed = [r.method for r in reports if r.error]
+    if failed:
+        _error(f"{len(failed)} of {len(reports)} method(s) failed: {', '.join(failed)}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

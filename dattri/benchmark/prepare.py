@@ -137,7 +137,9 @@ def _save(obj: Any, file: Path) -> None:
 
 def _vectorizable(model: nn.Module) -> bool:
     return not any(
-        isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)) for m in model.modules()
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        or (isinstance(m, nn.Dropout) and m.p > 0)  # dropout(p=0) is the identity
+        for m in model.modules()
     )
 
 

@@ -328,6 +328,19 @@ SETTINGS: dict[str, Setting] = {
             quick=_QUICK_DIGITS,
         ),
         Setting(
+            name="digits-mlp-sgd",
+            description="digits MLP 64-64-10 trained by minibatch SGD for 10 epochs "
+            "(batch 64, lr 0.02; not converged: the IF assumption does not hold)",
+            load_data=_digits(1000, 200),
+            model_factory=lambda: create_mlp_model("digits", hidden=(64,)),
+            train_config=SubsetTrainConfig(
+                epochs=10, lr=0.02, momentum=0.9, weight_decay=1e-3, batch_size=64, seed=0
+            ),
+            final_layer="fc2",
+            ihvp_damping=1e-2,
+            quick={**_QUICK_DIGITS, "train_config": {"epochs": 4}},
+        ),
+        Setting(
             name="digits-lr-noisy",
             description="digits LR with 10% flipped training labels (noisy-label AUC)",
             load_data=_digits(1000, 200),

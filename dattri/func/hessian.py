@@ -31,6 +31,7 @@ from dattri.func.hvp_core import (
     ihvp_cg,
     ihvp_explicit,
     linearization_bytes,
+    neumann_solve,
 )
 
 __all__ = [
@@ -50,4 +51,5 @@ __all__ = [
     "ihvp_explicit",
     "ihvp_lissa",
     "linearization_bytes",
+    "neumann_solve",
 ]

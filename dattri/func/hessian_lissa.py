@@ -37,6 +37,7 @@ def ihvp_lissa(
     *,
     seed: int = 0,
     verbose: bool = True,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> Callable[..., Tensor]:
     """Build ``f(x, v, in_dims=None) ≈ (H + damping * scaling * I)^{-1} v`` by LiSSA.
 
@@ -54,6 +55,7 @@ def ihvp_lissa(
         mode=mode,
         seed=seed,
         verbose=verbose,
+        preconditioner=preconditioner,
     )
 
     def _ihvp(x: tuple, v: Tensor, in_dims: tuple | None = None) -> Tensor:
@@ -87,6 +89,7 @@ def ihvp_at_x_lissa(
     mode: str = "rev-rev",
     seed: int = 0,
     verbose: bool = True,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """Build ``f(v) ≈ (H + damping * scaling * I)^{-1} v`` by the LiSSA recursion.
 
@@ -106,6 +109,14 @@ def ihvp_at_x_lissa(
     ``10 (t + 1) ||v||`` (or is not finite) the recursion is diverging: a ``UserWarning``
     naming ``scaling`` is raised and that run stops early (its result is unreliable).
 
+    With ``preconditioner`` ``P`` (symmetric positive definite ``(k, p) -> (k, p)``,
+    approximating ``(H + damping * scaling * I)^{-1}`` up to scale, see
+    :mod:`dattri.func.preconditioners`), the preconditioned series
+    ``u <- P v + u - P (H_batch u / scaling + damping * u)``, ``u_0 = P v``, has the
+    same fixed point and converges when the eigenvalues of ``P H_batch / scaling +
+    damping P`` lie in ``(0, 2)``: ``scaling`` must then exceed the largest eigenvalue
+    of ``P H_batch`` (about 1 for a good, unit-scaled preconditioner).
+
     Args:
         func: Scalar function ``func(*args)`` (mean loss over the given samples).
         *x: Arguments of ``func`` (parameters and the full data).
@@ -120,6 +131,7 @@ def ihvp_at_x_lissa(
         mode: HVP mode.
         seed: Seed of the mini-batch sampler.
         verbose: Show a tqdm progress bar.
+        preconditioner: Optional ``P`` (see above).
 
     Returns:
         ``f(v)``; ``v`` of shape ``(p,)`` or ``(k, p)``; output has ``v``'s shape.
@@ -166,13 +178,18 @@ def ihvp_at_x_lissa(
     def _ihvp(v: Tensor) -> Tensor:
         mat, restore = _rows(v, params)
         gen = torch.Generator().manual_seed(seed)
-        vnorm = mat.norm(dim=1)
+        start = mat if preconditioner is None else preconditioner(mat)
+        vnorm = start.norm(dim=1)
         total = torch.zeros_like(mat)
         bar = tqdm(total=num_repeat * recursion_depth, disable=not verbose, desc="LiSSA")
         for _ in range(num_repeat):
-            u = mat.clone()
+            u = start.clone()
             for t in range(recursion_depth):
-                u = mat + (1 - damping) * u - batch_op(gen)(u) / scaling
+                if preconditioner is None:
+                    u = mat + (1 - damping) * u - batch_op(gen)(u) / scaling
+                else:
+                    step = batch_op(gen)(u) / scaling + damping * u
+                    u = start + u - preconditioner(step)
                 bar.update(1)
                 unorm = u.norm(dim=1)
                 if not bool((torch.isfinite(unorm) & (unorm <= 10 * (t + 2) * vnorm)).all()):

@@ -25,6 +25,7 @@ __all__ = [
     "ihvp_cg",
     "ihvp_explicit",
     "linearization_bytes",
+    "neumann_solve",
 ]
 
 _MODES = ("rev-rev", "rev-fwd")
@@ -43,11 +44,22 @@ class CGInfo:
         residuals: Relative residuals ``||v - (H + reg I) x|| / ||v||`` per row, shape
             ``(k,)`` (0 for all-zero rows of ``v``).
         converged: Per-row flags ``residuals <= tol``, shape ``(k,)``.
+        hvps: Matrix-vector products over all rows (converged rows are dropped from
+            the batched product, so this is at most ``iterations * k``).
+        negative_curvature: Per-row flags ``(k,)``: the row met a search direction
+            with ``d^T (H + reg I) d < 0`` (the system is indefinite; CG kept going).
+        breakdown: Per-row flags ``(k,)``: the row stopped at exactly zero curvature
+            (its solution is the last iterate).
+        message: What happened, in words (empty when every row converged normally).
     """
 
     iterations: int
     residuals: Tensor
     converged: Tensor
+    hvps: int = 0
+    negative_curvature: Tensor | None = None
+    breakdown: Tensor | None = None
+    message: str = ""
 
 
 # --------------------------------------------------------------------------- checks
@@ -452,48 +464,134 @@ def ihvp_at_x_explicit(
 
 # --------------------------------------------------------------------------- CG
 def cg_solve(
-    op: Callable[[Tensor], Tensor], rhs: Tensor, max_iter: int, tol: float
+    op: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    max_iter: int,
+    tol: float,
+    *,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, CGInfo]:
-    """Conjugate gradient on every row of ``rhs`` ``(k, p)`` at once (x0 = 0).
+    """(Preconditioned) conjugate gradient on every row of ``rhs`` ``(k, p)`` at once.
 
-    Each row has its own step sizes; converged rows are frozen and dropped from the
-    batched HVP; a row with zero residual is never divided by.
+    Starts from ``x0 = 0``. Each row has its own step sizes; converged rows are frozen
+    and dropped from the batched product; a row with zero residual is never divided by.
+    With ``preconditioner`` ``M^{-1}`` (``(m, p) -> (m, p)``, symmetric positive
+    definite, approximating ``(H + reg I)^{-1}``), the search directions are
+    ``M^{-1}``-conjugate (PCG); convergence is still judged on the true residual.
+
+    On an indefinite (non-singular) system a direction may have negative curvature
+    ``d^T A d < 0``: CG keeps going (in exact arithmetic it still solves the system
+    in at most ``p`` steps unless the curvature is exactly 0); such rows are flagged in
+    ``info.negative_curvature`` and a ``UserWarning`` is raised once per call. A row whose
+    curvature is exactly 0 stops (``info.breakdown``).
     """
+    precond = preconditioner if preconditioner is not None else (lambda m: m)
     sol = torch.zeros_like(rhs)
     res = rhs.clone()
-    direction = res.clone()
+    z = precond(res) if preconditioner is not None else res
+    direction = z.clone()
+    rz = (res * z).sum(1)
     rs = (res * res).sum(1)
     thresh = tol * rs.sqrt()
     active = rs.sqrt() > thresh
+    negative = torch.zeros_like(active)
+    breakdown = torch.zeros_like(active)
     iters = 0
+    hvps = 0
     warned = False
     while iters < max_iter and bool(active.any()):
         iters += 1
         idx = active.nonzero().squeeze(1)
         d = direction[idx]
         ad = op(d)
+        hvps += int(idx.numel())
         curv = (d * ad).sum(1)
-        bad = curv <= 0
-        if bool(bad.any()) and not warned:
+        neg = curv < 0
+        zero = curv == 0
+        if bool(neg.any()) and not warned:
             warnings.warn(
-                "CG met non-positive curvature: H + regularization * I is not positive "
-                "definite; increase `regularization` (affected rows stop early).",
+                "CG met negative curvature: H + regularization * I is not positive "
+                "definite. CG keeps going (it still solves a non-singular system), but "
+                "convergence may be "
+                "slow or erratic; see info.negative_curvature, and increase "
+                "`regularization` if the Hessian should be positive definite.",
                 UserWarning,
                 stacklevel=3,
             )
             warned = True
-        alpha = torch.where(bad, torch.zeros_like(curv), rs[idx] / curv.where(~bad, 1))
+        negative[idx] |= neg
+        breakdown[idx] |= zero
+        alpha = torch.where(zero, torch.zeros_like(curv), rz[idx] / curv.where(~zero, 1))
         sol[idx] += alpha[:, None] * d
         r_new = res[idx] - alpha[:, None] * ad
+        z_new = precond(r_new) if preconditioner is not None else r_new
+        rz_new = (r_new * z_new).sum(1)
         rs_new = (r_new * r_new).sum(1)
-        beta = rs_new / rs[idx]
+        beta = rz_new / rz[idx].where(rz[idx] != 0, 1)
         res[idx] = r_new
-        direction[idx] = r_new + beta[:, None] * d
+        direction[idx] = z_new + beta[:, None] * d
+        rz[idx] = rz_new
         rs[idx] = rs_new
-        active[idx] = (rs_new.sqrt() > thresh[idx]) & ~bad
+        active[idx] = (rs_new.sqrt() > thresh[idx]) & ~zero
     norms = rhs.norm(dim=1)
     rel = torch.where(norms > 0, rs.sqrt() / norms.where(norms > 0, 1), 0.0)
-    return sol, CGInfo(iters, rel, rel <= tol)
+    converged = rel <= tol
+    notes = []
+    if bool(negative.any()):
+        notes.append(
+            f"{int(negative.sum())} row(s) met negative curvature (indefinite system); CG continued"
+        )
+    if bool(breakdown.any()):
+        notes.append(f"{int(breakdown.sum())} row(s) stopped at exactly zero curvature")
+    if not bool(converged.all()):
+        notes.append(f"{int((~converged).sum())} row(s) did not reach tol={tol:g}")
+    info = CGInfo(iters, rel, converged, hvps, negative, breakdown, "; ".join(notes))
+    return sol, info
+
+
+def neumann_solve(
+    op: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    max_iter: int,
+    tol: float,
+    *,
+    scaling: float,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, CGInfo]:
+    """Preconditioned Neumann series (Richardson iteration) on every row of ``rhs``.
+
+    ``x_{t+1} = x_t + P (v - A x_t) / scaling`` from ``x_0 = 0``, i.e. the truncated
+    series ``sum_t (I - P A / scaling)^t P v / scaling`` of ``A^{-1} v``; it converges
+    when the eigenvalues of ``P A / scaling`` lie in ``(0, 2)`` (``scaling`` above the
+    largest eigenvalue of ``P A``). Rows stop at relative residual ``tol``.
+
+    Returns:
+        ``(x, info)`` with ``info`` a :class:`CGInfo` (iterations, residuals, products).
+    """
+    precond = preconditioner if preconditioner is not None else (lambda m: m)
+    sol = torch.zeros_like(rhs)
+    res = rhs.clone()
+    norms = rhs.norm(dim=1)
+    active = norms > 0
+    iters = hvps = 0
+    while iters < max_iter and bool(active.any()):
+        iters += 1
+        idx = active.nonzero().squeeze(1)
+        sol[idx] += precond(res[idx]) / scaling
+        res[idx] = rhs[idx] - op(sol[idx])
+        hvps += int(idx.numel())
+        rel = res[idx].norm(dim=1) / norms[idx]
+        if not bool(torch.isfinite(rel).all()):
+            msg = (
+                f"The Neumann series diverges (non-finite residual at step {iters}): "
+                "increase `scaling` above the largest eigenvalue of P (H + reg I)."
+            )
+            raise IHVPUsageError(msg)
+        active[idx] = rel > tol
+    rel = torch.where(norms > 0, res.norm(dim=1) / norms.where(norms > 0, 1), 0.0)
+    converged = rel <= tol
+    msg = "" if bool(converged.all()) else f"{int((~converged).sum())} row(s) did not reach tol"
+    return sol, CGInfo(iters, rel, converged, hvps, message=msg)
 
 
 def ihvp_cg(
@@ -503,11 +601,13 @@ def ihvp_cg(
     tol: float = 1e-7,
     mode: str = "rev-rev",
     regularization: float = 0.0,
+    *,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> Callable[[tuple, Tensor], Tensor]:
     """Build ``f(x, v) ≈ (H(x) + regularization * I)^{-1} v`` by conjugate gradient.
 
-    See :func:`ihvp_at_x_cg`; the returned ``f`` also exposes ``f.info`` (:class:`CGInfo`)
-    of its last call.
+    See :func:`ihvp_at_x_cg` (``preconditioner`` included); the returned ``f`` also
+    exposes ``f.info`` (:class:`CGInfo`) of its last call.
     """
     _check_mode(mode)
     get = _cached_builder(
@@ -519,6 +619,7 @@ def ihvp_cg(
             tol=tol,
             mode=mode,
             regularization=regularization,
+            preconditioner=preconditioner,
         )
     )
 
@@ -540,15 +641,21 @@ def ihvp_at_x_cg(
     tol: float = 1e-7,
     mode: str = "rev-rev",
     regularization: float = 0.0,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """Build ``f(v) ≈ (H(x) + regularization * I)^{-1} v`` by batched conjugate gradient.
 
     All rows of ``v`` are solved together (one batched HVP per iteration) with per-row
     step sizes, starting from 0. A row stops when its relative residual
     ``||v - (H + reg I) u|| / ||v|| <= tol``; the solve stops when all rows stopped or
-    after ``max_iter`` iterations. ``H + regularization * I`` must be positive definite
-    (a ``UserWarning`` is raised otherwise). After each call, ``f.info`` holds a
-    :class:`CGInfo` (iterations, per-row residuals, converged flags).
+    after ``max_iter`` iterations. On an indefinite but non-singular
+    ``H + regularization * I``, CG keeps going through negative curvature and returns
+    the solve (a ``UserWarning`` once per call; ``f.info.negative_curvature`` flags
+    the rows); only exactly zero curvature stops a row. After each call, ``f.info``
+    holds a :class:`CGInfo` (iterations, per-row residuals, converged flags, products,
+    and a ``message``). With ``preconditioner`` (see
+    :mod:`dattri.func.preconditioners`), preconditioned CG: the same solve in fewer
+    products when ``preconditioner`` approximates ``(H + regularization * I)^{-1}``.
 
     Args:
         func: Scalar function ``func(*x)``.
@@ -558,12 +665,18 @@ def ihvp_at_x_cg(
         tol: Relative-residual tolerance (``>= 0``).
         mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
         regularization: ``>= 0``.
+        preconditioner: Optional symmetric positive-definite ``M^{-1}``, a callable
+            mapping ``(m, p)`` rows to ``(m, p)`` (flat parameter layout of
+            ``x[argnums]``).
 
     Returns:
         ``f(v)``; ``v`` of shape ``(p,)`` or ``(k, p)``; output has ``v``'s shape.
     """
     _check_mode(mode)
     _check_pos_int(max_iter, "max_iter")
+    if preconditioner is not None and not callable(preconditioner):
+        msg = "`preconditioner` must be None or a callable mapping (m, p) rows to (m, p)."
+        raise IHVPUsageError(msg)
     _check_nonneg(tol, "tol")
     _check_nonneg(regularization, "regularization")
     x = _as_tuple(x)
@@ -572,7 +685,7 @@ def ihvp_at_x_cg(
 
     def _ihvp(v: Tensor) -> Tensor:
         mat, restore = _rows(v, x[argnums])
-        sol, _ihvp.info = cg_solve(op, mat, max_iter, tol)
+        sol, _ihvp.info = cg_solve(op, mat, max_iter, tol, preconditioner=preconditioner)
         return restore(sol)
 
     _ihvp.info = None

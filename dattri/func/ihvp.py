@@ -21,6 +21,7 @@ from dattri.func.hessian import (
     ihvp_explicit,
     ihvp_lissa,
     linearization_bytes,
+    neumann_solve,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "ihvp_explicit",
     "ihvp_lissa",
     "linearization_bytes",
+    "neumann_solve",
 ]

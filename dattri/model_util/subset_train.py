@@ -14,8 +14,16 @@ Training semantics (shared exactly by the vectorised and the sequential path):
   samples inside subset ``s`` (``masks[s] == 1``), i.e. a masked mean; a batch
   without any of its samples gives zero loss gradient, but the optimizer still
   steps (weight decay and momentum act).
-* Optimizer: ``torch.optim.SGD(lr, momentum, weight_decay)`` (L2 via weight
-  decay), constant learning rate, ``config.epochs`` epochs.
+* Loss weights: the loss of a batch is :func:`~dattri.model_util.train_step.weighted_mean_loss`
+  of the per-sample losses with the mask as weights (MAGIC differentiates the same
+  function in continuous weights).
+* Optimizer: :func:`~dattri.model_util.train_step.optimizer_update`, SGD with
+  momentum and L2 weight decay (``torch.optim.SGD`` semantics) or Adam
+  (``torch.optim.Adam`` semantics), learning rate
+  :func:`~dattri.model_util.train_step.lr_at` (constant, linear or cosine decay,
+  optional warm-up), ``config.epochs`` epochs. Every step goes through
+  :func:`train_step`, the one update shared with
+  :class:`~dattri.algorithm.magic.MAGICAttributor`'s replay.
 
 The vectorised path stacks all models with ``torch.func.stack_module_state``
 and evaluates them with ``vmap(functional_call)``; SGD is element-wise, so one
@@ -39,8 +47,17 @@ from tqdm.auto import tqdm
 
 from dattri.model_util._data import atomic_torch_save, func_name
 from dattri.model_util.retrain import plan_lds
+from dattri.model_util.train_step import (
+    init_optimizer_state,
+    lr_at,
+    optimizer_update,
+    weighted_mean_loss,
+)
 
-__all__ = ["SubsetTrainConfig", "retrain_lds_vectorized", "train_subset_models"]
+__all__ = ["SubsetTrainConfig", "retrain_lds_vectorized", "train_step", "train_subset_models"]
+
+_OPTIMIZERS = ("sgd", "adam")
+_SCHEDULES = ("constant", "linear", "cosine")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -62,6 +79,13 @@ class SubsetTrainConfig:
         dtype: Floating dtype of parameters and inputs.
         model_chunk_size: Train at most this many models at once in the
             vectorised path (``None``: all); bounds memory.
+        optimizer: ``"sgd"`` (momentum, weight decay) or ``"adam"`` (``betas``,
+            ``eps``, L2 ``weight_decay``; ``momentum`` unused).
+        betas: Adam's ``(beta1, beta2)``.
+        eps: Adam's ``eps``.
+        lr_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay over all steps
+            (see :func:`dattri.model_util.train_step.lr_at`).
+        warmup_steps: Steps of linear learning-rate warm-up.
     """
 
     epochs: int = 30
@@ -74,6 +98,11 @@ class SubsetTrainConfig:
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.float32
     model_chunk_size: int | None = None
+    optimizer: str = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         """Validate fields.
@@ -99,6 +128,25 @@ class SubsetTrainConfig:
         if self.model_chunk_size is not None and self.model_chunk_size < 1:
             msg = "SubsetTrainConfig.model_chunk_size must be >= 1 or None."
             raise ValueError(msg)
+        if self.optimizer not in _OPTIMIZERS:
+            msg = (
+                f"SubsetTrainConfig.optimizer must be one of {_OPTIMIZERS}; got {self.optimizer!r}."
+            )
+            raise ValueError(msg)
+        if self.lr_schedule not in _SCHEDULES:
+            msg = (
+                f"SubsetTrainConfig.lr_schedule must be one of {_SCHEDULES}; "
+                f"got {self.lr_schedule!r}."
+            )
+            raise ValueError(msg)
+        if int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 0:
+            msg = (
+                f"SubsetTrainConfig.warmup_steps must be an integer >= 0; got {self.warmup_steps}."
+            )
+            raise ValueError(msg)
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1) or self.eps <= 0:
+            msg = "SubsetTrainConfig needs 0 <= betas < 1 and eps > 0 (Adam)."
+            raise ValueError(msg)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-type dict for metadata files."""
@@ -106,6 +154,7 @@ class SubsetTrainConfig:
         d["loss"] = self.loss if isinstance(self.loss, str) else func_name(self.loss)
         d["device"] = str(self.device)
         d["dtype"] = str(self.dtype)
+        d["betas"] = list(self.betas)
         return d
 
 
@@ -144,6 +193,8 @@ def _make_model(
         msg = f"model_factory must return an nn.Module; got {type(model).__name__}."
         raise TypeError(msg)
     for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p == 0:
+            continue  # the identity
         if isinstance(mod, nn.modules.dropout._DropoutNd | nn.modules.batchnorm._NormBase):
             msg = (
                 f"Module {name!r} ({type(mod).__name__}) is stochastic or keeps running "
@@ -187,6 +238,38 @@ def _to_device(
     return x, y
 
 
+def train_step(
+    loss_of: Callable[[list[torch.Tensor]], torch.Tensor],
+    params: list[torch.Tensor],
+    state: list[torch.Tensor],
+    step: int,
+    total_steps: int,
+    config: SubsetTrainConfig,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One training step: gradient of ``loss_of(params)`` then the optimizer update.
+
+    Args:
+        loss_of: ``params -> scalar`` weighted batch loss (a sum over models when
+            models are stacked; they do not interact).
+        params: parameter tensors (detached).
+        state: optimizer state (:func:`~dattri.model_util.train_step.init_optimizer_state`).
+        step: 0-based global step.
+        total_steps: steps of the whole run (learning-rate schedule).
+        config: training settings.
+
+    Returns:
+        ``(new_params, new_state)``, detached.
+    """
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        loss = loss_of(leaves)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    with torch.no_grad():
+        lr = lr_at(config, step, total_steps)
+        return optimizer_update(params, state, grads, step, lr, config)
+
+
 def _train_sequential(
     model: nn.Module,
     x: torch.Tensor,
@@ -197,22 +280,29 @@ def _train_sequential(
     loss_fn: LossFn,
     bar: tqdm,
 ) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = list(named)
+    params = [p.detach().clone() for p in named.values()]
+    state = init_optimizer_state(params, config)
+    weights = mask.to(config.dtype)
+    total = sum(len(e) for e in batches)
+    step = 0
     for epoch in batches:
         for idx in epoch:
-            sel = idx[mask[idx]]
-            opt.zero_grad(set_to_none=False)
-            if sel.numel() > 0:
-                loss = loss_fn(model(x[sel]), y[sel]).mean()
-                loss.backward()
-            else:  # no subset sample in this batch: zero gradient, still step
-                for p in params:
-                    p.grad = torch.zeros_like(p)
-            opt.step()
+            w = weights[idx]
+
+            def loss_of(
+                ps: list[torch.Tensor], idx: torch.Tensor = idx, w: torch.Tensor = w
+            ) -> torch.Tensor:
+                out = functional_call(model, dict(zip(names, ps, strict=True)), (x[idx],))
+                return weighted_mean_loss(loss_fn(out, y[idx]), w)
+
+            params, state = train_step(loss_of, params, state, step, total, config)
+            step += 1
         bar.update(1)
+    with torch.no_grad():
+        for name, value in zip(names, params, strict=True):
+            named[name].copy_(value)
 
 
 def _train_vectorized(
@@ -225,7 +315,8 @@ def _train_vectorized(
     loss_fn: LossFn,
     bar: tqdm,
 ) -> None:
-    params, buffers = stack_module_state(models)
+    stacked, buffers = stack_module_state(models)
+    names = list(stacked)
     base = copy.deepcopy(models[0]).to("meta")
 
     def forward(
@@ -234,29 +325,32 @@ def _train_vectorized(
         return functional_call(base, (p, b), (xb,))
 
     batched = vmap(forward, in_dims=(0, 0, None), randomness="error")
-    leaves = list(params.values())
-    opt = torch.optim.SGD(
-        leaves, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    params = [stacked[n].detach() for n in names]
+    state = init_optimizer_state(params, config)
     weights = masks.to(config.dtype)
     n_models = len(models)
+    total = sum(len(e) for e in batches)
+    step = 0
     for epoch in batches:
         for idx in epoch:
             w = weights[:, idx]  # (S, B)
-            out = batched(params, buffers, x[idx])  # (S, B, ...)
-            yb = y[idx].repeat(n_models, *([1] * (y.dim() - 1)))  # model-major (S*B, ...)
-            per = loss_fn(out.reshape(n_models * idx.numel(), *out.shape[2:]), yb)
-            per = per.reshape(n_models, idx.numel())
-            loss = ((per * w).sum(1) / w.sum(1).clamp_min(1.0)).sum()
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            opt.step()
+
+            def loss_of(
+                ps: list[torch.Tensor], idx: torch.Tensor = idx, w: torch.Tensor = w
+            ) -> torch.Tensor:
+                out = batched(dict(zip(names, ps, strict=True)), buffers, x[idx])  # (S, B, ...)
+                yb = y[idx].repeat(n_models, *([1] * (y.dim() - 1)))  # model-major (S*B, ...)
+                per = loss_fn(out.reshape(n_models * idx.numel(), *out.shape[2:]), yb)
+                return weighted_mean_loss(per.reshape(n_models, idx.numel()), w).sum()
+
+            params, state = train_step(loss_of, params, state, step, total, config)
+            step += 1
         bar.update(1)
     with torch.no_grad():
         for s, model in enumerate(models):
             named = dict(model.named_parameters())
-            for name, stacked in params.items():
-                named[name].copy_(stacked[s])
+            for name, value in zip(names, params, strict=True):
+                named[name].copy_(value[s])
 
 
 # --------------------------------------------------------------------------- public API

@@ -1,0 +1,124 @@
+"""Preconditioners of the influence-function solvers, built from the cached data.
+
+``build_preconditioner(attributor, kind, ckpt_idx, damping)`` returns ``P(m)`` on the
+attributor's flat parameter layout (``task.selected_param_names(layer_name)``):
+
+* ``"diagonal"``: ``1 / (diag(F) + damping)`` with the empirical-Fisher diagonal
+  ``F_jj = mean_i g_ij^2`` of the per-sample training-loss gradients;
+* ``"kfac"``: K-FAC per ``nn.Linear`` module (``Lambda = s a^T`` from the factor
+  eigenvalues);
+* ``"ekfac"``: EK-FAC per ``nn.Linear`` module (eigenvalue-corrected);
+* a callable: used as is.
+
+Parameters outside every ``nn.Linear`` module (K-FAC/EK-FAC) are divided by the mean
+block eigenvalue plus damping. Default damping: the solver's ``regularization`` when
+positive, else ``1e-3`` times the mean diagonal/eigenvalue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from dattri.func.fisher import ekfac_eigenvalues, kfac_factors
+from dattri.func.preconditioners import (
+    KroneckerBlock,
+    diagonal_preconditioner,
+    kfac_block,
+    kronecker_preconditioner,
+)
+
+if TYPE_CHECKING:
+    from dattri.algorithm.if_base import IFBase
+
+__all__ = ["PRECONDITIONERS", "build_preconditioner"]
+
+PRECONDITIONERS = ("diagonal", "kfac", "ekfac")
+
+
+def check_preconditioner(kind: str | Callable | None) -> str | Callable | None:
+    """Validate a ``preconditioner`` argument (None, a name or a callable)."""
+    if kind is None or callable(kind) or kind in PRECONDITIONERS:
+        return kind
+    msg = f"preconditioner must be None, one of {PRECONDITIONERS} or a callable; got {kind!r}."
+    raise ValueError(msg)
+
+
+def _default_damping(damping: float | None, regularization: float, scale: float) -> float:
+    if damping is not None:
+        return float(damping)
+    return float(regularization) if regularization > 0 else 1e-3 * max(scale, 1e-30)
+
+
+def build_preconditioner(
+    att: IFBase,
+    kind: str | Callable,
+    ckpt_idx: int,
+    damping: float | None,
+    regularization: float,
+) -> Callable[[Tensor], Tensor]:
+    """``P(m)`` for ``kind`` on ``att``'s cached batches at checkpoint ``ckpt_idx``."""
+    if callable(kind):
+        return kind
+    if kind == "diagonal":
+        total = None
+        for batch in att._batches:
+            g = att.task.per_sample_grads(batch, ckpt_idx, att.layer_name, keep_batch_dim=True)
+            sq = (g * g).sum(0)
+            total = sq if total is None else total + sq
+        diag = total / att.n_cached
+        return diagonal_preconditioner(
+            diag, _default_damping(damping, regularization, float(diag.mean()))
+        )
+    return _kronecker(att, kind, ckpt_idx, damping, regularization)
+
+
+def _kronecker(
+    att: IFBase, kind: str, ckpt_idx: int, damping: float | None, regularization: float
+) -> Callable[[Tensor], Tensor]:
+    from dattri.algorithm.if_ekfac import IFAttributorEKFAC
+
+    names = att.task.selected_param_names(att.layer_name)
+    offsets, pos = {}, 0
+    for n in names:
+        offsets[n] = pos
+        pos += att.task.named_parameters[n].numel()
+    helper = IFAttributorEKFAC(att.task, device=att.device, damping=1.0, verbose=att.verbose)
+
+    def pname(module: str, attr: str) -> str:
+        return f"{module}.{attr}" if module else attr
+
+    modules = [
+        m
+        for m in helper.module_name
+        if pname(m, "weight") in offsets and (not helper._bias[m] or pname(m, "bias") in offsets)
+    ]
+    cov = {m: [0.0, 0.0] for m in modules}
+    count = 0
+    for size, factors in helper._factor_batches(ckpt_idx, att._batches, "K-FAC factors"):
+        for m in modules:
+            a, ds = factors[m]
+            cov_a, cov_s = kfac_factors(a, ds)
+            cov[m][0] = cov[m][0] + size * cov_a
+            cov[m][1] = cov[m][1] + size * cov_s
+        count += size
+    blocks: list[KroneckerBlock] = []
+    for m in modules:
+        bias = offsets[pname(m, "bias")] if helper._bias[m] else None
+        blocks.append(
+            kfac_block(cov[m][0] / count, cov[m][1] / count, offsets[pname(m, "weight")], bias)
+        )
+    if kind == "ekfac":
+        lam = {m: 0.0 for m in modules}
+        for size, factors in helper._factor_batches(ckpt_idx, att._batches, "EK-FAC eigenvalues"):
+            for blk, m in zip(blocks, modules, strict=True):
+                a, ds = factors[m]
+                lam[m] = lam[m] + size * ekfac_eigenvalues(a, ds, blk.q_a, blk.q_s)
+        for blk, m in zip(blocks, modules, strict=True):
+            blk.lam = lam[m] / count
+    scale = float(torch.cat([b.lam.reshape(-1) for b in blocks]).mean()) if blocks else 1.0
+    damp = _default_damping(damping, regularization, scale)
+    return kronecker_preconditioner(blocks, pos, damp, fallback=scale)
