@@ -66,7 +66,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 #: upstream TRAK regularization values of the "tuned" rows (best LDS kept: optimistic)
-_SWEEP = [10.0**k for k in range(-4, 5)]
+_SWEEP = [10.0**k for k in range(-8, 5)]
 #: peer rows: label -> (library, options understood by the worker)
 PEERS: dict[str, tuple[str, dict]] = {
     "kronfluence ekfac (empirical Fisher)": ("kf", {"empirical": True}),
@@ -438,7 +438,7 @@ def main() -> None:
                     "kf": "kronfluence 1.0.1",
                     "up": "upstream dattri 0.3.0",
                 }[lib],
-                **opts,
+                **{k: v for k, v in opts.items() if k != "sweep"},
             }
             if "error" in res:
                 row["error"] = res["error"]
@@ -451,7 +451,7 @@ def main() -> None:
                     else:
                         _, _, ci = lds(scores, gt, ci=0.95)
                         run.update(lds=ci.mean, lds_low=ci.low, lds_high=ci.high)
-                    row.setdefault("sweep", []).append(
+                    row.setdefault("tried", []).append(
                         {k: v for k, v in run.items() if k in ("regularization", "lds")}
                     )
                     if best is None or (run["lds"] > best[0]["lds"]) or math.isnan(best[0]["lds"]):
@@ -462,8 +462,8 @@ def main() -> None:
                 else:
                     row.update(best[0])
                     row["_scores"] = best[1]
-                if len(row["sweep"]) == 1:
-                    del row["sweep"]
+                if len(row["tried"]) == 1:
+                    del row["tried"]
             rows[label] = row
             print(
                 f"{label}: LDS {_f(row.get('lds'))} cpu {_f(row.get('cpu_s'), 1)} s "
@@ -486,7 +486,7 @@ def main() -> None:
     print("| method | library | LDS | LDS 95% CI | cpu s | wall s | peak MB | corr. with ours |")
     print("|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
-        if r.get("sweep"):
+        if r.get("tried") and "regularization" in r:
             label = f"{label}, regularization {r['regularization']:g}"
         if "error" in r:
             print(f"| {label} | {r['library']} | error: {r['error'][:100]} | | | | | |")
