@@ -84,6 +84,8 @@ MATCH = {
     "upstream trak-k": "trak-10",
     "upstream trak-1 (tuned)": "trak-1",
     "upstream trak-k (tuned)": "trak-10",
+    "trak-1 (tuned)": "trak-1",
+    "trak-10 (tuned)": "trak-10",
 }
 
 
@@ -249,7 +251,7 @@ def _upstream_trak_scores(spec: dict, opts: dict):
     return runs
 
 
-def _our_scores(spec: dict, method: str):
+def _our_scores(spec: dict, method: str, opts: dict):
     from dattri.benchmark import methods
     from dattri.benchmark.prepare import PreparedSetting
     from dattri.benchmark.settings import get_setting
@@ -267,7 +269,30 @@ def _our_scores(spec: dict, method: str):
         setattr(cls, name, lambda self, *a, **k: __import__("torch").zeros(0))
     setting = get_setting(spec["setting"], quick=spec["quick"])
     prepared = PreparedSetting(setting, Path(spec["path"]))
-    return methods.run_method(method, prepared).scores
+    if "sweep" not in opts:
+        return [(None, *_timed_cpu(lambda: methods.run_method(method, prepared).scores))]
+    # the "tuned" rows: the benchmark's TRAK with a fixed regularization instead of the
+    # automatic one, one run per value (the same grid as upstream's tuned rows)
+    auto_trak = trak.TRAKAttributor
+    runs = []
+    for reg in opts["sweep"]:
+
+        class FixedTRAK(auto_trak):
+            def __init__(self, *a: object, _reg: float = reg, **k: object) -> None:
+                k["regularization"] = _reg
+                super().__init__(*a, **k)
+
+        trak.TRAKAttributor = FixedTRAK
+        runs.append((reg, *_timed_cpu(lambda: methods.run_method(method, prepared).scores)))
+    trak.TRAKAttributor = auto_trak
+    return runs
+
+
+def _timed_cpu(fn):
+    """``(fn(), process CPU seconds, wall seconds)``."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, time.process_time() - c0, time.perf_counter() - t0
 
 
 def _worker(lib: str, spec_file: str, method: str, opts_json: str, out_file: str) -> None:
@@ -292,8 +317,8 @@ def _worker(lib: str, spec_file: str, method: str, opts_json: str, out_file: str
     elif lib == "up":
         runs = _upstream_trak_scores(spec, opts)
     else:
-        scores = _our_scores(spec, method)
-    if lib != "up":
+        runs = _our_scores(spec, method, opts)
+    if lib == "kf":
         runs = [(None, scores, time.process_time() - c0, time.perf_counter() - t0)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     torch.save(
@@ -399,6 +424,12 @@ def main() -> None:
     ap.add_argument("--kf-python", default="/work/peers/venv-kf/bin/python")
     ap.add_argument("--up-python", default="/work/peers/venv-up/bin/python")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
+    ap.add_argument(
+        "--no-tuned",
+        dest="tuned",
+        action="store_false",
+        help="leave out the rows whose regularization is chosen on the LDS itself",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = ap.parse_args()
 
@@ -419,9 +450,16 @@ def main() -> None:
     gt = prepared.lds_ground_truth()
     ours = args.methods or [m for m in METHODS if m not in setting.inapplicable]
     jobs = [("ours", m, m, {}) for m in ours]
+    if args.tuned:
+        jobs += [
+            ("ours", f"{m} (tuned)", m, {"sweep": _SWEEP})
+            for m in ("trak-1", "trak-10")
+            if m in ours
+        ]
     jobs += [
         (PEERS[p][0], p, "ekfac" if PEERS[p][0] == "kf" else "trak", PEERS[p][1])
         for p in args.peers
+        if args.tuned or "tuned" not in p
     ]
     python = {"ours": args.python, "kf": args.kf_python, "up": args.up_python}
     rows: dict[str, dict] = {}
