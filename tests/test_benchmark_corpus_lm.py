@@ -77,10 +77,11 @@ def test_tiny_prepare_and_methods_run(tmp_path):
     values, indices = prepared.lds_ground_truth()
     assert values.shape == (6, 6) and indices.shape == (6, 20)
     assert bool(torch.isfinite(values).all())
-    reports = run_benchmark(prepared, ["if-ekfac", "trak-1", "grad-dot", "logra", "rps"])
+    methods = ["if-ekfac", "trak-1", "grad-dot", "logra", "dvemb", "rps"]
+    reports = run_benchmark(prepared, methods)
     by = {r.method: r for r in reports}
     assert by["rps"].error.startswith("not applicable")
-    for name in ("if-ekfac", "trak-1", "grad-dot", "logra"):
+    for name in ("if-ekfac", "trak-1", "grad-dot", "logra", "dvemb"):
         r = by[name]
         assert r.error is None, r.error
         assert -1.0 <= r.lds <= 1.0 and r.lds_low <= r.lds <= r.lds_high

@@ -55,6 +55,7 @@ API_PAGES = {
     "benchmark": [
         "dattri.benchmark",
         "dattri.benchmark.settings",
+        "dattri.benchmark.corpus_lm",
         "dattri.benchmark.prepare",
         "dattri.benchmark.run",
         "dattri.benchmark.methods",

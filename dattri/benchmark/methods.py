@@ -146,7 +146,7 @@ def _inner_product(ctx: _Context, attributor: Any, self_attr: bool = True) -> Me
     _, t_cache = _timed(lambda: attributor.cache(ctx.train_loader))
     scores, t_attr = _timed(lambda: attributor.attribute(ctx.train_loader, ctx.test_loader))
     self_scores = None
-    if self_attr:
+    if self_attr and ctx.prepared.setting.self_attribution:
         self_scores, t_self = _timed(lambda: attributor.self_attribute(ctx.train_loader))
         t_attr += t_self
     return MethodOutput(
@@ -343,6 +343,64 @@ def _logra_like(ctx: _Context, cls_name: str) -> MethodOutput:
     return MethodOutput(scores.cpu(), self_scores.cpu(), t_cache, t_attr)
 
 
+#: most bytes of per-sample gradients the DVEmb method records (else it reports why not).
+_DVEMB_MAX_BYTES = 2**30
+
+
+def _dvemb(ctx: _Context) -> MethodOutput:
+    """DVEmb on a re-run of the attributed model's training (same recipe and seed).
+
+    ``cache`` time is the recorded training run (per-sample gradients of every step)
+    plus the embedding computation. The recipe's momentum and weight decay are applied
+    by the optimizer; DVEmb's unrolling models plain SGD steps of size ``lr / B``.
+    """
+    from dattri.algorithm.dvemb import DVEmbAttributor
+    from dattri.model_util.subset_train import _batches
+
+    p, setting = ctx.prepared, ctx.prepared.setting
+    cfg = setting.train_config
+    stored = cfg.epochs * len(p.y_train) * ctx.num_params * 4
+    if stored > _DVEMB_MAX_BYTES:
+        msg = (
+            f"DVEmb would record {stored / 2**30:.1f} GiB of per-sample gradients "
+            f"({cfg.epochs} epochs x {len(p.y_train)} samples x {ctx.num_params} "
+            f"parameters), over the benchmark's {_DVEMB_MAX_BYTES / 2**30:.0f} GiB limit."
+        )
+        raise ValueError(msg)
+
+    def fit_and_record() -> DVEmbAttributor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the full model's initialisation seed
+            model = setting.model_factory()
+        model = model.to(device=ctx.device, dtype=cfg.dtype)
+        task = AttributionTask(
+            loss_func=_loss_sample(model), model=model, checkpoints=[model.state_dict()]
+        )
+        attr = DVEmbAttributor(task, verbose=False)
+        loss_fn = cfg.loss if callable(cfg.loss) else None
+        x, y = p.x_train.to(ctx.device), p.y_train.to(ctx.device)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        for epoch, batches in enumerate(_batches(len(y), cfg)):
+            for idx in batches:
+                attr.cache_gradients(epoch, (x[idx], y[idx]), idx, cfg.lr)  # / B inside
+                out = model(x[idx])
+                if loss_fn is None:
+                    loss = nn.functional.cross_entropy(out, y[idx])
+                else:
+                    loss = loss_fn(out, y[idx]).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        attr.cache()
+        return attr
+
+    a, t_cache = _timed(fit_and_record)
+    scores, t_attr = _timed(lambda: a.attribute(ctx.test_loader))
+    return MethodOutput(scores.detach().cpu(), None, t_cache, t_attr)
+
+
 METHODS: dict[str, Callable[[_Context], MethodOutput]] = {
     "if-explicit": _if_explicit,
     "if-cg": _if_cg,
@@ -359,6 +417,7 @@ METHODS: dict[str, Callable[[_Context], MethodOutput]] = {
     "knn-shapley": _knn_shapley,
     "logra": lambda ctx: _logra_like(ctx, "logra"),
     "factgrass": lambda ctx: _logra_like(ctx, "factgrass"),
+    "dvemb": _dvemb,
 }
 
 

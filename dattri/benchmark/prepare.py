@@ -100,6 +100,7 @@ def _fingerprint(setting: Setting) -> dict[str, Any]:
             "description",
             "inapplicable",
             "method_kwargs",
+            "self_attribution",
         )
     }
     return {"setting": fields, "train_config": cfg, "version": 1}
