@@ -164,10 +164,7 @@ def _scorer(attributor: Any, train_dataloader: Iterable | None) -> Callable[[lis
 
 
 def _token_queries(
-    test_dataloader: Iterable,
-    mask_fn: Callable[[Any, int], Any],
-    num_tokens: int | None,
-    verbose: bool,
+    test_dataloader: Iterable, num_tokens: int | None, verbose: bool
 ) -> Iterator[tuple[int, Any, Tensor]]:
     """Yield ``(test_index, sample, valid (T,))`` for every query sequence."""
     j = 0
@@ -335,7 +332,7 @@ def attribute_per_token(
     check_loader(test_dataloader, "test_dataloader")
     score = _scorer(attributor, train_dataloader)
     mask = mask_all_but if mask_fn is None else mask_fn
-    queries = list(_token_queries(test_dataloader, mask, num_tokens, verbose))
+    queries = list(_token_queries(test_dataloader, num_tokens, verbose))
     n_test = len(queries)
     length = num_tokens if num_tokens is not None else _seq_len(queries[0][1])
     sink = _Sink(n_test, length, k, out)
