@@ -209,6 +209,7 @@ INTERNAL_MODULES = {
     "dattri.algorithm.batching": "loader/batch helpers shared by the attributors",
     "dattri.algorithm.block_projected_compress": "LoGra compressor internals",
     "dattri.algorithm.block_projected_store": "LoGra offload stores",
+    "dattri.algorithm.if_precondition": "builds IFAttributorCG's preconditioner= argument",
     "dattri.algorithm.if_base": "influence-function base class internals",
     "dattri.algorithm.projected_store": "TracIn/TRAK feature store",
     "dattri.algorithm.topk": "TopKAccumulator behind attribute_topk",

@@ -346,6 +346,29 @@ def _run_dvemb(factorization: str, proj: dict | None) -> Callable:
     return run
 
 
+def _run_magic(settings: dict) -> Callable:
+    """A short minibatch-SGD run from the stored initial MLP, replayed by MAGIC."""
+
+    def run(pb: GoldenProblem) -> dict:
+        from dattri.algorithm import MAGICAttributor
+        from dattri.model_util.subset_train import SubsetTrainConfig
+        from dattri.task import AttributionTask
+
+        def factory() -> nn.Module:
+            return pb.model(pb.init)
+
+        model = factory()
+        cfg = SubsetTrainConfig(dtype=torch.float64, **settings)
+        task = AttributionTask(loss_func=loss_if(model), model=model, checkpoints=pb.params)
+        attr = MAGICAttributor(task, factory, cfg, check_checkpoint=False, verbose=False)
+        train, test = pb.train_loader(), pb.test_loader()
+        attr.cache(train)
+        topk = attr.attribute_topk(train, test, TOPK)
+        return _outputs(attr.attribute(train, test), attr.self_attribute(train), topk)
+
+    return run
+
+
 @dataclass(frozen=True)
 class Case:
     """One golden entry: which exported class, on which problem, with which settings."""
@@ -448,6 +471,9 @@ def _cases() -> dict[str, Case]:
         }
         c[name] = Case("DVEmbAttributor", "mlp", settings, _run_dvemb(fact, proj))
 
+    magic = {"epochs": 2, "lr": 0.1, "momentum": 0.9, "weight_decay": WD, "batch_size": 10}
+    c["magic_mlp"] = Case("MAGICAttributor", "mlp", magic, _run_magic(magic))
+
     dvemb("dvemb_mlp", "none", None)
     dvemb("dvemb_kronecker_mlp", "kronecker", {"proj_dim_per_layer": 4, "proj_type": "normal"})
     return c
@@ -460,4 +486,8 @@ NOT_ATTRIBUTORS = {
     "BaseAttributor": "abstract base class",
     "BaseInnerProductAttributor": "base class (covered through the IF solvers)",
     "TopKResult": "result container of attribute_topk",
+    "PerTokenTopK": "result container of attribute_per_token",
+    "attribute_per_token": "a driver over an attributor's attribute on masked queries "
+    "(its token scores are checked to sum to the golden-covered sequence scores in "
+    "tests/test_algorithm_per_token.py)",
 }
