@@ -189,6 +189,17 @@ def _range(values: list[float]) -> str:
     return f"{lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}–{hi:.1f}"
 
 
+def _import_range(results: list[dict], label: str) -> str:
+    """``"label lo–hi"`` of the import wall seconds over every run of ``label``."""
+    runs = [run for r in results if r["label"] == label for run in r.get("runs", [r])]
+    values = [run["import_s"] for run in runs if "import_s" in run]
+    return f"{label} {_range(values)}" if values else ""
+
+
+#: ``bench_attributors.py`` loads the training set in batches of this size
+BENCH_BATCH_SIZE = 500
+
+
 def render_speed_table(doc: dict, source: str) -> str:
     """Markdown table of process CPU seconds and peak RSS per method, ours against upstream.
 
@@ -229,11 +240,7 @@ def render_speed_table(doc: dict, source: str) -> str:
         cols.append("; ".join(notes).replace("|", "/"))
         lines.append(f"| {method} | " + " | ".join(cols) + " |")
     first = next((r for r in results if "p" in r), {})
-    imports = [
-        f"{lab} {_range([run['import_s'] for r in results if r['label'] == lab for run in r.get('runs', [r]) if 'import_s' in run])}"
-        for lab in labels
-        if any("import_s" in r for r in results if r["label"] == lab)
-    ]
+    imports = [_import_range(results, lab) for lab in labels]
     machine = meta["machine"]
     versions = ", ".join(
         f"{lib['label']} (torch {lib['torch_version']}, Python {lib['python_version']})"
@@ -241,14 +248,14 @@ def render_speed_table(doc: dict, source: str) -> str:
     )
     load = meta.get("load_average_start", [None])[0]
     caption = (
-        f"`{setting}`: {first.get('n_batches', 0) * 500:,} training / "
+        f"`{setting}`: {first.get('n_batches', 0) * BENCH_BATCH_SIZE:,} training / "
         f"{first.get('n_test', '?')} test samples, {first.get('p', 0):,} parameters. "
         f"Process CPU seconds of `cache()` + `attribute()` and the worker's peak RSS, median of "
         f"{meta['repeats']} run(s) per cell, each in a fresh process with {meta['threads']} "
         f"torch thread(s), libraries alternating; CPU: {machine['cpu']}, "
         f"{machine['cpu_count']} cores"
         + (f" (load average {load:.1f} at the start: a shared machine)" if load else "")
-        + f"; {versions}. Import wall seconds (not timed above): {', '.join(imports) or '–'}. "
+        + f"; {versions}. Import wall seconds (not timed above): {', '.join(filter(None, imports)) or '–'}. "
         f"Run {meta['started']} – {meta['finished']}: `{meta['command']}`."
     )
     return "\n".join(
