@@ -16,6 +16,15 @@ Settings: digits-lr and digits-mlp (1000 train / 200 test, sklearn digits), mlp-
 here with plain torch (same code for both libraries); only cache + attribute are timed,
 each worker runs with ``--threads`` torch threads (default 1).
 
+``--out FILE.json`` saves one JSON document, rewritten after every cell: ``meta``
+(command line, start/end time, CPU model and core count, load average, threads,
+``--repeat``, each interpreter's dattri/torch/Python versions, the run's wall and worker
+CPU seconds) and ``results``, one entry per (setting, method, library) with the median
+of every measure over its ``--repeat`` runs (process CPU and wall seconds of ``cache``
+and ``attribute``, peak RSS, import time) and the runs themselves. ``--report FILE ...``
+prints the tables of saved files; ``benchmarks/gen_docs_tables.py`` renders the docs'
+speed tables from them.
+
 ``--n-test METHOD=N`` uses the first N test samples for that method (for every
 interpreter alike). ``--extrapolate METHOD ...`` times the *upstream* interpreters'
 ``attribute`` on the first K1 and K2 training batches only (``--fracs``; ``cache`` always
