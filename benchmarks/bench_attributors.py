@@ -252,7 +252,19 @@ def _worker(method: str, setting: str, n_test: int | None, attr_batches: int | N
 
         last = "0" if setting == "digits-lr" else str(len(model) - 1)
         if not ours:  # upstream needs a top-level attribute name (in the checkpoint too)
-            model.final = model[int(last)]
+            # a wrapper, not ``model.final = ...``: that would append the layer to the
+            # Sequential and run it twice
+            body, final = model[: int(last)], model[int(last)]
+
+            class _Wrapped(nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.body, self.final = body, final
+
+                def forward(self, x):
+                    return self.final(self.body(x))
+
+            model = _Wrapped().eval()
             last = "final"
             ckpt = model.state_dict()
         task = AttributionTask(loss_func=ce, model=model, checkpoints=ckpt, target_func=ce)

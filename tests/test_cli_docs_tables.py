@@ -139,7 +139,8 @@ def test_committed_speed_tables_are_the_renderers_output():
     in a test: ``bench_attributors.py`` takes minutes of CPU per setting and its figures
     belong to the machine that ran it. What is checked instead is that nothing between
     the markers is typed by hand (the block is exactly the rendering of
-    ``docs/data/speed-*.json``) and that each JSON is a complete, unedited run: every
+    ``docs/data/speed-*.json``) and that each JSON (with its reruns) is a complete,
+    unedited run: every
     method of the script, both libraries, ``repeats`` runs per cell, and each saved
     median is the median of its saved runs.
     """
@@ -148,7 +149,7 @@ def test_committed_speed_tables_are_the_renderers_output():
         assert gen.committed_block(table) == gen.render_speed(table), (
             f"stale {table.key}: run `python benchmarks/gen_docs_tables.py`"
         )
-        doc = json.loads((gen.DATA / table.source).read_text())
+        doc = gen.speed_doc(table)  # the run, with the cells of its reruns in place
         meta = doc["meta"]
         assert meta["finished"] is not None
         assert [lib["upstream"] for lib in meta["libraries"]] == [False, True]
@@ -283,3 +284,21 @@ def test_bench_summary_is_the_median_and_keeps_errors():
     assert s["cache_cpu_s"] == 2.0 and s["runs"] == runs and s["finite"]
     bad = bench._summary([runs[0], {"error": "boom"}])
     assert bad["error"] == "boom" and "cache_cpu_s" not in bad
+
+
+def test_speed_rerun_replaces_cells(tmp_path):
+    table = gen.SpeedTable(key="k", doc="d.md", source="a.json", setting="s", reruns=("b.json",))
+    meta = {"command": "python b.py --settings s --out x", "finished": "t", "started": "t"}
+    cell = {"method": "rps", "label": "up", "setting": "s"}
+    (tmp_path / "a.json").write_text(
+        json.dumps({"meta": meta, "results": [{**cell, "error": "old"}]})
+    )
+    fixed = {**cell, "cache_cpu_s": 1.0, "attribute_cpu_s": 1.0}
+    (tmp_path / "b.json").write_text(json.dumps({"meta": meta, "results": [fixed]}))
+    doc = gen.speed_doc(table, data_dir=tmp_path)
+    assert doc["results"] == [fixed]
+    assert doc["meta"]["reruns"][0]["methods"] == ["rps"]
+    stray = {**fixed, "method": "trak"}
+    (tmp_path / "b.json").write_text(json.dumps({"meta": meta, "results": [stray]}))
+    with pytest.raises(ValueError, match="b.json: trak / up is not a cell of a.json"):
+        gen.speed_doc(table, data_dir=tmp_path)
