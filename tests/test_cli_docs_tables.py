@@ -55,8 +55,10 @@ def test_generator_rewrites_only_between_markers(tmp_path):
     table = gen.TABLES[0]
     (tmp_path / Path(table.doc).parent).mkdir(parents=True)
     shutil.copy(ROOT / table.doc, tmp_path / table.doc)
+    for other in gen.SPEED_TABLES:  # update() renders every registered table
+        shutil.copy(ROOT / other.doc, tmp_path / other.doc)
     data = tmp_path / "data"
-    data.mkdir()
+    shutil.copytree(gen.DATA, data)
     doc = json.loads((gen.DATA / table.source).read_text())
     doc["results"][0]["lds"] = 0.123456
     (data / table.source).write_text(json.dumps(doc))
