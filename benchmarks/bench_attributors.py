@@ -9,12 +9,21 @@ several interpreters are given the workers alternate between them.
     /tmp/upvenv/bin/pip install torch==2.13.0 dattri==0.3.0 scikit-learn
     OMP_NUM_THREADS=1 python benchmarks/bench_attributors.py \
         --python python /tmp/upvenv/bin/python --settings mlp-100k \
-        --n-test if-cg=20 --extrapolate if-cg if-lissa if-datainf --out results.jsonl
+        --n-test if-cg=20 --extrapolate if-cg if-lissa if-datainf --out results.json
 
 Settings: digits-lr and digits-mlp (1000 train / 200 test, sklearn digits), mlp-100k
 (random data, 10k train / 200 test, an MLP with ~100k parameters). Models are trained
 here with plain torch (same code for both libraries); only cache + attribute are timed,
 each worker runs with ``--threads`` torch threads (default 1).
+
+``--out FILE.json`` saves one JSON document, rewritten after every cell: ``meta``
+(command line, start/end time, CPU model and core count, load average, threads,
+``--repeat``, each interpreter's dattri/torch/Python versions, the run's wall and worker
+CPU seconds) and ``results``, one entry per (setting, method, library) with the median
+of every measure over its ``--repeat`` runs (process CPU and wall seconds of ``cache``
+and ``attribute``, peak RSS, import time) and the runs themselves. ``--report FILE ...``
+prints the tables of saved files; ``benchmarks/gen_docs_tables.py`` renders the docs'
+speed tables from them.
 
 ``--n-test METHOD=N`` uses the first N test samples for that method (for every
 interpreter alike). ``--extrapolate METHOD ...`` times the *upstream* interpreters'
@@ -30,9 +39,13 @@ that cannot import ``dattri`` from outside the repository gets the repository on
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import resource
+import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +65,10 @@ METHODS = [
     "rps",
 ]
 SETTINGS = ["digits-lr", "digits-mlp", "mlp-100k"]
+#: environment variable naming the digits tensors the driver saved for the workers
+DIGITS_ENV = "DATTRI_BENCH_DIGITS"
+#: per-run measures summarised (median over the runs) in the saved JSON
+MEASURES = ("cache_s", "attribute_s", "cache_cpu_s", "attribute_cpu_s", "peak_rss_mb", "import_s")
 
 
 # --------------------------------------------------------------------------- worker
@@ -59,13 +76,17 @@ def _data(setting: str):
     import torch
 
     if setting.startswith("digits"):
-        from sklearn.datasets import load_digits
+        cached = os.environ.get(DIGITS_ENV)
+        if cached:  # written by the driver: the upstream venv needs no scikit-learn
+            x, y = torch.load(cached)
+        else:
+            from sklearn.datasets import load_digits
 
-        x, y = load_digits(return_X_y=True)
+            x, y = load_digits(return_X_y=True)
         g = torch.Generator().manual_seed(0)
         perm = torch.randperm(len(x), generator=g)
-        x = torch.tensor(x, dtype=torch.float32)[perm] / 16.0
-        y = torch.tensor(y)[perm]
+        x = torch.as_tensor(x, dtype=torch.float32)[perm] / 16.0
+        y = torch.as_tensor(y)[perm]
         return x[:1000], y[:1000], x[1000:1200], y[1000:1200]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(10_200, 100, generator=g)
@@ -231,7 +252,19 @@ def _worker(method: str, setting: str, n_test: int | None, attr_batches: int | N
 
         last = "0" if setting == "digits-lr" else str(len(model) - 1)
         if not ours:  # upstream needs a top-level attribute name (in the checkpoint too)
-            model.final = model[int(last)]
+            # a wrapper, not ``model.final = ...``: that would append the layer to the
+            # Sequential and run it twice
+            body, final = model[: int(last)], model[int(last)]
+
+            class _Wrapped(nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.body, self.final = body, final
+
+                def forward(self, x):
+                    return self.final(self.body(x))
+
+            model = _Wrapped().eval()
             last = "final"
             ckpt = model.state_dict()
         task = AttributionTask(loss_func=ce, model=model, checkpoints=ckpt, target_func=ce)
@@ -388,14 +421,12 @@ def _report(paths: list[str]) -> None:
     cells: dict[tuple[str, str], dict[str, dict]] = {}
     labels: list[str] = []
     for path in paths:
-        with open(path) as fh:
-            for line in fh:
-                r = json.loads(line)
-                if r.get("partial"):
-                    continue
-                cells.setdefault((r["setting"], r["method"]), {})[r["label"]] = r
-                if r["label"] not in labels:
-                    labels.append(r["label"])
+        for r in _read_results(path):
+            if r.get("partial"):
+                continue
+            cells.setdefault((r["setting"], r["method"]), {})[r["label"]] = r
+            if r["label"] not in labels:
+                labels.append(r["label"])
     labels.sort(key=lambda lab: "upstream" in lab)  # ours first
     print(_LEGEND)
     for setting in SETTINGS:
@@ -407,6 +438,90 @@ def _report(paths: list[str]) -> None:
         for m in methods:
             _row(m, [cells[setting, m].get(lab, {"error": "not run"}) for lab in labels])
         print()
+
+
+def _read_results(path: str) -> list[dict]:
+    """The results of a saved run: a JSON document (``--out``) or legacy JSON lines."""
+    with open(path) as fh:
+        text = fh.read()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(doc, dict) or "results" not in doc:
+        msg = f"{path}: not a bench_attributors.py result file (no 'results')."
+        raise SystemExit(msg)
+    return doc["results"]
+
+
+def _machine() -> dict:
+    """CPU model, core count and platform of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+
+
+def _library(python: str, env: dict) -> dict:
+    """Versions of dattri (``None`` for upstream 0.3.0), torch and Python of ``python``."""
+    code = (
+        "import json, sys, dattri, torch; print(json.dumps({'dattri_version': "
+        "getattr(dattri, '__version__', None), 'torch_version': torch.__version__, "
+        "'python_version': sys.version.split()[0]}))"
+    )
+    kw = {"capture_output": True, "text": True, "check": False, "cwd": tempfile.gettempdir()}
+    out = subprocess.run([python, "-c", code], env=env, **kw)
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+        msg = f"--python {python}: cannot import dattri and torch ({tail})."
+        raise SystemExit(msg)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    version = info["dattri_version"]
+    return {
+        "label": f"dattri {version or '0.3.0 (upstream)'}",
+        "python": python,
+        "upstream": version is None,
+        **info,
+    }
+
+
+def _save_digits(settings: list[str]) -> str | None:
+    """Save the digits arrays for the workers (so their interpreters need no sklearn)."""
+    if not any(s.startswith("digits") for s in settings):
+        return None
+    import torch
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    path = os.path.join(tempfile.gettempdir(), f"dattri_bench_digits_{os.getpid()}.pt")
+    torch.save((torch.as_tensor(x), torch.as_tensor(y)), path)
+    return path
+
+
+def _summary(runs: list[dict]) -> dict:
+    """One cell from its runs: the median of every measure; the first error if any run failed."""
+    ok = [r for r in runs if "cache_s" in r]
+    if not ok or len(ok) < len(runs):
+        bad = next(r for r in runs if "cache_s" not in r)
+        return {**bad, "runs": runs}
+    out = {k: v for k, v in ok[-1].items() if k not in MEASURES and k != "fractions"}
+    out["finite"] = all(r["finite"] for r in ok)
+    for key in MEASURES:
+        if all(key in r for r in ok):
+            out[key] = statistics.median(r[key] for r in ok)
+    return {**out, "runs": runs}
+
+
+def _write_json(path: str, doc: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1, allow_nan=False)
+        fh.write("\n")
+    os.replace(tmp, path)
 
 
 _LEGEND = "times: wall s (process CPU s); speedup = 2nd / 1st column set; RSS ratio = 1st / 2nd\n"
@@ -425,7 +540,8 @@ def main() -> None:
     ap.add_argument("--n-test", nargs="*", default=[], metavar="METHOD=N")
     ap.add_argument("--extrapolate", nargs="*", default=[], metavar="METHOD")
     ap.add_argument("--fracs", nargs=2, type=int, default=[1, 2], metavar=("K1", "K2"))
-    ap.add_argument("--out", default=None, help="append every result as a JSON line")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per cell (median saved)")
+    ap.add_argument("--out", default=None, help="save the results as one JSON document")
     ap.add_argument("--report", nargs="+", default=None, help="print tables of --out files")
     args = ap.parse_args()
     if args.report:
@@ -439,52 +555,86 @@ def main() -> None:
         print(json.dumps(res))
         return
     n_test = _key_values(args.n_test, "--n-test")
+    if args.repeat < 1:
+        msg = f"--repeat must be at least 1, got {args.repeat}."
+        raise SystemExit(msg)
     if args.extrapolate and not 0 < args.fracs[0] < args.fracs[1]:
         msg = "--fracs K1 K2 needs 0 < K1 < K2."
         raise SystemExit(msg)
-    labels, envs, upstream = [], [], []
+    started_wall, started_cpu = time.perf_counter(), _children_cpu()
+    digits = _save_digits(args.settings)
+    libs, envs = [], []
     for py in args.python:
         env = _env_for(py)
-        out = subprocess.run(
-            [py, "-c", "import dattri; print(getattr(dattri, '__version__', ''))"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=tempfile.gettempdir(),
-            env=env,
-        )
-        version = out.stdout.strip()
+        if digits:
+            env[DIGITS_ENV] = digits
         envs.append(env)
-        upstream.append(not version)
-        labels.append(f"dattri {version or '0.3.0 (upstream)'}")
+        libs.append(_library(py, env))
+    labels = [lib["label"] for lib in libs]
+    doc = {
+        "meta": {
+            "command": "python benchmarks/bench_attributors.py " + shlex.join(sys.argv[1:]),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "finished": None,
+            "machine": _machine(),
+            "threads": args.threads,
+            "repeats": args.repeat,
+            "measure": "median over the repeats; *_cpu_s: process CPU seconds of the worker",
+            "load_average_start": os.getloadavg(),
+            "libraries": libs,
+        },
+        "results": [],
+    }
     print(f"threads per worker: {args.threads}; load average {os.getloadavg()}\n")
     print(_LEGEND)
-    for setting in args.settings:
-        print(f"### {setting}\n")
-        _header(labels)
-        for method in args.methods:
-            results = []
-            for py, env, up in zip(args.python, envs, upstream):
-                kw = {"n_test": n_test.get(method), "threads": args.threads}
-                if up and method in args.extrapolate:
-                    k1, k2 = args.fracs
-                    r1 = _run(py, env, method, setting, args.timeout, attr_batches=k1, **kw)
-                    r2 = _run(py, env, method, setting, args.timeout, attr_batches=k2, **kw)
-                    if args.out:  # keep the raw fractions too (skipped by --report)
-                        with open(args.out, "a") as fh:
-                            for r in (r1, r2):
-                                part = {**r, "method": method, "setting": setting}
-                                fh.write(json.dumps({**part, "partial": True}) + "\n")
-                    res = _extrapolated(r1, r2)
-                else:
-                    res = _run(py, env, method, setting, args.timeout, **kw)
-                res.update(method=method, setting=setting, python=py, label=labels[len(results)])
-                results.append(res)
+    try:
+        for setting in args.settings:
+            print(f"### {setting}\n")
+            _header(labels)
+            for method in args.methods:
+                runs: list[list[dict]] = [[] for _ in libs]
+                for rep in range(args.repeat):
+                    order = range(len(libs)) if rep % 2 == 0 else reversed(range(len(libs)))
+                    for i in order:  # alternate which library goes first
+                        kw = {"n_test": n_test.get(method), "threads": args.threads}
+                        py, env = args.python[i], envs[i]
+                        if libs[i]["upstream"] and method in args.extrapolate:
+                            k1, k2 = args.fracs
+                            r1 = _run(py, env, method, setting, args.timeout, attr_batches=k1, **kw)
+                            r2 = _run(py, env, method, setting, args.timeout, attr_batches=k2, **kw)
+                            res = {**_extrapolated(r1, r2), "fractions": [r1, r2]}
+                        else:
+                            res = _run(py, env, method, setting, args.timeout, **kw)
+                        runs[i].append(res)
+                results = []
+                for lib, cell in zip(libs, runs):
+                    res = _summary(cell)
+                    res.update(method=method, setting=setting, python=lib["python"])
+                    res["label"] = lib["label"]
+                    results.append(res)
                 if args.out:
-                    with open(args.out, "a") as fh:
-                        fh.write(json.dumps(res) + "\n")
-            _row(method, results)
-        print(f"\nload average after {setting}: {os.getloadavg()}\n")
+                    doc["results"] += results
+                    _write_json(args.out, doc)
+                _row(method, results)
+            print(f"\nload average after {setting}: {os.getloadavg()}\n")
+    finally:
+        if digits:
+            os.remove(digits)
+    doc["meta"].update(
+        finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        load_average_end=os.getloadavg(),
+        wall_s=round(time.perf_counter() - started_wall, 1),
+        workers_cpu_s=round(_children_cpu() - started_cpu, 1),
+    )
+    if args.out:
+        _write_json(args.out, doc)
+        print(f"saved {args.out}")
+    print(f"wall {doc['meta']['wall_s']} s, worker CPU {doc['meta']['workers_cpu_s']} s")
+
+
+def _children_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
 
 
 if __name__ == "__main__":
