@@ -358,3 +358,24 @@ def test_prepare_takes_a_training_device(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main([*args, "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_prepared_cache_records_whether_gpt2_was_pretrained(wikitext, tmp_path, monkeypatch):
+    """Weights that appear (or vanish) after prepare make the cache refuse, naming why."""
+    import transformers
+
+    from dattri.benchmark.prepare import _check_manifest
+
+    monkeypatch.delenv("DATTRI_GPT2_WEIGHTS", raising=False)
+    _, _, config = wikitext
+    weights = tmp_path / "weights"
+    missing = GPT2Factory(weights=str(weights))
+    with pytest.warns(UserWarning, match="GPT2Config"):
+        assert missing.fingerprint() == {"gpt2_weights": "GPT2Config()", "pretrained": False}
+    cache = tmp_path / "cache"
+    _check_manifest(cache, _tiny("wikitext2-gpt2", model_factory=missing))
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).save_pretrained(str(weights))
+    present = GPT2Factory(weights=str(weights))
+    assert present.fingerprint() == {"gpt2_weights": str(weights), "pretrained": True}
+    with pytest.raises(ValueError, match=r"differs in: model\.gpt2_weights, model\.pretrained"):
+        _check_manifest(cache, _tiny("wikitext2-gpt2", model_factory=present))

@@ -262,6 +262,19 @@ class GPT2Factory:
         self._state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.pretrained = True
 
+    def fingerprint(self) -> dict[str, Any]:
+        """Where the starting weights come from, for the prepared-cache fingerprint.
+
+        A cache prepared from pretrained weights must not be resumed or reused once
+        they are gone (or the reverse): the ground-truth models would start elsewhere.
+        """
+        if self.pretrained is None:
+            self._resolve()
+        source = "config" if self.config is not None else "GPT2Config()"
+        if self.pretrained:
+            source = os.environ.get("DATTRI_GPT2_WEIGHTS", self.weights)
+        return {"gpt2_weights": source, "pretrained": bool(self.pretrained)}
+
     def __call__(self) -> TokenLM:
         """A fresh model (pretrained weights, or initialised from torch's RNG)."""
         from dattri.benchmark.datasets.wikitext2.data import import_transformers

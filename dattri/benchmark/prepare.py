@@ -104,12 +104,30 @@ def _fingerprint(setting: Setting) -> dict[str, Any]:
             "self_attribution",
         )
     }
-    return {"setting": fields, "train_config": cfg, "version": 1}
+    out = {"setting": fields, "train_config": cfg, "version": 1}
+    model_fingerprint = getattr(setting.model_factory, "fingerprint", None)
+    if callable(model_fingerprint):  # e.g. pretrained vs config-built starting weights
+        out["model"] = model_fingerprint()
+    return out
 
 
 def _setting_dir(setting: Setting, cache_dir: Path | None, quick: bool) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / (setting.name + ("-quick" if quick else ""))
+
+
+def _differing_fields(old: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fingerprint fields that differ between two manifests."""
+    out = []
+    for key in sorted(set(old) | set(now) - {"digest"}):
+        if key == "digest":
+            continue
+        a, b = old.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def _check_manifest(path: Path, setting: Setting) -> None:
@@ -119,9 +137,12 @@ def _check_manifest(path: Path, setting: Setting) -> None:
     if manifest.exists():
         old = json.loads(manifest.read_text())
         if old.get("digest") != digest:
+            now = json.loads(json.dumps(fp, default=str))
+            differ = _differing_fields(old, now)
+            what = f" (differs in: {', '.join(differ)})" if differ else ""
             msg = (
-                f"{path} was prepared for a different configuration of {setting.name!r}. "
-                "Delete that directory or pass another --cache-dir."
+                f"{path} was prepared for a different configuration of {setting.name!r}"
+                f"{what}. Delete that directory or pass another --cache-dir."
             )
             raise ValueError(msg)
         return
