@@ -87,7 +87,6 @@ def test_tiny_prepare_and_methods_run(tmp_path):
         assert -1.0 <= r.lds <= 1.0 and r.lds_low <= r.lds <= r.lds_high
 
 
-@pytest.mark.slow
 def test_quick_setting_if_and_trak_lds_exclude_zero(tmp_path, capsys):
     out_dir = tmp_path / "out"
     args = ["run", "corpus-nanogpt", "--quick", "--quiet", "--cache-dir", str(tmp_path)]

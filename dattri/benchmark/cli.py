@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace) -> int:
         return _damaged(args, setting, exc)
     name = setting.name + (" (quick)" if args.quick else "")
     print(format_table(name, reports), flush=True)
-    failed = [r.method for r in reports if r.error]
+    failed = [r.method for r in reports if r.failed]
     if not args.no_save:
         stem = setting.name + ("-quick" if args.quick else "")
         out = args.out if args.out is not None else _default_out(stem)
@@ -357,7 +357,7 @@ def _run_protocol(
             _error(f"could not save the results in {out}: {exc}")
             return 1
         _note(f"results saved in {out}/ ({stem}.json)")
-    failed = [r.method for r in reports if r.error]
+    failed = [r.method for r in reports if r.failed]
     if failed:
         _error(f"{len(failed)} of {len(reports)} method(s) failed: {', '.join(failed)}")
         return 1

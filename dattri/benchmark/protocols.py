@@ -114,6 +114,11 @@ def evaluate_protocol(
         if verbose:
             print(f"  running {name} ...", flush=True)
         report = MethodReport(name)
+        reason = prepared.setting.inapplicable.get(name)
+        if reason is not None:
+            report.error, report.applicable = f"not applicable: {reason}", False
+            reports.append(report)
+            continue
         try:
             with PeakRSS() as mem:
                 out = run_method(name, prepared, device=device, verbose=verbose)

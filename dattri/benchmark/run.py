@@ -86,6 +86,12 @@ class MethodReport:
     peak_mb: float = math.nan
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    applicable: bool = True
+
+    @property
+    def failed(self) -> bool:
+        """An error of a method that applies (a not-applicable method is not a failure)."""
+        return self.error is not None and self.applicable
 
 
 def _nanmean(x: torch.Tensor) -> float:
@@ -103,6 +109,7 @@ def evaluate(
     reason = prepared.setting.inapplicable.get(name)
     if reason is not None:
         report.error = f"not applicable: {reason}"
+        report.applicable = False
         return report
     try:
         with PeakRSS() as mem:
