@@ -647,3 +647,19 @@ def test_dattri_retrain_lds_partition_and_loo(mnist_dir, tmp_path):
         main([*base, "--model", "resnet9", "--mode", "lds"])
     with pytest.raises(SystemExit):
         main([*base, "--mode", "lds", "--partition", "1,2"])
+
+
+def test_upstream_model_module_paths_name_our_models():
+    """Upstream's vendored-model import paths resolve to our implementations (one copy).
+
+    ``dattri.benchmark.models.MusicTransformer`` is our model class itself (upstream: a
+    vendored package of that name), so it is not a module alias here.
+    """
+    from dattri.benchmark.datasets.wikitext2 import create_gpt2_model
+    from dattri.benchmark.models import MusicTransformer, gpt, music_transformer
+    from dattri.benchmark.models.gpt2 import create_gpt2_model as gpt2_alias
+    from dattri.benchmark.models.nanoGPT import model as nano_model
+
+    assert gpt2_alias is create_gpt2_model
+    assert nano_model.GPT is gpt.GPT and nano_model.GPTConfig is gpt.GPTConfig
+    assert MusicTransformer is music_transformer.MusicTransformer
