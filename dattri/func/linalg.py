@@ -3,12 +3,14 @@
 :class:`DampedSymmetricInverse` is ``(A + damping * I)^{-1}`` of a symmetric ``(n, n)``
 matrix ``A``: the matrix is made exactly symmetric, damped, factorised once (Cholesky
 when positive definite, otherwise an eigendecomposition) and then applied to many
-right-hand sides, in the spirit of curvlinops' linear operators::
+right-hand sides, in the spirit of curvlinops' linear operators:
 
-    inv = DampedSymmetricInverse(hessian, damping=1e-3)
-    x = inv @ v            # (n,) or (n, k) columns: (A + damping I)^{-1} v
-    rows = g @ inv         # (k, n) rows: g (A + damping I)^{-1}
-    dense = inv.matrix()   # (n, n)
+```python
+inv = DampedSymmetricInverse(hessian, damping=1e-3)
+x = inv @ v  # (n,) or (n, k) columns: (A + damping I)^{-1} v
+rows = g @ inv  # (k, n) rows: g (A + damping I)^{-1}
+dense = inv.matrix()  # (n, n)
+```
 
 A (numerically) singular damped matrix either raises (``singular="raise"``; an
 indefinite but non-singular matrix is still inverted exactly) or is replaced by its
