@@ -44,6 +44,7 @@ API_PAGES = {
         "dattri.func.per_sample_grad",
         "dattri.func.projection",
         "dattri.func.utils",
+        "dattri.func.linalg",
         "dattri.func.grad_capture",
         "dattri.func.layer_grads",
         "dattri.func.layer_projection",

@@ -55,6 +55,7 @@ from dattri.algorithm.block_projected_store import (
     write_metadata,
 )
 from dattri.algorithm.validation import resolve_device, validate_loader
+from dattri.func.linalg import DampedSymmetricInverse
 from dattri.func.per_sample_grad import per_sample_kron_projected
 from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
@@ -104,24 +105,15 @@ def stable_inverse(fisher: Tensor, damping: float, rank: int | None = None) -> T
         raise ValueError(msg)
     trace = float(torch.trace(fisher))
     shift = damping * trace / (d if rank is None else min(rank, d)) if trace > 0 else damping
-    eye = torch.eye(d, dtype=fisher.dtype, device=fisher.device)
-    mat = fisher + shift * eye
-    chol, info = torch.linalg.cholesky_ex(mat)
-    if int(info) == 0:
-        # cholesky_solve against I is several times faster than cholesky_inverse on CPU
-        inv = torch.cholesky_solve(eye, chol)
-    else:
-        warnings.warn(
-            f"The damped Fisher ({d}x{d}, damping={damping}) is not positive definite; "
-            "using an eigen-decomposition pseudo-inverse. Increase damping.",
-            UserWarning,
-            stacklevel=3,
-        )
-        evals, evecs = torch.linalg.eigh(mat)
-        tol = evals.abs().max().clamp_min(torch.finfo(mat.dtype).tiny) * d
-        tol = tol * torch.finfo(mat.dtype).eps
-        keep = evals > tol
-        inv = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
+    inv = DampedSymmetricInverse(
+        fisher,
+        shift,
+        singular="pinv",
+        check_finite=None,
+        what=f"The damped Fisher (damping={damping})",
+        fix="increase damping",
+        stacklevel=3,
+    ).matrix()
     return (inv + inv.T) / 2
 
 

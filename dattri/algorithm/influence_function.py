@@ -61,6 +61,7 @@ from dattri.algorithm.if_ekfac import IFAttributorEKFAC
 from dattri.algorithm.if_lissa import IFAttributorLiSSA
 from dattri.algorithm.if_precondition import build_preconditioner, check_preconditioner
 from dattri.func.hessian import cg_solve
+from dattri.func.linalg import DampedSymmetricInverse
 from dattri.task import AttributionTask
 
 __all__ = [
@@ -90,58 +91,27 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-class _Factorization:
-    """Factorise a symmetric ``(p, p)`` matrix once and solve many right-hand sides.
+def _Factorization(mat: Tensor) -> DampedSymmetricInverse:
+    """Factorise a symmetric ``(p, p)`` Hessian once and ``.solve`` many right-hand sides.
 
-    The factorisation is done in float64 (Cholesky when positive definite, otherwise an
-    eigendecomposition, so an indefinite but non-singular matrix is still inverted
-    exactly). A numerically singular matrix raises; one too ill-conditioned for the
-    dtype it was computed in warns.
+    :class:`~dattri.func.linalg.DampedSymmetricInverse` in float64 (Cholesky when
+    positive definite, otherwise an eigendecomposition, so an indefinite but
+    non-singular matrix is still inverted exactly). A numerically singular matrix
+    raises ``ValueError``; one too ill-conditioned for the dtype it was computed in
+    warns.
     """
-
-    def __init__(self, mat: Tensor) -> None:
-        if not bool(torch.isfinite(mat).all()):
-            msg = "The Hessian contains NaN or inf; check the loss, data and checkpoint."
-            raise ValueError(msg)
-        in_eps = torch.finfo(mat.dtype).eps
-        mat = 0.5 * (mat + mat.T).to(torch.float64)
-        cutoff = mat.shape[0] * torch.finfo(torch.float64).eps
-        chol, info = torch.linalg.cholesky_ex(mat)
-        self.chol: Tensor | None = None
-        if int(info) == 0:
-            piv = chol.diagonal() ** 2  # a tiny pivot means a numerically singular matrix
-            ratio = float(piv.min() / piv.max())
-            if ratio > cutoff:
-                self.chol = chol
-        if self.chol is None:
-            evals, evecs = torch.linalg.eigh(mat)
-            scale = evals.abs().max()
-            ratio = float(evals.abs().min() / scale) if scale > 0 else 0.0
-            if ratio <= cutoff:
-                msg = (
-                    "The Hessian + regularization * I is singular (smallest |eigenvalue| "
-                    f"{float(evals.abs().min()):.3g}); pass regularization > 0 (e.g. 1e-3 "
-                    "times the mean Hessian diagonal)."
-                )
-                raise ValueError(msg)
-            self.evecs, self.inv_evals = evecs, 1.0 / evals
-        if ratio < 100 * in_eps:
-            warnings.warn(
-                f"The Hessian + regularization * I is ill-conditioned for its dtype "
-                f"(|eigenvalue| ratio ~{ratio:.1e}); the inverse is dominated by rounding "
-                "errors. Pass regularization > 0 or use float64.",
-                UserWarning,
-                stacklevel=4,
-            )
-
-    def solve(self, rhs: Tensor) -> Tensor:
-        """Solve for the rows of ``rhs`` ``(k, p)``; returns ``(k, p)`` in ``rhs``'s dtype."""
-        mat = rhs.to(torch.float64)
-        if self.chol is not None:
-            out = torch.cholesky_solve(mat.T, self.chol).T
-        else:
-            out = ((mat @ self.evecs) * self.inv_evals) @ self.evecs.T
-        return out.to(rhs.dtype)
+    cutoff = mat.shape[0] * torch.finfo(torch.float64).eps
+    return DampedSymmetricInverse(
+        mat,
+        dtype=torch.float64,
+        rtol=cutoff,
+        pivot_rtol=cutoff,
+        check_finite="check the loss, data and checkpoint.",
+        warn_ill_conditioned=True,
+        what="The Hessian + regularization * I",
+        fix="pass regularization > 0 (e.g. 1e-3 times the mean Hessian diagonal)",
+        stacklevel=4,
+    )
 
 
 class IFAttributorExplicit(IFBase):
@@ -172,7 +142,7 @@ class IFAttributorExplicit(IFBase):
     ) -> None:
         super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
         self.regularization = _check_reg(regularization)
-        self._factors: dict[int, _Factorization] = {}
+        self._factors: dict[int, DampedSymmetricInverse] = {}
 
     def cache(self, full_train_dataloader: Iterable) -> None:
         """Build and factorise ``H + regularization * I`` for every checkpoint.

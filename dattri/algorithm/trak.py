@@ -15,7 +15,6 @@ A "TRAK-k" ensemble is simply a task with ``k`` checkpoints.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -42,12 +41,13 @@ from dattri.algorithm.scoring import (
 )
 from dattri.algorithm.topk import TopKResult
 from dattri.algorithm.validation import resolve_device, validate_loader
+from dattri.func.linalg import DampedSymmetricInverse
 from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
 
 __all__ = ["KernelInverse", "TRAKAttributor", "factor_kernel"]
 
-#: a Cholesky pivot (squared) below this fraction of the largest diagonal = singular.
+#: a squared Cholesky pivot ratio (min / max) below this = singular.
 _PIVOT_RTOL = 1e-12
 #: automatic regularization (``regularization=None``): ``lambda = AUTO_REGULARIZATION *
 #: tr(Phi^T Phi) / min(n, d, p)``, a tenth of the mean non-zero eigenvalue of the kernel.
@@ -58,40 +58,24 @@ _PIVOT_RTOL = 1e-12
 AUTO_REGULARIZATION = 0.1
 
 
-class KernelInverse:
+class KernelInverse(DampedSymmetricInverse):
     """``(Phi^T Phi + lambda I)^-1`` (or its pseudo-inverse), applied in float64.
 
-    Holds either the Cholesky factor ``L`` (``L L^T = kernel``) or, for a singular
-    kernel, a factor ``F = U_r diag(s_r)^-1/2`` of the pseudo-inverse (``K^+ = F F^T``).
-
-    Args:
-        chol: ``(d, d)`` lower Cholesky factor, or None.
-        factor: ``(d, r)`` pseudo-inverse factor, or None.
+    A :class:`~dattri.func.linalg.DampedSymmetricInverse` (``inverse @ v``,
+    ``rows @ inverse``, :meth:`matrix`) with TRAK's names: :meth:`apply` for rows and
+    :attr:`regularization` for the ``lambda`` used. Holds either the Cholesky factor
+    ``chol`` or, for a singular kernel, the kept eigenpairs of its pseudo-inverse.
+    Built by :func:`factor_kernel`.
     """
 
-    def __init__(self, chol: Tensor | None = None, factor: Tensor | None = None) -> None:
-        if (chol is None) == (factor is None):
-            msg = "KernelInverse needs exactly one of chol and factor."
-            raise ValueError(msg)
-        self.chol = chol
-        self.factor = factor
-        #: the ``lambda`` added to the kernel diagonal (set by :func:`factor_kernel`).
-        self.regularization = 0.0
+    @property
+    def regularization(self) -> float:
+        """The ``lambda`` added to the kernel diagonal."""
+        return self.damping
 
     def apply(self, phi: Tensor) -> Tensor:
         """Return ``(K^-1 phi^T)^T`` for ``(m, d)`` ``phi``, in ``phi``'s dtype."""
-        x = phi.to(torch.float64)
-        if self.chol is not None:
-            out = torch.cholesky_solve(x.T, self.chol).T
-        else:
-            out = (x @ self.factor) @ self.factor.T
-        return out.to(phi.dtype)
-
-    def matrix(self) -> Tensor:
-        """The dense ``(d, d)`` inverse (for inspection and tests)."""
-        if self.chol is not None:
-            return torch.cholesky_inverse(self.chol)
-        return self.factor @ self.factor.T
+        return self.solve(phi)
 
 
 def factor_kernel(
@@ -106,7 +90,7 @@ def factor_kernel(
 
     A Cholesky factorisation is used when ``K`` is positive definite. If it is
     singular (``lambda = 0`` with fewer samples than features, a failed Cholesky or a
-    pivot below ``1e-12 * max(diag)``), the pseudo-inverse (eigenvalues below
+    squared pivot ratio below ``1e-12``), the pseudo-inverse (eigenvalues below
     ``max(n, d) * eps * max(eig)`` dropped) is used instead, with a warning: it is the
     ``lambda -> 0`` limit of the regularised scores.
 
@@ -123,6 +107,9 @@ def factor_kernel(
     Returns:
         A :class:`KernelInverse`; its ``regularization`` attribute is the ``lambda``
         used.
+
+    Raises:
+        ValueError: if every feature is zero (nothing to invert).
     """
     n, d = phi.shape
     kernel = torch.zeros(d, d, dtype=torch.float64, device=phi.device)
@@ -133,34 +120,21 @@ def factor_kernel(
     if regularization is None:
         rank = min(n, d) if max_rank is None else min(n, d, max_rank)
         regularization = AUTO_REGULARIZATION * float(kernel.diagonal().sum()) / max(rank, 1)
-    kernel.diagonal().add_(regularization)
-    diag_max = float(kernel.diagonal().max())
-    singular = regularization == 0 and n < d
-    if not singular:
-        chol, info = torch.linalg.cholesky_ex(kernel)
-        singular = int(info) != 0 or (
-            float(chol.diagonal().square().min()) <= _PIVOT_RTOL * diag_max
-        )
-        if not singular:
-            out = KernelInverse(chol=chol)
-            out.regularization = float(regularization)
-            return out
-    evals, evecs = torch.linalg.eigh(kernel)
-    top = float(evals.max()) if d else 0.0
-    keep = evals > max(n, d) * torch.finfo(torch.float64).eps * max(top, 0.0)
-    if not bool(keep.any()):
-        msg = f"TRAK: {what} is zero (all features vanish); cannot attribute."
-        raise ValueError(msg)
-    warnings.warn(
-        f"TRAK: {what} Phi^T Phi + {regularization} I ({d} x {d}, from {n} samples) is "
-        f"singular (rank {int(keep.sum())}); using its pseudo-inverse. Use "
-        "regularization > 0 or a projection dimension below the number of training "
-        "samples.",
-        UserWarning,
+    out = KernelInverse(
+        kernel,
+        float(regularization),
+        singular="pinv",
+        rtol=max(n, d) * torch.finfo(torch.float64).eps,
+        pivot_rtol=_PIVOT_RTOL,
+        cholesky=not (regularization == 0 and n < d),
+        check_finite=None,
+        what=f"TRAK: {what} Phi^T Phi + {regularization} I (from {n} samples)",
+        fix="use regularization > 0 or a projection dimension below the number of training samples",
         stacklevel=3,
     )
-    out = KernelInverse(factor=evecs[:, keep] / evals[keep].sqrt())
-    out.regularization = float(regularization)
+    if out.rank == 0:
+        msg = f"TRAK: {what} is zero (all features vanish); cannot attribute."
+        raise ValueError(msg)
     return out
 
 

@@ -13,6 +13,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from dattri.func.linalg import DampedSymmetricInverse
+
 __all__ = [
     "CGInfo",
     "IHVPUsageError",
@@ -351,39 +353,23 @@ def _cached_builder(builder: Callable[..., Callable]) -> Callable[[tuple], Calla
 
 
 # --------------------------------------------------------------------------- explicit
-class _SymmetricSolver:
-    """Factorise a symmetric matrix once; solve many right-hand sides.
+def _SymmetricSolver(
+    mat: Tensor, err: type[Exception] = IHVPUsageError, what: str = "H"
+) -> DampedSymmetricInverse:
+    """Factorise a symmetric matrix once; ``.solve`` many right-hand sides.
 
-    Cholesky when positive definite, otherwise an eigendecomposition (indefinite but
-    non-singular matrices are inverted exactly). A (numerically) singular matrix raises.
+    :class:`~dattri.func.linalg.DampedSymmetricInverse` in ``mat``'s dtype: Cholesky
+    when positive definite, otherwise an eigendecomposition (indefinite but
+    non-singular matrices are inverted exactly). A (numerically) singular matrix raises
+    ``err``.
     """
-
-    def __init__(self, mat: Tensor, err: type[Exception] = IHVPUsageError, what: str = "H") -> None:
-        mat = 0.5 * (mat + mat.T)
-        if not bool(torch.isfinite(mat).all()):
-            msg = f"{what} contains NaN or inf; check func and x."
-            raise err(msg)
-        chol, info = torch.linalg.cholesky_ex(mat)
-        self.chol: Tensor | None = None
-        if int(info) == 0:
-            self.chol = chol
-            return
-        evals, evecs = torch.linalg.eigh(mat)
-        scale = evals.abs().max()
-        cutoff = mat.shape[0] * torch.finfo(mat.dtype).eps * scale
-        if scale == 0 or bool((evals.abs() <= cutoff).any()):
-            msg = (
-                f"{what} + regularization * I is singular (smallest |eigenvalue| "
-                f"{float(evals.abs().min()):.3g}); increase `regularization`."
-            )
-            raise err(msg)
-        self.evecs, self.inv_evals = evecs, 1.0 / evals
-
-    def solve(self, rhs: Tensor) -> Tensor:
-        """Solve for the rows of ``rhs`` ``(k, p)``; returns ``(k, p)``."""
-        if self.chol is not None:
-            return torch.cholesky_solve(rhs.T, self.chol).T
-        return ((rhs @ self.evecs) * self.inv_evals) @ self.evecs.T
+    return DampedSymmetricInverse(
+        mat,
+        check_finite="check func and x.",
+        what=f"{what} + regularization * I",
+        fix="increase `regularization`",
+        error=err,
+    )
 
 
 def _dense_hessian(op: Callable[[Tensor], Tensor], ref: Tensor, chunk: int) -> Tensor:
