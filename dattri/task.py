@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
@@ -84,6 +85,13 @@ def _default_load(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
         raise ValueError(msg)
     model.eval()
     return model
+
+
+def _same(entry: Checkpoint, checkpoint: Checkpoint) -> bool:
+    """Whether ``checkpoint`` is the task's ``entry`` (equal path, or the same object)."""
+    if isinstance(entry, (str, os.PathLike)) and isinstance(checkpoint, (str, os.PathLike)):
+        return os.fspath(entry) == os.fspath(checkpoint)
+    return entry is checkpoint
 
 
 class AttributionTask:
@@ -154,20 +162,58 @@ class AttributionTask:
         """Names of the model's trainable parameters, in flattening order."""
         return list(self.named_parameters.keys())
 
-    def _load_checkpoints(self, ckpt_idx: int) -> None:
-        """Load checkpoint ``ckpt_idx`` into the model unless it is already loaded."""
-        if not isinstance(ckpt_idx, int) or not (
-            -len(self.checkpoints) <= ckpt_idx < len(self.checkpoints)
+    def load_checkpoint(self, index_or_ckpt: int | Checkpoint) -> nn.Module:
+        """Load a checkpoint into the model and return the model.
+
+        Args:
+            index_or_ckpt: an index into :meth:`get_checkpoints` (negative indices
+                count from the end; nothing is reloaded when that checkpoint is the
+                one loaded), or a checkpoint itself (a path or a state_dict, e.g. one
+                not in the task's list), which is always loaded with
+                ``checkpoints_load_func``. A path equal to an entry of the task's
+                list, or the very state_dict object of an entry, counts as that index.
+
+        Returns:
+            The model holding the checkpoint (``task.get_model()``), in eval mode
+            unless ``checkpoints_load_func`` does otherwise.
+
+        Raises:
+            IndexError: for an index outside the task's checkpoints.
+            TypeError: for anything that is neither an index, a path nor a mapping,
+                or when ``checkpoints_load_func`` returns no ``nn.Module``.
+        """
+        if isinstance(index_or_ckpt, bool) or not isinstance(
+            index_or_ckpt, (numbers.Integral, str, os.PathLike, Mapping)
         ):
+            msg = (
+                "load_checkpoint(index_or_ckpt) takes a checkpoint index (int), a path "
+                f"or a state_dict, got {type(index_or_ckpt).__name__}."
+            )
+            raise TypeError(msg)
+        if isinstance(index_or_ckpt, numbers.Integral):
+            ckpt_idx = int(index_or_ckpt)
+        else:
+            ckpt_idx = next(
+                (i for i, c in enumerate(self.checkpoints) if _same(c, index_or_ckpt)), None
+            )
+            if ckpt_idx is None:
+                self._load(index_or_ckpt, None)
+                return self.model
+        if not -len(self.checkpoints) <= ckpt_idx < len(self.checkpoints):
             msg = (
                 f"ckpt_idx={ckpt_idx} is out of range: the task has "
                 f"{len(self.checkpoints)} checkpoint(s)."
             )
             raise IndexError(msg)
         ckpt_idx %= len(self.checkpoints)
-        if self.current_checkpoint_idx == ckpt_idx:
-            return
-        model = self.checkpoints_load_func(self.model, self.checkpoints[ckpt_idx])
+        if self.current_checkpoint_idx != ckpt_idx:
+            self._load(self.checkpoints[ckpt_idx], ckpt_idx)
+        return self.model
+
+    def _load(self, checkpoint: Checkpoint, ckpt_idx: int | None) -> None:
+        """Run ``checkpoints_load_func``; record the index loaded (None: not in the list)."""
+        self.current_checkpoint_idx = None  # unknown state if loading fails half-way
+        model = self.checkpoints_load_func(self.model, checkpoint)
         if not isinstance(model, nn.Module):
             msg = "checkpoints_load_func must return the loaded nn.Module."
             raise TypeError(msg)
@@ -175,6 +221,25 @@ class AttributionTask:
         self.named_parameters = self._trainable(model)
         self.current_checkpoint_idx = ckpt_idx
         check_train_mode(model, self.checkpoints_load_func is not _default_load)
+
+    def _index(self, ckpt_idx: Any) -> int:
+        """Check that ``ckpt_idx`` is a checkpoint index (not a path or a state_dict)."""
+        if isinstance(ckpt_idx, bool) or not isinstance(ckpt_idx, numbers.Integral):
+            msg = (
+                f"ckpt_idx={ckpt_idx!r} is not a checkpoint index: pass an int in "
+                f"[0, {len(self.checkpoints)}) (load_checkpoint also takes a path or a "
+                "state_dict)."
+            )
+            raise IndexError(msg)
+        return int(ckpt_idx)
+
+    def _load_checkpoints(self, ckpt_idx: int) -> None:
+        """Upstream's private name of :meth:`load_checkpoint` (index only; kept as an alias).
+
+        Args:
+            ckpt_idx: checkpoint index.
+        """
+        self.load_checkpoint(self._index(ckpt_idx))
 
     def get_checkpoints(self) -> list[Checkpoint]:
         """Return the list of checkpoints."""
@@ -249,7 +314,7 @@ class AttributionTask:
         Raises:
             ValueError: if ``param_layer_map`` has the wrong length.
         """
-        self._load_checkpoints(ckpt_idx)
+        self.load_checkpoint(self._index(ckpt_idx))
         names = self.selected_param_names(layer_name)
         selected = {n: self.named_parameters[n] for n in names}
         if layer_split:
@@ -266,7 +331,7 @@ class AttributionTask:
 
     def get_param_dict(self, ckpt_idx: int = 0) -> dict[str, Tensor]:
         """Return ``{name: detached tensor}`` of all trainable parameters of a checkpoint."""
-        self._load_checkpoints(ckpt_idx)
+        self.load_checkpoint(self._index(ckpt_idx))
         return {n: p.detach() for n, p in self.named_parameters.items()}
 
     # ---------------------------------------------------------------- functions
@@ -285,7 +350,7 @@ class AttributionTask:
             return original
         if layer_name is None:
             return func
-        self._load_checkpoints(0 if ckpt_idx is None else ckpt_idx)
+        self.load_checkpoint(0 if ckpt_idx is None else self._index(ckpt_idx))
         names = self.selected_param_names(layer_name)
         full = {n: p.detach() for n, p in self.named_parameters.items()}
         return partial_param(full, names)(func)
@@ -413,7 +478,7 @@ class AttributionTask:
         """
         from dattri.func.per_sample_grad import per_sample_grad
 
-        self._load_checkpoints(ckpt_idx)
+        self.load_checkpoint(self._index(ckpt_idx))
         names = self.selected_param_names(layer_name)
         params = {n: p.detach() for n, p in self.named_parameters.items()}
         func = self.original_target_func if target else self.original_loss_func
@@ -461,7 +526,7 @@ class AttributionTask:
                 current parameters without loading anything (e.g. during training).
         """
         if ckpt_idx is not None:
-            self._load_checkpoints(ckpt_idx)
+            self.load_checkpoint(self._index(ckpt_idx))
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         if target:
             same = self.original_target_func is self.original_loss_func

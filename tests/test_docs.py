@@ -207,6 +207,7 @@ def test_mkdocs_build_strict(built_site: Path) -> None:
 #: modules with ``__all__`` that are implementation details of a documented package
 #: (their public names are not re-exported on purpose).
 INTERNAL_MODULES = {
+    "dattri.algorithm._args": "the train=/test= keywords of every attributor (issue #18)",
     "dattri.algorithm.batching": "loader/batch helpers shared by the attributors",
     "dattri.algorithm.block_projected_compress": "LoGra compressor internals",
     "dattri.algorithm.block_projected_store": "LoGra offload stores",

@@ -12,7 +12,7 @@ from dattri.func.utils import (
     get_parameter_chunk_sizes,
     partial_param,
 )
-from dattri.task import AttributionTask
+from dattri.task import AttributionTask, _default_load
 
 
 def _model() -> nn.Module:
@@ -188,3 +188,53 @@ def test_grad_layout_matches_per_sample_grads():
         assert cols == task.num_params(layer)
     with pytest.raises(ValueError, match="nope"):
         task.grad_layout("nope")
+
+
+def test_public_load_checkpoint_by_index_path_or_state_dict(tmp_path):
+    model = _model()
+    sd0 = {k: v.clone() for k, v in model.state_dict().items()}
+    sd1 = {k: v + 1.0 for k, v in sd0.items()}
+    sd2 = {k: v - 2.0 for k, v in sd0.items()}
+    path = tmp_path / "ckpt1.pt"
+    torch.save(sd1, path)
+    extra = tmp_path / "extra.pt"
+    torch.save(sd2, extra)
+    task = AttributionTask(_loss(model), model, [sd0, str(path)])
+    loads = []
+
+    def counting_load(m, ckpt):
+        loads.append(ckpt)
+        return _default_load(m, ckpt)
+
+    task.checkpoints_load_func = counting_load
+    assert task.load_checkpoint(1) is task.get_model()
+    assert task.current_checkpoint_idx == 1
+    assert torch.equal(task.get_model()[0].weight, sd1["0.weight"])
+    task.load_checkpoint(-1)  # same checkpoint: not reloaded
+    task.load_checkpoint(path)  # a path equal to entry 1 counts as index 1
+    assert len(loads) == 1
+    task.load_checkpoint(sd0)  # the entry's own state_dict object is index 0
+    assert task.current_checkpoint_idx == 0 and len(loads) == 2
+    # a checkpoint outside the list: loaded, and the next indexed load reloads
+    task.load_checkpoint(extra)
+    assert task.current_checkpoint_idx is None
+    assert torch.equal(task.get_model()[2].bias, sd2["2.bias"])
+    p0, _ = task.get_param(0)
+    assert task.current_checkpoint_idx == 0 and len(loads) == 4
+    assert torch.equal(p0[:12], sd0["0.weight"].reshape(-1))
+    task.load_checkpoint({k: v.clone() for k, v in sd2.items()})
+    assert task.current_checkpoint_idx is None
+    # the upstream private name is an alias for indices
+    task._load_checkpoints(1)
+    assert task.current_checkpoint_idx == 1
+    assert torch.equal(task.get_model()[0].weight, sd1["0.weight"])
+    with pytest.raises(IndexError, match="out of range"):
+        task.load_checkpoint(2)
+    with pytest.raises(IndexError, match="not a checkpoint index"):
+        task._load_checkpoints(str(path))
+    with pytest.raises(IndexError, match="not a checkpoint index"):
+        task.get_param("0")
+    with pytest.raises(TypeError, match="index_or_ckpt"):
+        task.load_checkpoint(1.0)
+    with pytest.raises(TypeError, match="index_or_ckpt"):
+        task.load_checkpoint(True)

@@ -7,6 +7,9 @@ and ``attribute_topk(...)``. Exceptions kept from upstream dattri 0.3:
 ``KNNShapleyAttributor.attribute`` returns ``(n_test, n_train)`` (use
 ``attribute_train_test`` for ``(n_train, n_test)``) and
 ``DVEmbAttributor.attribute(test_loader, epoch=None, train_data_indices=None)``.
+Whatever the positional order, every attributor also takes its loaders by role:
+``attribute(train=..., test=...)``, ``attribute_topk(train=..., test=..., k=...)``,
+``self_attribute(train=...)`` (DVEmb's ``attribute`` takes ``test=`` only).
 """
 
 from dattri.algorithm.base import BaseAttributor, BaseInnerProductAttributor

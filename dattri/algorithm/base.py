@@ -5,7 +5,10 @@ Every attributor has three phases (Kronfluence style):
 1. ``cache(train_loader)``: compute and keep the train-side quantities (Hessian
    factorisation, eigenspaces, projected train gradients, ...);
 2. ``attribute(train_loader, test_loader)`` -> scores ``(n_train, n_test)``; larger
-   score = the training sample helps the test target more;
+   score = the training sample helps the test target more. Every attributor also
+   takes the loaders by role, ``attribute(train=..., test=...)`` (also
+   ``attribute_topk`` and ``self_attribute(train=...)``), whatever its positional
+   order (see :mod:`dattri.algorithm._args`);
 3. ``self_attribute(train_loader)`` -> ``(n_train,)``, each sample scored against
    itself (equal to the diagonal of ``attribute(train, train)``).
 
@@ -18,6 +21,7 @@ never needs the full matrix).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dattri.algorithm._args import WRAPPED_METHODS, loader_keywords
 from dattri.algorithm.batching import (
     ReusableBuffer,
     batch_size_of,
@@ -47,10 +52,18 @@ class BaseAttributor(ABC):
 
     Subclasses implement :meth:`cache` and :meth:`attribute`; :meth:`self_attribute`
     and :meth:`attribute_topk` have generic fallbacks that subclasses may override
-    with faster versions.
+    with faster versions. Each of these methods, in every subclass, also takes its
+    loaders by role (``train=``, ``test=``; see :func:`~dattri.algorithm._args.loader_keywords`).
     """
 
     verbose: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give the subclass's loader-taking methods the ``train=``/``test=`` keywords."""
+        super().__init_subclass__(**kwargs)
+        for name in WRAPPED_METHODS:
+            if inspect.isfunction(cls.__dict__.get(name)):
+                setattr(cls, name, loader_keywords(cls.__dict__[name]))
 
     @abstractmethod
     def cache(self, full_train_dataloader: Iterable) -> None:
@@ -61,6 +74,7 @@ class BaseAttributor(ABC):
         """
 
     @abstractmethod
+    @loader_keywords
     def attribute(self, train_dataloader: Iterable, test_dataloader: Iterable) -> Tensor:
         """Score every (train, test) pair.
 
@@ -81,6 +95,7 @@ class BaseAttributor(ABC):
         """
         yield 0, self.attribute(train_dataloader, test_dataloader)
 
+    @loader_keywords
     def attribute_topk(
         self, train_dataloader: Iterable, test_dataloader: Iterable, k: int
     ) -> TopKResult:
@@ -101,6 +116,7 @@ class BaseAttributor(ABC):
             acc.update(block, row_start)
         return acc.result()
 
+    @loader_keywords
     def self_attribute(self, train_dataloader: Iterable) -> Tensor:
         """Score each training sample against itself.
 

@@ -242,7 +242,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
                 UserWarning,
                 stacklevel=2,
             )
-        task._load_checkpoints(0)
+        task.load_checkpoint(0)
         self.model = task.get_model()
         self.model.to(self.device)
         self.layer_names = resolve_layer_names(self.model, layer_names)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dattri.algorithm._args import loader_keywords
 from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move_to_device
 from dattri.algorithm.utils import (
     capture_layer_calls,
@@ -56,6 +57,10 @@ __all__ = ["DVEmbAttributor"]
 
 FACTORIZATIONS = ("none", "kronecker", "elementwise")
 _WRONG_FORMAT = "Wrong loss function format"
+_NO_TRAIN_LOADER = (
+    "DVEmb scores the training samples whose embeddings cache() recorded during "
+    "training; choose rows with train_data_indices= and pass test=."
+)
 
 
 class DVEmbAttributor:
@@ -587,6 +592,7 @@ class DVEmbAttributor:
             raise ValueError(msg)
         return emb[idx]
 
+    @loader_keywords(hint=_NO_TRAIN_LOADER)
     def attribute(
         self,
         test_dataloader: Iterable,
@@ -625,6 +631,7 @@ class DVEmbAttributor:
         ]
         return torch.cat(cols, dim=1)
 
+    @loader_keywords
     def self_attribute(
         self,
         train_dataloader: Iterable,

@@ -250,13 +250,13 @@ class IFBase(BaseInnerProductAttributor):
             # one vector at a time: larger batches use the BLAS better (the loss is a
             # batch mean, so the size-weighted sum of merged batches is the same mean)
             batches = merge_batches(batches, self.hvp_merge_rows)
-            self.task._load_checkpoints(ckpt_idx)
+            self.task.load_checkpoint(ckpt_idx)
             per_batch = linearization_bytes(func, (params, batches[0][0]))
             limit = self.linearization_budget_bytes // max(per_batch, 1)
             kept = {} if limit > 0 else None
 
         def op(mat: Tensor) -> Tensor:
-            self.task._load_checkpoints(ckpt_idx)  # buffers come from the loaded model
+            self.task.load_checkpoint(ckpt_idx)  # buffers come from the loaded model
             out = _mean_batch_hvp(func, params, batches, n, mode, mat, kept, limit)
             if self._n_total is not None:  # sharded over ranks: sum the local parts
                 out = all_reduce_sum(out)

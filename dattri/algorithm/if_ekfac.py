@@ -153,7 +153,7 @@ class IFAttributorEKFAC(IFBase):
 
     def _factor_batches(self, ckpt_idx: int, loader: Iterable, desc: str) -> Iterable:
         """Yield ``(B, {module: (a, ds)})`` for the first ``max_iter`` batches."""
-        self.task._load_checkpoints(ckpt_idx)
+        self.task.load_checkpoint(ckpt_idx)
         model = self.task.get_model()
         params = self.task.get_param_dict(ckpt_idx)
         total = None

@@ -104,7 +104,7 @@ class RPSAttributor(BaseAttributor):
         self.solver = solver
         self.loss_func = task.get_target_func(flatten=False)
         with train_mode_ok():  # RPS runs the model in eval mode itself
-            task._load_checkpoints(0)
+            task.load_checkpoint(0)
         self._layer()  # validates the name
         #: fitted ``(C, d [+1])`` weights, one per checkpoint (bias as last column).
         self.theta: list[Tensor] = []
@@ -167,7 +167,7 @@ class RPSAttributor(BaseAttributor):
         """Layer inputs ``(n, d)``, outputs ``(n, C)`` and optionally labels ``(n,)``."""
         check_loader(loader, name)
         with train_mode_ok():  # eval mode is set below
-            self.task._load_checkpoints(ckpt_idx)
+            self.task.load_checkpoint(ckpt_idx)
         model, layer = self.task.get_model(), self._layer()
         try:
             model_device = next(model.parameters()).device
