@@ -172,10 +172,51 @@ def _not_applicable(n_params: str) -> dict[str, str]:
     }
 
 
+def _sequence_setting(
+    *,
+    n_params: str,
+    train: dict,
+    quick_load_data: Callable[[Path | None], Tensors],
+    quick_epochs: int,
+    method_kwargs: dict,
+    **fields: object,
+) -> Setting:
+    """A generative setting at upstream's size with the shared sequence-model defaults.
+
+    SGD (momentum 0.9, the mean next-token loss, batch order seed 0), LDS on 50 half
+    subsets, damping 0.1, no self-influence pass, the not-applicable methods for
+    ``n_params`` parameters, and a ``--quick`` version (16 subsets, 2 ensemble models,
+    2 TracIn checkpoints) on ``quick_load_data``.
+    """
+    config = {"momentum": 0.9, "loss": sequence_loss, "seed": 0, **train}
+    defaults = {
+        "num_subsets": 50,
+        "runs_per_subset": 2,
+        "num_ensemble": 5,
+        "num_tracin_checkpoints": 3,
+        "ihvp_damping": 1e-1,
+        "eval_batch_size": 16,
+    }
+    return Setting(
+        train_config=SubsetTrainConfig(**config),
+        quick={
+            "load_data": quick_load_data,
+            "num_subsets": 16,
+            "num_ensemble": 2,
+            "num_tracin_checkpoints": 2,
+            "train_config": {"epochs": quick_epochs},
+        },
+        self_attribution=False,
+        inapplicable=_not_applicable(n_params),
+        method_kwargs=method_kwargs,
+        **{**defaults, **fields},
+    )
+
+
 #: the generative settings at upstream's sizes (GPU recommended); each has a
 #: ``--quick`` version sized for a few GPU minutes.
 _GENERATIVE = [
-    Setting(
+    _sequence_setting(
         name="shakespeare-nanogpt",
         description="char-level nanoGPT at upstream's size (6 layers, 384-d, 10.8M params) "
         "on 256-char tinyshakespeare blocks (all ~3.9k train / 200 val blocks); target = "
@@ -184,39 +225,24 @@ _GENERATIVE = [
         model_factory=create_shakespeare_lm,
         # SGD with lr 0.1 diverges at this size (CPU probe: 6x384 model, context 64,
         # batch 16); 0.03 and 0.01 train stably
-        train_config=SubsetTrainConfig(
-            epochs=20,
-            lr=0.03,
-            momentum=0.9,
-            weight_decay=1e-4,
-            batch_size=64,
-            loss=sequence_loss,
-            seed=0,
-            model_chunk_size=8,
-        ),
-        final_layer="gpt.lm_head",
-        num_subsets=50,
-        runs_per_subset=2,
-        num_ensemble=5,
-        num_tracin_checkpoints=3,
-        ihvp_damping=1e-1,
-        eval_batch_size=16,
-        quick={
-            "load_data": load_shakespeare_blocks(n_train=512, n_test=32, block_size=256),
-            "num_subsets": 16,
-            "num_ensemble": 2,
-            "num_tracin_checkpoints": 2,
-            "train_config": {"epochs": 20},
+        train={
+            "epochs": 20,
+            "lr": 0.03,
+            "weight_decay": 1e-4,
+            "batch_size": 64,
+            "model_chunk_size": 8,
         },
-        self_attribution=False,
-        inapplicable=_not_applicable("10.8M"),
+        final_layer="gpt.lm_head",
+        n_params="10.8M",
+        quick_load_data=load_shakespeare_blocks(n_train=512, n_test=32, block_size=256),
+        quick_epochs=20,
         method_kwargs={
             "if-cg": {"max_iter": 20},
             "if-lissa": {"recursion_depth": 100},
             "if-arnoldi": {"proj_dim": 50, "max_iter": 100},
         },
     ),
-    Setting(
+    _sequence_setting(
         name="wikitext2-gpt2",
         description="GPT-2 124M (transformers; pretrained weights from the Hugging Face "
         "cache, else config-built) fine-tuned on 512-token WikiText-2 blocks (all train / "
@@ -224,34 +250,22 @@ _GENERATIVE = [
         "(data: --download or --data-dir DIR)",
         load_data=load_wikitext2_blocks(n_train=None, n_test=None, block_size=512),
         model_factory=GPT2Factory(),
-        train_config=SubsetTrainConfig(
-            epochs=3,
-            lr=1e-3,
-            momentum=0.9,
-            weight_decay=1e-4,
-            batch_size=8,
-            loss=sequence_loss,
-            seed=0,
-            model_chunk_size=2,
-        ),
+        train={
+            "epochs": 3,
+            "lr": 1e-3,
+            "weight_decay": 1e-4,
+            "batch_size": 8,
+            "model_chunk_size": 2,
+        },
         final_layer="lm.lm_head",
-        num_subsets=50,
         # pretrained initialisation + the shared batch order make every run of a
         # subset the same model: one run per subset, more subsets instead
         runs_per_subset=1,
         num_ensemble=3,
-        num_tracin_checkpoints=3,
-        ihvp_damping=1e-1,
         eval_batch_size=4,
-        quick={
-            "load_data": load_wikitext2_blocks(n_train=256, n_test=32, block_size=128),
-            "num_subsets": 16,
-            "num_ensemble": 2,
-            "num_tracin_checkpoints": 2,
-            "train_config": {"epochs": 2},
-        },
-        self_attribution=False,
-        inapplicable=_not_applicable("124M"),
+        n_params="124M",
+        quick_load_data=load_wikitext2_blocks(n_train=256, n_test=32, block_size=128),
+        quick_epochs=2,
         method_kwargs={
             "if-cg": {"max_iter": 10},
             "if-lissa": {"recursion_depth": 50},
@@ -259,7 +273,7 @@ _GENERATIVE = [
             "if-arnoldi": {"proj_dim": 20, "max_iter": 30},
         },
     ),
-    Setting(
+    _sequence_setting(
         name="maestro-musictransformer",
         description="Music Transformer at upstream's size (6 layers, 512-d, relative "
         "attention, 13.1M params) on 256-event MAESTRO v2.0.0 windows (5000 train / 178 "
@@ -268,32 +282,17 @@ _GENERATIVE = [
         load_data=load_maestro_windows(n_train=5000, n_test=178, block_size=256),
         model_factory=create_music_lm,
         # lr probed on CPU only for stability (6x512 model, context 64, batch 16)
-        train_config=SubsetTrainConfig(
-            epochs=10,
-            lr=0.03,
-            momentum=0.9,
-            weight_decay=1e-4,
-            batch_size=64,
-            loss=sequence_loss,
-            seed=0,
-            model_chunk_size=8,
-        ),
-        final_layer="lm.Wout",
-        num_subsets=50,
-        runs_per_subset=2,
-        num_ensemble=5,
-        num_tracin_checkpoints=3,
-        ihvp_damping=1e-1,
-        eval_batch_size=16,
-        quick={
-            "load_data": load_maestro_windows(n_train=512, n_test=32, block_size=256),
-            "num_subsets": 16,
-            "num_ensemble": 2,
-            "num_tracin_checkpoints": 2,
-            "train_config": {"epochs": 5},
+        train={
+            "epochs": 10,
+            "lr": 0.03,
+            "weight_decay": 1e-4,
+            "batch_size": 64,
+            "model_chunk_size": 8,
         },
-        self_attribution=False,
-        inapplicable=_not_applicable("13.1M"),
+        final_layer="lm.Wout",
+        n_params="13.1M",
+        quick_load_data=load_maestro_windows(n_train=512, n_test=32, block_size=256),
+        quick_epochs=5,
         method_kwargs={
             "if-cg": {"max_iter": 20},
             "if-lissa": {"recursion_depth": 100},
