@@ -5,9 +5,9 @@
 0. candidate hash functions (hashlib/zlib) over the rows of an ImageNet-sized batch
    (why SHA-256: with the CPU's SHA extensions it is the fastest 64-bit-or-more hash
    in the standard library);
-1. per-sample data fingerprints (:func:`~dattri.algorithm.store_integrity.sample_hashes`)
+1. per-sample data fingerprints (:func:`~dattri.algorithm.store.integrity.sample_hashes`)
    of realistic batches: time per batch and throughput;
-2. row checksums (:func:`~dattri.algorithm.store_integrity.row_checksums`) of a
+2. row checksums (:func:`~dattri.algorithm.store.integrity.row_checksums`) of a
    ``(B, d)`` float32 feature block;
 3. TRAK on CIFAR-shaped synthetic data (3x32x32, a small CNN, ``proj_dim`` 2048):
    ``cache`` in memory, into a new store, and reusing the complete store; the
@@ -72,7 +72,7 @@ def overhead(args: argparse.Namespace) -> None:
     import zlib
 
     from dattri.algorithm import feature_store, store_integrity
-    from dattri.algorithm.store_integrity import row_checksums, sample_hashes
+    from dattri.algorithm.store.integrity import row_checksums, sample_hashes
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.params.projection import TRAKProjectionParams
     from dattri.task import AttributionTask

@@ -104,7 +104,7 @@ def scores(attr: Any, train: DataLoader, test: DataLoader) -> torch.Tensor:
 
 def main(method: str, cache_dir: str) -> None:
     """Cache slowly, printing ``loaded <i>`` before the ``i``-th batch is computed."""
-    from dattri.algorithm.feature_store import MemmapFeatureStore
+    from dattri.algorithm.store.memmap_store import MemmapFeatureStore
 
     torch.set_num_threads(1)
     MemmapFeatureStore.commit_seconds = 0.0  # progress on disk after every batch

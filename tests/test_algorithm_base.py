@@ -5,14 +5,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from dattri.algorithm.base import BaseInnerProductAttributor
-from dattri.algorithm.batching import (
+from dattri.algorithm.runtime.batching import (
     ReusableBuffer,
     batch_size_of,
     check_loader,
     move_to_device,
     unsqueeze_batch,
 )
-from dattri.algorithm.topk import TopKAccumulator
+from dattri.algorithm.score.topk import TopKAccumulator
 from dattri.task import AttributionTask
 from tests.problems import cached_random_mlp
 
@@ -99,7 +99,8 @@ def test_reusable_buffer_lifetime():
 
 
 def test_featurizer_buffer_reuse_gives_identical_features():
-    from dattri.algorithm.projected_store import GradientFeaturizer, collect_features
+    from dattri.algorithm.features.gradients import GradientFeaturizer
+    from dattri.algorithm.store.in_memory import collect_features
     from dattri.params.projection import TracInProjectionParams
 
     p = cached_random_mlp()

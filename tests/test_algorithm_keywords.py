@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dattri import algorithm as A
-from dattri.algorithm._args import loader_keywords
+from dattri.algorithm.runtime.loader_args import loader_keywords
 from dattri.task import AttributionTask
 from tests.golden.cases import (
     DVEMB_BS,

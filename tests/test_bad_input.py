@@ -212,7 +212,7 @@ def test_sum_loss_is_reported_for_the_mean_convention_only():
 
 
 def test_huge_value_scan_ignores_masks_and_names_dataset_index():
-    from dattri.algorithm.validation import scan_huge_values
+    from dattri.algorithm.runtime.validation import scan_huge_values
 
     mask = torch.zeros(3, 5)
     mask[1, 2] = torch.finfo(torch.float32).min  # additive attention mask

@@ -24,7 +24,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from dattri.algorithm.distributed import (
+from dattri.algorithm.if_ekfac import IFAttributorEKFAC
+from dattri.algorithm.influence_function import IFAttributorCG, IFAttributorExplicit
+from dattri.algorithm.runtime.distributed import (
     all_reduce_sum,
     gather_rows,
     rank_world,
@@ -32,8 +34,6 @@ from dattri.algorithm.distributed import (
     shard_batches,
     shard_range,
 )
-from dattri.algorithm.if_ekfac import IFAttributorEKFAC
-from dattri.algorithm.influence_function import IFAttributorCG, IFAttributorExplicit
 from dattri.algorithm.tracin import TracInAttributor
 from dattri.algorithm.trak import TRAKAttributor
 from dattri.params.projection import TracInProjectionParams, TRAKProjectionParams

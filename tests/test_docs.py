@@ -37,6 +37,7 @@ FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.D
 API_PAGES = {
     "task": ["dattri.task"],
     "algorithm": ["dattri.algorithm"],
+    "pipeline": ["dattri.algorithm.runtime.moved", "dattri.algorithm.store.in_memory"],
     "func": [
         "dattri.func.hessian",
         "dattri.func.ihvp",
@@ -207,20 +208,20 @@ def test_mkdocs_build_strict(built_site: Path) -> None:
 #: modules with ``__all__`` that are implementation details of a documented package
 #: (their public names are not re-exported on purpose).
 INTERNAL_MODULES = {
-    "dattri.algorithm._args": "the train=/test= keywords of every attributor (issue #18)",
-    "dattri.algorithm.batching": "loader/batch helpers shared by the attributors",
-    "dattri.algorithm.block_projected_compress": "LoGra compressor internals",
-    "dattri.algorithm.block_projected_store": "LoGra offload stores",
-    "dattri.algorithm.if_precondition": "builds IFAttributorCG's preconditioner= argument",
-    "dattri.algorithm.if_base": "influence-function base class internals",
-    "dattri.algorithm.projected_store": "TracIn/TRAK feature store",
-    "dattri.algorithm.topk": "TopKAccumulator behind attribute_topk",
+    "dattri.algorithm.runtime.loader_args": "train=/test= keywords (issue #18)",
+    "dattri.algorithm.runtime.batching": "loader/batch helpers shared by the attributors",
+    "dattri.algorithm.features.block_compress": "LoGra compressor internals",
+    "dattri.algorithm.store.block_rows": "LoGra offload stores",
+    "dattri.algorithm.solve.preconditioners": "builds IFAttributorCG's preconditioner= argument",
+    "dattri.algorithm.solve.mean_hvp": "influence-function base class internals",
+    "dattri.algorithm.features.gradients": "TracIn/TRAK feature store",
+    "dattri.algorithm.score.topk": "TopKAccumulator behind attribute_topk",
     "dattri.algorithm.trak": "TRAK kernel helpers (TRAKAttributor is documented)",
     "dattri.algorithm.utils": "RPS/DVEmb numerical helpers",
     "dattri.algorithm.if_lissa": "top_eigenvalue helper (IFAttributorLiSSA is documented)",
     "dattri.algorithm.block_projected_if": "DEFAULT_DAMPING / stable_inverse helpers",
-    "dattri.algorithm.scaled_features": "store-backed feature collection behind TRAK/TracIn",
-    "dattri.algorithm.validation": "input checks shared by the attributors (issue #17)",
+    "dattri.algorithm.store.scaled": "store-backed feature collection behind TRAK/TracIn",
+    "dattri.algorithm.runtime.validation": "input checks shared by the attributors (issue #17)",
     "dattri.loss_checks": "loss/data checks behind AttributionTask.check_functions",
 }
 

@@ -6,7 +6,7 @@ Reference: the dense Hessian from ``torch.func.hessian`` in float64.
 import pytest
 import torch
 
-from dattri.algorithm.if_base import _mean_batch_hvp, merge_batches
+from dattri.algorithm.solve.mean_hvp import _mean_batch_hvp, merge_batches
 from dattri.func.hvp_core import IHVPUsageError, hvp_matvec, linearization_bytes
 
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dattri.algorithm.feature_store import StoredRows
-from dattri.algorithm.scoring import (
+from dattri.algorithm.score.tiles import (
     MemmapScoreSink,
     TensorSink,
     TopKSink,
@@ -19,6 +18,7 @@ from dattri.algorithm.scoring import (
     parse_memory,
     plan_tiles,
 )
+from dattri.algorithm.store.memmap_store import StoredRows
 from dattri.algorithm.tracin import TracInAttributor
 from dattri.algorithm.trak import TRAKAttributor
 from dattri.params.projection import TracInProjectionParams, TRAKProjectionParams

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from dattri.algorithm.feature_store import (
+from dattri.algorithm.store.memmap_store import (
     MemmapFeatureStore,
     StoredRows,
     batch_plan,

@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from dattri.algorithm.feature_store import MemmapFeatureStore
+from dattri.algorithm.store.memmap_store import MemmapFeatureStore
 from tests import store_worker as sw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,7 +297,7 @@ def test_logra_disk_folder_is_never_reused(tmp_path):
 
 # ------------------------------------------------------------------ the hash helpers
 def test_sample_hashes_are_per_sample_and_see_every_byte():
-    from dattri.algorithm.store_integrity import format_rows, row_checksums, sample_hashes
+    from dattri.algorithm.store.integrity import format_rows, row_checksums, sample_hashes
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 4, generator=gen)

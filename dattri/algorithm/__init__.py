@@ -29,9 +29,12 @@ from dattri.algorithm.logra import LoGraAttributor
 from dattri.algorithm.magic import MAGICAttributor
 from dattri.algorithm.per_token import PerTokenTopK, attribute_per_token
 from dattri.algorithm.rps import RPSAttributor
-from dattri.algorithm.topk import TopKResult
+from dattri.algorithm.runtime.moved import install_aliases
+from dattri.algorithm.score.topk import TopKResult
 from dattri.algorithm.tracin import TracInAttributor
 from dattri.algorithm.trak import TRAKAttributor
+
+install_aliases()
 
 __all__ = [
     "BaseAttributor",

@@ -8,7 +8,7 @@ Every attributor has three phases (Kronfluence style):
    score = the training sample helps the test target more. Every attributor also
    takes the loaders by role, ``attribute(train=..., test=...)`` (also
    ``attribute_topk`` and ``self_attribute(train=...)``), whatever its positional
-   order (see :mod:`dattri.algorithm._args`);
+   order (see :mod:`dattri.algorithm.runtime.loader_args`);
 3. ``self_attribute(train_loader)`` -> ``(n_train,)``, each sample scored against
    itself (equal to the diagonal of ``attribute(train, train)``).
 
@@ -30,16 +30,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dattri.algorithm._args import WRAPPED_METHODS, loader_keywords
-from dattri.algorithm.batching import (
+from dattri.algorithm.runtime.batching import (
     ReusableBuffer,
     batch_size_of,
     check_loader,
     iterate,
     move_to_device,
 )
-from dattri.algorithm.topk import TopKAccumulator, TopKResult
-from dattri.algorithm.validation import require_reiterable, resolve_device, validate_loader
+from dattri.algorithm.runtime.loader_args import WRAPPED_METHODS, loader_keywords
+from dattri.algorithm.runtime.validation import require_reiterable, resolve_device, validate_loader
+from dattri.algorithm.score.topk import TopKAccumulator, TopKResult
 from dattri.task import AttributionTask
 
 __all__ = ["BaseAttributor", "BaseInnerProductAttributor"]
@@ -53,7 +53,8 @@ class BaseAttributor(ABC):
     Subclasses implement :meth:`cache` and :meth:`attribute`; :meth:`self_attribute`
     and :meth:`attribute_topk` have generic fallbacks that subclasses may override
     with faster versions. Each of these methods, in every subclass, also takes its
-    loaders by role (``train=``, ``test=``; see :func:`~dattri.algorithm._args.loader_keywords`).
+    loaders by role (``train=``, ``test=``; see
+    :func:`~dattri.algorithm.runtime.loader_args.loader_keywords`).
     """
 
     verbose: bool = True
@@ -109,7 +110,7 @@ class BaseAttributor(ABC):
             k: number of training samples per side.
 
         Returns:
-            A :class:`~dattri.algorithm.topk.TopKResult` with ``(n_test, k)`` tensors.
+            A :class:`~dattri.algorithm.score.topk.TopKResult` with ``(n_test, k)`` tensors.
         """
         acc = TopKAccumulator(k)
         for row_start, block in self._iter_score_blocks(train_dataloader, test_dataloader):
@@ -251,7 +252,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         """Per-sample gradients of the loss, ``(B, p)``.
 
         Inside the scoring loop the result lives in a buffer reused by the next batch
-        (see :class:`~dattri.algorithm.batching.ReusableBuffer`).
+        (see :class:`~dattri.algorithm.runtime.batching.ReusableBuffer`).
         """
         out = None
         if self._train_rep_buffer.is_active:

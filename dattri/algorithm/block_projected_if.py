@@ -1,7 +1,7 @@
 """Block-projected influence functions (the engine behind LoGra and FactGraSS).
 
 For every selected layer ``l`` and training sample ``i`` the per-sample gradient is
-compressed to ``c_il`` (``(k_l,)``, see :mod:`dattri.algorithm.block_projected_compress`)
+compressed to ``c_il`` (``(k_l,)``, see :mod:`dattri.algorithm.features.block_compress`)
 without forming the full gradient. With ``hessian="eFIM"`` each layer gets the
 empirical Fisher of the compressed gradients
 
@@ -39,8 +39,7 @@ import torch
 from torch import Tensor
 
 from dattri.algorithm.base import BaseAttributor
-from dattri.algorithm.batching import check_loader, iterate, move_to_device
-from dattri.algorithm.block_projected_compress import (
+from dattri.algorithm.features.block_compress import (
     FACTOR_TYPES,
     LayerCompressor,
     build_compressors,
@@ -48,13 +47,14 @@ from dattri.algorithm.block_projected_compress import (
     read_params,
     resolve_layer_names,
 )
-from dattri.algorithm.block_projected_store import (
+from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
+from dattri.algorithm.runtime.validation import resolve_device, validate_loader
+from dattri.algorithm.store.block_rows import (
     OFFLOAD_MODES,
     MatrixStore,
     RowStore,
     write_metadata,
 )
-from dattri.algorithm.validation import resolve_device, validate_loader
 from dattri.func.linalg import DampedSymmetricInverse
 from dattri.func.per_sample_grad import per_sample_kron_projected
 from dattri.loss_checks import explained_errors

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from dattri.algorithm.base import BaseAttributor
-from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move_to_device
-from dattri.algorithm.validation import resolve_device
+from dattri.algorithm.runtime.batching import batch_size_of, check_loader, iterate, move_to_device
+from dattri.algorithm.runtime.validation import resolve_device
 
 __all__ = ["KNNShapleyAttributor", "default_dist_func", "knn_shapley_values"]
 

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dattri.algorithm._args import loader_keywords
-from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move_to_device
+from dattri.algorithm.runtime.batching import batch_size_of, check_loader, iterate, move_to_device
+from dattri.algorithm.runtime.loader_args import loader_keywords
+from dattri.algorithm.runtime.validation import scan_huge_values, validate_loader
 from dattri.algorithm.utils import (
     capture_layer_calls,
     dense_projection_matrix,
@@ -40,7 +41,6 @@ from dattri.algorithm.utils import (
     full_projector,
     required_positional_args,
 )
-from dattri.algorithm.validation import scan_huge_values, validate_loader
 from dattri.func.layer_grads import (
     factor_grads,
     kron_project,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dattri.algorithm.if_base import IFBase
+from dattri.algorithm.solve.mean_hvp import IFBase
 from dattri.func.hessian_arnoldi import top_ritz_pairs
 from dattri.task import AttributionTask
 

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dattri.algorithm.batching import iterate, move_to_device
-from dattri.algorithm.distributed import all_reduce_sum
-from dattri.algorithm.if_base import IFBase, dict_or_tuple_fields
+from dattri.algorithm.runtime.batching import iterate, move_to_device
+from dattri.algorithm.runtime.distributed import all_reduce_sum
+from dattri.algorithm.solve.mean_hvp import IFBase, dict_or_tuple_fields
 from dattri.func.fisher import ifvp_datainf
 from dattri.task import AttributionTask
 

@@ -28,10 +28,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from dattri.algorithm.batching import iterate, move_to_device
-from dattri.algorithm.distributed import all_reduce_sum, is_distributed, shard_range
-from dattri.algorithm.feature_store import iter_batches
-from dattri.algorithm.if_base import IFBase
+from dattri.algorithm.runtime.batching import iterate, move_to_device
+from dattri.algorithm.runtime.distributed import all_reduce_sum, is_distributed, shard_range
+from dattri.algorithm.solve.mean_hvp import IFBase
+from dattri.algorithm.store.memmap_store import iter_batches
 from dattri.func.fisher import (
     ekfac_eigenvalues,
     ekfac_ifvp,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dattri.algorithm.if_base import IFBase, dict_or_tuple_fields
+from dattri.algorithm.solve.mean_hvp import IFBase, dict_or_tuple_fields
 from dattri.func.hessian import hvp_at_x, ihvp_at_x_lissa
 from dattri.task import AttributionTask
 

@@ -53,13 +53,13 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from dattri.algorithm.batching import iterate
 from dattri.algorithm.if_arnoldi import IFAttributorArnoldi
-from dattri.algorithm.if_base import IFBase
 from dattri.algorithm.if_datainf import IFAttributorDataInf
 from dattri.algorithm.if_ekfac import IFAttributorEKFAC
 from dattri.algorithm.if_lissa import IFAttributorLiSSA
-from dattri.algorithm.if_precondition import build_preconditioner, check_preconditioner
+from dattri.algorithm.runtime.batching import iterate
+from dattri.algorithm.solve.mean_hvp import IFBase
+from dattri.algorithm.solve.preconditioners import build_preconditioner, check_preconditioner
 from dattri.func.hessian import cg_solve
 from dattri.func.linalg import DampedSymmetricInverse
 from dattri.task import AttributionTask
@@ -200,7 +200,7 @@ class IFAttributorCG(IFBase):
     of the last solve is in :attr:`last_cg_info`; a warning names rows that did not
     converge (raise ``max_iter``: CG needs about ``sqrt(cond(H))`` iterations per digit).
     With ``preconditioner`` (``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a callable
-    ``(B, p) -> (B, p)``, see :mod:`dattri.algorithm.if_precondition`), preconditioned
+    ``(B, p) -> (B, p)``, see :mod:`dattri.algorithm.solve.preconditioners`), preconditioned
     CG reaches the same solve in about ``sqrt(cond(P H))`` iterations per digit.
 
     Args:
@@ -299,4 +299,4 @@ class IFAttributorCG(IFBase):
 
 
 # Upstream's module-level names (solver table and LiSSA collate function).
-from dattri.algorithm.if_solvers import SUPPORTED_IHVP_SOLVER, _lissa_collate_fn  # noqa: E402, F401
+from dattri.algorithm.solve.ihvp_solvers import SUPPORTED_IHVP_SOLVER, _lissa_collate_fn  # noqa: E402, F401

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from dattri.algorithm.block_projected_compress import FACTOR_TYPES, read_params
 from dattri.algorithm.block_projected_if import BlockProjectedIFAttributor
+from dattri.algorithm.features.block_compress import FACTOR_TYPES, read_params
 from dattri.task import AttributionTask
 
 __all__ = ["LoGraAttributor"]

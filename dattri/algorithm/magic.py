@@ -63,7 +63,7 @@ from torch.func import functional_call, grad, vjp, vmap
 from tqdm.auto import tqdm
 
 from dattri.algorithm.base import BaseAttributor
-from dattri.algorithm.batching import check_loader
+from dattri.algorithm.runtime.batching import check_loader
 from dattri.model_util.subset_train import (
     SubsetTrainConfig,
     _batches,

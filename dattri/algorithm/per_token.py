@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from dattri.algorithm.batching import check_loader, iterate
+from dattri.algorithm.runtime.batching import check_loader, iterate
 
 __all__ = ["PerTokenTopK", "attribute_per_token", "mask_all_but"]
 

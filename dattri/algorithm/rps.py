@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dattri.algorithm.base import BaseAttributor
-from dattri.algorithm.batching import check_loader, iterate, move_to_device
+from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
+from dattri.algorithm.runtime.validation import require_reiterable, resolve_device
 from dattri.algorithm.utils import RPS_SOLVERS, rps_alpha, rps_finetune_theta
-from dattri.algorithm.validation import require_reiterable, resolve_device
 from dattri.loss_checks import explained_errors, train_mode_ok
 from dattri.task import AttributionTask
 

@@ -22,16 +22,10 @@ import torch
 from torch import Tensor
 
 from dattri.algorithm.base import BaseAttributor
-from dattri.algorithm.batching import check_loader, iterate, move_to_device
-from dattri.algorithm.feature_store import batch_plan
-from dattri.algorithm.projected_store import (
-    GradientFeaturizer,
-    ProjectedGradientStore,
-    collect_features,
-    resolve_projection,
-)
-from dattri.algorithm.scaled_features import ScaleOptions, collect_features_scaled
-from dattri.algorithm.scoring import (
+from dattri.algorithm.features.gradients import GradientFeaturizer, resolve_projection
+from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
+from dattri.algorithm.runtime.validation import resolve_device, validate_loader
+from dattri.algorithm.score.tiles import (
     BUDGET_SHARES,
     iter_loader_tiles,
     iter_store_tiles,
@@ -39,8 +33,10 @@ from dattri.algorithm.scoring import (
     plan_tiles,
     topk_of_tiles,
 )
-from dattri.algorithm.topk import TopKResult
-from dattri.algorithm.validation import resolve_device, validate_loader
+from dattri.algorithm.score.topk import TopKResult
+from dattri.algorithm.store.in_memory import ProjectedGradientStore, collect_features
+from dattri.algorithm.store.memmap_store import batch_plan
+from dattri.algorithm.store.scaled import ScaleOptions, collect_features_scaled
 from dattri.func.linalg import DampedSymmetricInverse
 from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
@@ -496,7 +492,7 @@ class TRAKAttributor(BaseAttributor):
             k: training samples per side.
 
         Returns:
-            A :class:`~dattri.algorithm.topk.TopKResult` with ``(n_test, k)`` tensors.
+            A :class:`~dattri.algorithm.score.topk.TopKResult` with ``(n_test, k)`` tensors.
         """
         check_loader(test_dataloader, "test_dataloader")
         tiles = self._iter_tiles(train_dataloader, test_dataloader, shard=True)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dattri.algorithm.batching import check_loader
+from dattri.algorithm.runtime.batching import check_loader
 
 __all__ = [
     "backtracking_line_search",
@@ -60,7 +60,9 @@ DVEMB_METHODS = ("auto", "dense", "low_rank")
 
 
 def _check_shuffle(dataloader: Iterable) -> None:
-    """Warn if a loader shuffles (delegates to :func:`~dattri.algorithm.batching.check_loader`).
+    """Warn if a loader shuffles.
+
+    Delegates to :func:`~dattri.algorithm.runtime.batching.check_loader`.
 
     Args:
         dataloader: the loader to check.

@@ -23,6 +23,7 @@ __all__ = [
     "check_loader",
     "iterate",
     "move_to_device",
+    "slice_batch",
     "unsqueeze_batch",
 ]
 
@@ -134,9 +135,9 @@ def iterate(
 
     Yields:
         The batches (a warning names the first sample with a huge finite input,
-        see :func:`dattri.algorithm.validation.scan_huge_values`).
+        see :func:`dattri.algorithm.runtime.validation.scan_huge_values`).
     """
-    from dattri.algorithm.validation import batch_rows, scan_huge_values
+    from dattri.algorithm.runtime.validation import batch_rows, scan_huge_values
 
     if total is None and hasattr(loader, "__len__"):
         total = len(loader)
@@ -188,3 +189,14 @@ class ReusableBuffer:
             self._buffer = None  # free the old one before allocating
             buf = self._buffer = torch.empty(rows, cols, dtype=dtype, device=device)
         return buf[:rows]
+
+
+def slice_batch(batch: Any, rows: slice) -> Any:
+    """Rows ``rows`` of every tensor of a batch (tuple/list/dict structure kept)."""
+    if isinstance(batch, Tensor):
+        return batch[rows]
+    if isinstance(batch, Mapping):
+        return {k: slice_batch(v, rows) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_batch(v, rows) for v in batch)
+    return batch

@@ -6,33 +6,25 @@ the target) at checkpoint ``k`` and ``P_k`` the random projection with
 ``ensemble_id=k`` (or the identity). The projector is built once and reused for every
 batch and checkpoint.
 
-:func:`collect_features` runs a featurizer over a whole loader (checkpoint-outer, so
-each checkpoint is loaded once) and returns a :class:`ProjectedGradientStore`: the
-in-memory ``(n, d)`` feature matrix of every checkpoint, plus optional per-sample
-extras (TRAK's ``Q``).
+This is the *featurize* phase; the rows are kept by
+:mod:`dattri.algorithm.store.in_memory` (in memory) or
+:mod:`dattri.algorithm.store.memmap_store` (on disk, resumable).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from dattri.algorithm.batching import ReusableBuffer, batch_size_of, iterate, move_to_device
+from dattri.algorithm.runtime.batching import ReusableBuffer, batch_size_of, slice_batch
 from dattri.func.batch_utils import NonFiniteGradientError, nonfinite_rows
 from dattri.task import AttributionTask
 
-__all__ = [
-    "GradientFeaturizer",
-    "ProjectedGradientStore",
-    "collect_features",
-    "resolve_projection",
-    "slice_batch",
-]
+__all__ = ["GradientFeaturizer", "resolve_projection"]
 
 #: keys accepted in the older ``projector_kwargs`` dict form.
 _PROJECTOR_KWARGS = ("proj_dim", "proj_max_batch_size", "proj_seed", "proj_type", "device")
@@ -173,7 +165,7 @@ class GradientFeaturizer:
         """Within this block, form every batch's gradients in one reused buffer.
 
         Only used when the gradients are projected (the ``(B, d)`` features are
-        always fresh tensors); see :class:`~dattri.algorithm.batching.ReusableBuffer`.
+        always fresh tensors); see :class:`~dattri.algorithm.runtime.batching.ReusableBuffer`.
         """
         return self._buffer.active()
 
@@ -276,128 +268,3 @@ class GradientFeaturizer:
             "projection": proj,
             "scale": self.scale,
         }
-
-
-def slice_batch(batch: Any, rows: slice) -> Any:
-    """Rows ``rows`` of every tensor of a batch (tuple/list/dict structure kept)."""
-    if isinstance(batch, Tensor):
-        return batch[rows]
-    if isinstance(batch, Mapping):
-        return {k: slice_batch(v, rows) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(slice_batch(v, rows) for v in batch)
-    return batch
-
-
-@dataclass
-class ProjectedGradientStore:
-    """In-memory per-checkpoint features of a fixed loader.
-
-    Attributes:
-        loader: the loader the rows come from (identity-compared to reuse the store).
-        features: per checkpoint, ``(n, d)`` features (row ``i`` = ``i``-th sample in
-            loader order).
-        extras: per checkpoint, ``(n, ...)`` per-sample extras (empty if unused).
-        state: free-form per-checkpoint state kept by the attributor (e.g. factors).
-    """
-
-    loader: Iterable | None
-    features: list[Tensor]
-    extras: list[Tensor] = field(default_factory=list)
-    state: dict[str, Any] = field(default_factory=dict)
-    #: rows per scoring block (None: at most ``max_elems`` score elements per block).
-    block_rows: int | None = None
-
-    def is_for(self, loader: Iterable | None) -> bool:
-        """Whether ``loader`` is the very loader this store was built from."""
-        return loader is not None and loader is self.loader
-
-    @property
-    def num_samples(self) -> int:
-        """Number of rows ``n``."""
-        return int(self.features[0].shape[0])
-
-    def row_blocks(
-        self, n_cols: int, max_elems: int = 1 << 22, shard: bool = False
-    ) -> Iterator[slice]:
-        """Row slices such that a ``(rows, n_cols)`` block has at most ``max_elems``.
-
-        ``block_rows``, when set, fixes the rows per block instead. With ``shard`` and
-        torch.distributed, only this rank's contiguous share of the blocks is yielded.
-        """
-        n = self.num_samples
-        step = self.block_rows or max(1, min(n, max_elems // max(n_cols, 1)))
-        starts = range(0, n, step)
-        if shard:
-            from dattri.algorithm.distributed import shard_range
-
-            mine = shard_range(len(starts))
-            starts = starts[mine.start : mine.stop]
-        for start in starts:
-            yield slice(start, min(start + step, n))
-
-
-def collect_features(
-    featurizer: GradientFeaturizer,
-    loader: Iterable,
-    num_checkpoints: int,
-    *,
-    target: bool = False,
-    transform: Callable[[Tensor], Tensor] | None = None,
-    extra: Callable[[int, Any], Tensor] | None = None,
-    verbose: bool = True,
-    desc: str = "gradients",
-) -> ProjectedGradientStore:
-    """Featurize every sample of ``loader`` at every checkpoint.
-
-    Checkpoints are the outer loop, so each is loaded once.
-
-    Args:
-        featurizer: the featurizer.
-        loader: the batches (tensor, tuple/list or dict batches).
-        num_checkpoints: number of checkpoints ``K``.
-        target: gradients of the target function instead of the loss.
-        transform: optional map applied to each ``(B, d)`` feature block.
-        extra: optional ``extra(ckpt_idx, batch) -> (B, ...)`` collected alongside.
-        verbose: show a progress bar.
-        desc: progress-bar label.
-
-    Returns:
-        A :class:`ProjectedGradientStore` with ``features[k]`` of shape ``(n, d)``.
-    """
-    with featurizer.reuse_buffers():
-        features, extras = _collect(
-            featurizer, loader, num_checkpoints, target, transform, extra, verbose, desc
-        )
-    return ProjectedGradientStore(loader=loader, features=features, extras=extras)
-
-
-def _collect(
-    featurizer: GradientFeaturizer,
-    loader: Iterable,
-    num_checkpoints: int,
-    target: bool,
-    transform: Callable[[Tensor], Tensor] | None,
-    extra: Callable[[int, Any], Tensor] | None,
-    verbose: bool,
-    desc: str,
-) -> tuple[list[Tensor], list[Tensor]]:
-    features: list[Tensor] = []
-    extras: list[Tensor] = []
-    for ckpt_idx in range(num_checkpoints):
-        feats: list[Tensor] = []
-        ext: list[Tensor] = []
-        label = desc if num_checkpoints == 1 else f"{desc} (ckpt {ckpt_idx})"
-        for b, batch in enumerate(iterate(loader, label, verbose)):
-            batch = move_to_device(batch, featurizer.device)
-            f = featurizer(ckpt_idx, batch, target=target, where=f" {b} of the loader")
-            feats.append(transform(f) if transform is not None else f)
-            if extra is not None:
-                ext.append(extra(ckpt_idx, batch))
-        if not feats:
-            msg = f"The loader for {desc} yielded no batch."
-            raise ValueError(msg)
-        features.append(torch.cat(feats))
-        if extra is not None:
-            extras.append(torch.cat(ext))
-    return features, extras

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dattri.algorithm.batching import batch_size_of, iterate
-from dattri.algorithm.distributed import (
+from dattri.algorithm.runtime.batching import batch_size_of, iterate
+from dattri.algorithm.runtime.distributed import (
     all_gather_object,
     all_reduce_sum,
     barrier,
@@ -38,8 +38,8 @@ from dattri.algorithm.distributed import (
     rank_world,
     shard_range,
 )
-from dattri.algorithm.topk import TopKAccumulator, TopKResult
-from dattri.algorithm.validation import warn_topk
+from dattri.algorithm.runtime.validation import warn_topk
+from dattri.algorithm.score.topk import TopKAccumulator, TopKResult
 
 __all__ = [
     "MemmapScoreSink",
@@ -304,7 +304,7 @@ class TopKSink:
         return TopKResult(*(torch.cat([getattr(p, f) for p in parts]) for f in _FIELDS))
 
     def finalize(self) -> TopKResult:
-        """The merged :class:`~dattri.algorithm.topk.TopKResult` (``(n_test, k)``)."""
+        """The merged :class:`~dattri.algorithm.score.topk.TopKResult` (``(n_test, k)``)."""
         local = self._local()
         if not is_distributed():
             if local is None:
@@ -361,7 +361,7 @@ def topk_of_tiles(tiles: Iterable[tuple[int, int, Tensor]], k: int, n_test: int)
         n_test: number of test columns.
 
     Returns:
-        The merged ``(n_test, k)`` :class:`~dattri.algorithm.topk.TopKResult`.
+        The merged ``(n_test, k)`` :class:`~dattri.algorithm.score.topk.TopKResult`.
     """
     sink = TopKSink(k, n_test)
     for row, col, tile in tiles:
@@ -421,7 +421,7 @@ def iter_store_tiles(
     """Tiles of ``S = row_scale * sum_k w_k F_k T_k^T`` over stored training features.
 
     Args:
-        store: a :class:`~dattri.algorithm.projected_store.ProjectedGradientStore`
+        store: a :class:`~dattri.algorithm.features.gradients.ProjectedGradientStore`
             (``features[k]`` ``(n_train, d)``, tensors or row sources; ``row_blocks``).
         tests: per checkpoint ``(n_test, d)`` test features.
         weights: per-checkpoint weights, or None for 1.
@@ -467,7 +467,7 @@ def iter_loader_tiles(
     """
     cols_list = _col_slices(tests[0].shape[0], test_block)
     if shard and is_distributed():
-        from dattri.algorithm.feature_store import batch_plan, iter_batches
+        from dattri.algorithm.store.memmap_store import batch_plan, iter_batches
 
         sizes = batch_plan(loader)
         starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()

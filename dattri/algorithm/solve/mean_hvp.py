@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from dattri.algorithm.base import BaseInnerProductAttributor
-from dattri.algorithm.batching import batch_size_of, check_loader, iterate, move_to_device
-from dattri.algorithm.distributed import all_reduce_sum, is_distributed, shard_range
-from dattri.algorithm.feature_store import iter_batches
-from dattri.algorithm.validation import explain_batches, require_reiterable
+from dattri.algorithm.runtime.batching import batch_size_of, check_loader, iterate, move_to_device
+from dattri.algorithm.runtime.distributed import all_reduce_sum, is_distributed, shard_range
+from dattri.algorithm.runtime.validation import explain_batches, require_reiterable
+from dattri.algorithm.store.memmap_store import iter_batches
 from dattri.func.batch_utils import NonFiniteGradientError, nonfinite_rows
 from dattri.func.hvp_core import hvp_matvec, linearization_bytes
 from dattri.task import AttributionTask

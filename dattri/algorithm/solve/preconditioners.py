@@ -32,7 +32,7 @@ from dattri.func.preconditioners import (
 )
 
 if TYPE_CHECKING:
-    from dattri.algorithm.if_base import IFBase
+    from dattri.algorithm.solve.mean_hvp import IFBase
 
 __all__ = ["PRECONDITIONERS", "build_preconditioner"]
 

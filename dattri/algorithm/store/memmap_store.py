@@ -17,7 +17,7 @@ fill resumes from the recorded ranges. Opening a directory whose manifest was wr
 for other settings (checkpoint hash, projector, layers, dtype, number of samples, ...)
 raises a ``ValueError`` naming the differing fields.
 
-Reuse is checked, not trusted (:mod:`~dattri.algorithm.store_integrity`):
+Reuse is checked, not trusted (:mod:`~dattri.algorithm.store.integrity`):
 
 * every sample of every batch is fingerprinted as it is cached and compared when the
   store is reused or resumed: changed training data raise a ``ValueError`` naming
@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
-from dattri.algorithm.batching import batch_size_of, iterate
-from dattri.algorithm.distributed import barrier, is_distributed, rank_world, shard_range
-from dattri.algorithm.store_integrity import (
+from dattri.algorithm.runtime.batching import batch_size_of, iterate
+from dattri.algorithm.runtime.distributed import barrier, is_distributed, rank_world, shard_range
+from dattri.algorithm.store.integrity import (
     StoreDamagedError,
     check_npy_file,
     damaged,
@@ -355,7 +355,7 @@ class MemmapFeatureStore:
                     raise
                 error = (type(err) is StoreDamagedError, str(err))
         if is_distributed():
-            from dattri.algorithm.distributed import broadcast_object
+            from dattri.algorithm.runtime.distributed import broadcast_object
 
             error = broadcast_object(error)
         if error is not None:

@@ -82,7 +82,7 @@ class TopKAccumulator:
         if self._top is None or self._bottom is None:
             msg = "No score block was added to the top-k accumulator."
             raise RuntimeError(msg)
-        from dattri.algorithm.validation import warn_topk
+        from dattri.algorithm.runtime.validation import warn_topk
 
         if warn:
             warn_topk(self.k, self._top[0].shape[1])

@@ -2,16 +2,16 @@
 
 :class:`ScaleOptions` holds the three settings shared by TRAK and TracIn
 (``cache_dir``, ``store_dtype``, ``max_memory``); :func:`collect_features_scaled` is
-:func:`~dattri.algorithm.projected_store.collect_features` with them:
+:func:`~dattri.algorithm.features.gradients.collect_features` with them:
 
 * no option and one process: exactly ``collect_features`` (features in memory);
 * torch.distributed without ``cache_dir``: each rank featurizes its contiguous share
   of the batches, the rows are gathered in rank order (every rank holds all rows);
-* ``cache_dir``: rows go to a :class:`~dattri.algorithm.feature_store.MemmapFeatureStore`
+* ``cache_dir``: rows go to a :class:`~dattri.algorithm.store.memmap_store.MemmapFeatureStore`
   (each rank writes its share; an interrupted run resumes; a store written for other
   settings or other data is refused, rows damaged since are recomputed; a one-line
   message says when a store is reused or resumed) and are read back block by block through
-  :class:`~dattri.algorithm.feature_store.StoredRows`.
+  :class:`~dattri.algorithm.store.memmap_store.StoredRows`.
 * ``max_memory`` without ``cache_dir``: when the features would take more than half
   the budget, a temporary store directory is used (removed with the attributor).
 """
@@ -30,9 +30,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dattri.algorithm.batching import iterate, move_to_device
-from dattri.algorithm.distributed import gather_rows, is_distributed, rank_world, shard_range
-from dattri.algorithm.feature_store import (
+from dattri.algorithm.features.gradients import GradientFeaturizer
+from dattri.algorithm.runtime.batching import iterate, move_to_device
+from dattri.algorithm.runtime.distributed import (
+    gather_rows,
+    is_distributed,
+    rank_world,
+    shard_range,
+)
+from dattri.algorithm.score.tiles import parse_memory
+from dattri.algorithm.store.in_memory import ProjectedGradientStore, collect_features
+from dattri.algorithm.store.memmap_store import (
     MemmapFeatureStore,
     StoredRows,
     batch_plan,
@@ -40,12 +48,6 @@ from dattri.algorithm.feature_store import (
     iter_batches,
     parse_store_dtype,
 )
-from dattri.algorithm.projected_store import (
-    GradientFeaturizer,
-    ProjectedGradientStore,
-    collect_features,
-)
-from dattri.algorithm.scoring import parse_memory
 
 __all__ = ["ScaleOptions", "collect_features_scaled"]
 
@@ -129,7 +131,7 @@ def collect_features_scaled(
         desc: progress-bar label.
 
     Returns:
-        A :class:`~dattri.algorithm.projected_store.ProjectedGradientStore`; with a
+        A :class:`~dattri.algorithm.features.gradients.ProjectedGradientStore`; with a
         store directory its ``features`` are :class:`StoredRows`.
     """
     if not options.active:

@@ -1,0 +1,7 @@
+"""Phase 1, *featurize*: one batch -> per-sample feature rows ``(B, d)``.
+
+* :mod:`~dattri.algorithm.features.gradients`: per-sample gradients of every checkpoint,
+  randomly projected or exact (TracIn, TRAK, the influence functions);
+* :mod:`~dattri.algorithm.features.block_compress`: LoGra/FactGraSS layer-wise factored
+  projections of the per-sample gradients.
+"""
