@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
+
+from dattri.func.projection_engine import check_int
 
 PROJ_TYPES = ("identity", "normal", "rademacher", "sjlt", "random_mask", "grass")
 """Valid ``proj_type`` values (``"grass_N"`` with ``N >= 1`` is also accepted)."""
@@ -75,7 +76,7 @@ def _params_dataclass(cls: type[_T]) -> type[_T]:
 
 
 def _check_int(value: object, name: str, *, minimum: int | None = None) -> int:
-    """Validate an integer field.
+    """Validate an integer field (:func:`dattri.func.projection_engine.check_int`).
 
     Args:
         value: Field value.
@@ -84,23 +85,9 @@ def _check_int(value: object, name: str, *, minimum: int | None = None) -> int:
 
     Returns:
         The value as a Python int.
-
-    Raises:
-        TypeError: If ``value`` is not an integer (bools rejected).
-        ValueError: If ``value < minimum``.
     """
-    if isinstance(value, bool):
-        msg = f"{name} must be an int, got bool."
-        raise TypeError(msg)
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        msg = f"{name} must be an int, got {type(value).__name__}."
-        raise TypeError(msg) from None
-    if minimum is not None and as_int < minimum:
-        msg = f"{name} must be >= {minimum}, got {as_int}."
-        raise ValueError(msg)
-    return as_int
+    expected = "an int" if minimum is None else f"an int >= {minimum}"
+    return check_int(value, name, minimum=minimum, expected=expected)
 
 
 def _check_proj_type(value: object) -> str:
