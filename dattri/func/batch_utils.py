@@ -6,7 +6,8 @@ batch dimension ``B``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 __all__ = [
+    "LossPass",
     "NonFiniteGradientError",
     "batch_size",
     "chunk_bounds",
@@ -142,6 +144,61 @@ def chunk_bounds(b: int, chunk_size: int | None, verbose: bool) -> Iterator[tupl
     starts = range(0, b, chunk_size)
     for s in tqdm(starts, desc="per-sample grads", disable=not verbose):
         yield s, min(s + chunk_size, b)
+
+
+@dataclass(frozen=True)
+class LossPass:
+    """A functional loss over one batch, walked chunk by chunk.
+
+    The settings every per-sample function shares (see
+    :func:`dattri.func.per_sample_grad.per_sample_grad`), kept together so that the
+    routes and the layer-factor functions slice a batch one way.
+
+    Attributes:
+        loss_func: ``loss_func(params, sample) -> scalar``.
+        params: All parameters by name.
+        data: The batch: a Tensor or (nested) tuple/list/dict of Tensors with
+            leading dimension ``B``.
+        keep_batch_dim: Loss sample convention (see :func:`preparer`).
+        chunk_size: Max samples per chunk; ``None``: one chunk.
+        verbose: Show a progress bar over chunks.
+    """
+
+    loss_func: Callable
+    params: Mapping[str, Tensor]
+    data: Any
+    keep_batch_dim: bool = False
+    chunk_size: int | None = None
+    verbose: bool = False
+
+    def first_sample(self) -> Any:
+        """The first sample of the batch as the loss sees it.
+
+        Returns:
+            See :func:`first_sample`.
+        """
+        return first_sample(self.data, self.keep_batch_dim)
+
+    def prepare(self) -> Callable[[Any], Any]:
+        """The map of a vmapped sample to the loss convention.
+
+        Returns:
+            See :func:`preparer`.
+        """
+        return preparer(self.keep_batch_dim)
+
+    def chunks(self) -> Iterator[tuple[int, int, Any]]:
+        """Walk the batch in chunks of at most ``chunk_size`` samples.
+
+        Yields:
+            ``(start, stop, chunk)``: the chunk is ``data`` sliced to
+            ``[start:stop]`` along the batch dimension.
+
+        Raises:
+            ValueError: For an invalid batch or ``chunk_size``.
+        """
+        for s, e in chunk_bounds(batch_size(self.data), self.chunk_size, self.verbose):
+            yield s, e, tree_map(lambda t, s=s, e=e: t[s:e], self.data)
 
 
 def valid_list(names: list[str], limit: int = 30) -> str:
