@@ -6,7 +6,7 @@ batch dimension ``B``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ __all__ = [
     "LossPass",
     "NonFiniteGradientError",
     "batch_size",
+    "check_names",
     "chunk_bounds",
     "first_sample",
     "nonfinite_rows",
@@ -213,6 +214,30 @@ def valid_list(names: list[str], limit: int = 30) -> str:
     """
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def check_names(
+    names: Sequence[str], valid: Sequence[str], *, unknown: str, repeated: str | None = None
+) -> None:
+    """Check a selection of names against the allowed ones.
+
+    Args:
+        names: Selected names.
+        valid: Allowed names (in model order).
+        unknown: Message for names outside ``valid``, formatted with ``names``
+            (the unknown ones) and ``valid`` (the allowed ones, as :func:`valid_list`).
+        repeated: Message for a name selected twice, formatted with ``names``
+            (the whole selection); ``None`` lets names repeat.
+
+    Raises:
+        ValueError: For an unknown or repeated name.
+    """
+    allowed = set(valid)
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ValueError(unknown.format(names=bad, valid=valid_list(list(valid))))
+    if repeated is not None and len(set(names)) != len(names):
+        raise ValueError(repeated.format(names=list(names)))
 
 
 def nonfinite_rows(x: Tensor) -> Tensor:

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from dattri.func.batch_utils import (
     LossPass,
     batch_size,
+    check_names,
     nonfinite_rows,
     raise_nonfinite,
-    valid_list,
 )
 from dattri.func.grad_capture import capture_batch, probe
 from dattri.func.layer_grads import check_kron_shapes, kron_project, layer_kind, linear_factors
@@ -64,13 +64,13 @@ def _layer_modules(
     if not module_names:
         msg = f"No modules selected; supported layers in the model: {valid}."
         raise ValueError(msg)
-    bad = [n for n in module_names if n not in valid]
-    if bad:
-        msg = (
-            f"Module(s) {bad} are not supported layers ({', '.join(kinds)}) of the "
-            f"model; valid names are: {valid_list(valid)}."
-        )
-        raise ValueError(msg)
+    kind_list = ", ".join(kinds)
+    check_names(
+        module_names,
+        valid,
+        unknown=f"Module(s) {{names}} are not supported layers ({kind_list}) of the model; "
+        "valid names are: {valid}.",
+    )
     modules = {n: all_modules[n] for n in module_names}
     checked = {}
     for n, m in modules.items():

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 from dattri.func.batch_utils import (
     LossPass,
     batch_size,
+    check_names,
     nonfinite_rows,
     raise_nonfinite,
-    valid_list,
 )
 from dattri.func.grad_capture import as_scalar_loss, capture_batch, probe
 from dattri.func.layer_grads import factor_grads, layer_kind
@@ -80,13 +80,12 @@ def _resolve_names(params: Mapping[str, Tensor], param_names: Sequence[str] | No
             msg = f"param_names must be a list of names; wrap it: [{param_names!r}]."
             raise TypeError(msg)
         names = list(param_names)
-    unknown = [n for n in names if n not in params]
-    if unknown:
-        msg = f"Unknown parameter name(s) {unknown}; valid names are: {valid_list(list(params))}."
-        raise ValueError(msg)
-    if len(set(names)) != len(names):
-        msg = f"param_names contains duplicates: {names}."
-        raise ValueError(msg)
+    check_names(
+        names,
+        list(params),
+        unknown="Unknown parameter name(s) {names}; valid names are: {valid}.",
+        repeated="param_names contains duplicates: {names}.",
+    )
     if not names:
         msg = "No parameters selected (params or param_names is empty)."
         raise ValueError(msg)
