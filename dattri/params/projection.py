@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from dattri.func.projection_engine import check_int
+from dattri.func.projection_engine import ProjectionType, check_int, parse_proj_type
 
-PROJ_TYPES = ("identity", "normal", "rademacher", "sjlt", "random_mask", "grass")
+PROJ_TYPES = tuple(t.value for t in ProjectionType)
 """Valid ``proj_type`` values (``"grass_N"`` with ``N >= 1`` is also accepted)."""
 
 _T = TypeVar("_T")
@@ -97,23 +97,15 @@ def _check_proj_type(value: object) -> str:
         value: A string (or ``ProjectionType``) naming a projection type.
 
     Returns:
-        The type name as a plain ``str``.
+        The type name as a plain ``str`` (``"grass_N"`` kept as given).
 
     Raises:
         TypeError: If ``value`` is not a string.
-        ValueError: If ``value`` names no supported type.
+        ValueError: If ``value`` names no supported type (see
+            :func:`dattri.func.projection_engine.parse_proj_type`).
     """
-    if not isinstance(value, str):
-        msg = f"proj_type must be a str, got {type(value).__name__}."
-        raise TypeError(msg)
-    text = str(getattr(value, "value", value))
-    if text in PROJ_TYPES:
-        return text
-    suffix = text[len("grass_") :] if text.startswith("grass_") else ""
-    if suffix.isdigit() and int(suffix) >= 1:
-        return text
-    msg = f"proj_type must be one of {PROJ_TYPES} or 'grass_N' (N >= 1), got {text!r}."
-    raise ValueError(msg)
+    parse_proj_type(value)
+    return str(getattr(value, "value", value))
 
 
 @_params_dataclass
