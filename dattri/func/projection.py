@@ -71,16 +71,9 @@ class _EngineProjector(AbstractProjector):
         dtype: torch.dtype,
         **engine_options: Any,
     ) -> None:
-        """Validate the common settings and create the engine.
+        """Validate the settings (as :class:`BasicProjector`) and create the engine.
 
-        Args:
-            feature_dim: Input dimension ``p``.
-            proj_dim: Output dimension ``k``.
-            seed: Integer seed.
-            proj_type: A :class:`ProjectionType` (or its name, or ``"grass_N"``).
-            device: Device of the random matrices and of the output.
-            dtype: Minimum accumulation dtype.
-            **engine_options: Keyword options of :class:`ProjectionEngine`.
+        ``engine_options`` are the keyword options of :class:`ProjectionEngine`.
         """
         super().__init__(feature_dim, proj_dim, seed, proj_type, device)
         self.dtype = dtype
