@@ -6,7 +6,8 @@ batch dimension ``B``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,8 +15,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 __all__ = [
+    "LossPass",
     "NonFiniteGradientError",
     "batch_size",
+    "check_names",
     "chunk_bounds",
     "first_sample",
     "nonfinite_rows",
@@ -144,6 +147,61 @@ def chunk_bounds(b: int, chunk_size: int | None, verbose: bool) -> Iterator[tupl
         yield s, min(s + chunk_size, b)
 
 
+@dataclass(frozen=True)
+class LossPass:
+    """A functional loss over one batch, walked chunk by chunk.
+
+    The settings every per-sample function shares (see
+    :func:`dattri.func.per_sample_grad.per_sample_grad`), kept together so that the
+    routes and the layer-factor functions slice a batch one way.
+
+    Attributes:
+        loss_func: ``loss_func(params, sample) -> scalar``.
+        params: All parameters by name.
+        data: The batch: a Tensor or (nested) tuple/list/dict of Tensors with
+            leading dimension ``B``.
+        keep_batch_dim: Loss sample convention (see :func:`preparer`).
+        chunk_size: Max samples per chunk; ``None``: one chunk.
+        verbose: Show a progress bar over chunks.
+    """
+
+    loss_func: Callable
+    params: Mapping[str, Tensor]
+    data: Any
+    keep_batch_dim: bool = False
+    chunk_size: int | None = None
+    verbose: bool = False
+
+    def first_sample(self) -> Any:
+        """The first sample of the batch as the loss sees it.
+
+        Returns:
+            See :func:`first_sample`.
+        """
+        return first_sample(self.data, self.keep_batch_dim)
+
+    def prepare(self) -> Callable[[Any], Any]:
+        """The map of a vmapped sample to the loss convention.
+
+        Returns:
+            See :func:`preparer`.
+        """
+        return preparer(self.keep_batch_dim)
+
+    def chunks(self) -> Iterator[tuple[int, int, Any]]:
+        """Walk the batch in chunks of at most ``chunk_size`` samples.
+
+        Yields:
+            ``(start, stop, chunk)``: the chunk is ``data`` sliced to
+            ``[start:stop]`` along the batch dimension.
+
+        Raises:
+            ValueError: For an invalid batch or ``chunk_size``.
+        """
+        for s, e in chunk_bounds(batch_size(self.data), self.chunk_size, self.verbose):
+            yield s, e, tree_map(lambda t, s=s, e=e: t[s:e], self.data)
+
+
 def valid_list(names: list[str], limit: int = 30) -> str:
     """Comma-separated list of names, truncated.
 
@@ -156,6 +214,30 @@ def valid_list(names: list[str], limit: int = 30) -> str:
     """
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def check_names(
+    names: Sequence[str], valid: Sequence[str], *, unknown: str, repeated: str | None = None
+) -> None:
+    """Check a selection of names against the allowed ones.
+
+    Args:
+        names: Selected names.
+        valid: Allowed names (in model order).
+        unknown: Message for names outside ``valid``, formatted with ``names``
+            (the unknown ones) and ``valid`` (the allowed ones, as :func:`valid_list`).
+        repeated: Message for a name selected twice, formatted with ``names``
+            (the whole selection); ``None`` lets names repeat.
+
+    Raises:
+        ValueError: For an unknown or repeated name.
+    """
+    allowed = set(valid)
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ValueError(unknown.format(names=bad, valid=valid_list(list(valid))))
+    if repeated is not None and len(set(names)) != len(names):
+        raise ValueError(repeated.format(names=list(names)))
 
 
 def nonfinite_rows(x: Tensor) -> Tensor:

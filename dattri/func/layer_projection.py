@@ -15,14 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from dattri.func.batch_utils import (
+    LossPass,
     batch_size,
-    chunk_bounds,
-    first_sample,
+    check_names,
     nonfinite_rows,
-    preparer,
     raise_nonfinite,
-    tree_map,
-    valid_list,
 )
 from dattri.func.grad_capture import capture_batch, probe
 from dattri.func.layer_grads import check_kron_shapes, kron_project, layer_kind, linear_factors
@@ -67,13 +64,13 @@ def _layer_modules(
     if not module_names:
         msg = f"No modules selected; supported layers in the model: {valid}."
         raise ValueError(msg)
-    bad = [n for n in module_names if n not in valid]
-    if bad:
-        msg = (
-            f"Module(s) {bad} are not supported layers ({', '.join(kinds)}) of the "
-            f"model; valid names are: {valid_list(valid)}."
-        )
-        raise ValueError(msg)
+    kind_list = ", ".join(kinds)
+    check_names(
+        module_names,
+        valid,
+        unknown=f"Module(s) {{names}} are not supported layers ({kind_list}) of the model; "
+        "valid names are: {valid}.",
+    )
     modules = {n: all_modules[n] for n in module_names}
     checked = {}
     for n, m in modules.items():
@@ -87,27 +84,17 @@ def _layer_modules(
 
 
 def _capture_layers(
-    loss_func: Callable,
-    params: Mapping[str, Tensor],
-    data: Any,
+    job: LossPass,
     modules: dict[str, nn.Module],
     checked: dict[str, dict[str, str]],
-    keep_batch_dim: bool,
-    chunk_size: int | None,
-    verbose: bool,
     caller: str,
 ) -> Iterator[tuple[int, int, dict[str, list[tuple[Tensor, Tensor]]]]]:
     """Probe, check and capture layer factors chunk by chunk.
 
     Args:
-        loss_func: The functional loss.
-        params: All parameters.
-        data: The batch.
+        job: The loss, parameters, batch and chunking.
         modules: Layers to hook.
         checked: Their parameters in ``params``.
-        keep_batch_dim: Loss sample convention.
-        chunk_size: Max samples per chunk.
-        verbose: Progress bar.
         caller: Public function name for error messages.
 
     Yields:
@@ -116,8 +103,7 @@ def _capture_layers(
     Raises:
         ValueError: If the factor gradients disagree with autograd.
     """
-    bounds = chunk_bounds(batch_size(data), chunk_size, verbose)
-    cap = probe(loss_func, params, first_sample(data, keep_batch_dim), modules, checked)
+    cap = probe(job.loss_func, job.params, job.first_sample(), modules, checked)
     if cap.failures:
         msg = (
             f"{caller}: layer-hook gradients of {list(cap.failures)} disagree with "
@@ -127,10 +113,11 @@ def _capture_layers(
             "does not use the given params. Layer factors cannot represent that."
         )
         raise ValueError(msg)
-    prepare = preparer(keep_batch_dim)
-    for s, e in bounds:
-        chunk = tree_map(lambda t, s=s, e=e: t[s:e], data)
-        factors, _ = capture_batch(loss_func, params, chunk, e - s, modules, cap.plan, prepare)
+    prepare = job.prepare()
+    for s, e, chunk in job.chunks():
+        factors, _ = capture_batch(
+            job.loss_func, job.params, chunk, e - s, modules, cap.plan, prepare
+        )
         yield s, e, factors
 
 
@@ -198,17 +185,8 @@ def per_sample_kron_projected(
     b = batch_size(data)
     out: dict[str, Tensor] = {}
     bad: Tensor | None = None
-    for s, e, factors in _capture_layers(
-        loss_func,
-        params,
-        data,
-        modules,
-        checked,
-        keep_batch_dim,
-        chunk_size,
-        verbose,
-        "per_sample_kron_projected",
-    ):
+    job = LossPass(loss_func, params, data, keep_batch_dim, chunk_size, verbose)
+    for s, e, factors in _capture_layers(job, modules, checked, "per_sample_kron_projected"):
         for n, m in modules.items():
             res = None
             for a, ds in factors[n]:
@@ -290,17 +268,8 @@ def per_sample_layer_factors(
     b = batch_size(data)
     parts: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in modules}
     bad = torch.zeros(b, dtype=torch.bool)
-    for s, e, factors in _capture_layers(
-        loss_func,
-        params,
-        data,
-        modules,
-        checked,
-        keep_batch_dim,
-        chunk_size,
-        verbose,
-        "per_sample_layer_factors",
-    ):
+    job = LossPass(loss_func, params, data, keep_batch_dim, chunk_size, verbose)
+    for s, e, factors in _capture_layers(job, modules, checked, "per_sample_layer_factors"):
         for n, m in modules.items():
             calls = [linear_factors(m, a, ds, bias_column) for a, ds in factors[n]]
             if not calls:

@@ -32,14 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from dattri.func.batch_utils import (
+    LossPass,
     batch_size,
-    chunk_bounds,
-    first_sample,
+    check_names,
     nonfinite_rows,
-    preparer,
     raise_nonfinite,
-    tree_map,
-    valid_list,
 )
 from dattri.func.grad_capture import as_scalar_loss, capture_batch, probe
 from dattri.func.layer_grads import factor_grads, layer_kind
@@ -83,13 +80,12 @@ def _resolve_names(params: Mapping[str, Tensor], param_names: Sequence[str] | No
             msg = f"param_names must be a list of names; wrap it: [{param_names!r}]."
             raise TypeError(msg)
         names = list(param_names)
-    unknown = [n for n in names if n not in params]
-    if unknown:
-        msg = f"Unknown parameter name(s) {unknown}; valid names are: {valid_list(list(params))}."
-        raise ValueError(msg)
-    if len(set(names)) != len(names):
-        msg = f"param_names contains duplicates: {names}."
-        raise ValueError(msg)
+    check_names(
+        names,
+        list(params),
+        unknown="Unknown parameter name(s) {names}; valid names are: {valid}.",
+        repeated="param_names contains duplicates: {names}.",
+    )
     if not names:
         msg = "No parameters selected (params or param_names is empty)."
         raise ValueError(msg)
@@ -179,40 +175,27 @@ def _check_route(route: str) -> None:
 Dest = Callable[[int, int], dict[str, Tensor]]
 
 
-def _vmap_chunks(
-    loss_func: Callable,
-    params: Mapping[str, Tensor],
-    data: Any,
-    names: list[str],
-    keep_batch_dim: bool,
-    bounds: Iterator[tuple],
-    dest: Dest,
-) -> Iterator[tuple[int, int]]:
+def _vmap_chunks(job: LossPass, names: list[str], dest: Dest) -> Iterator[tuple[int, int]]:
     """Per-sample gradients by ``vmap(grad(loss))``, chunk by chunk.
 
     Args:
-        loss_func: ``loss_func(params, sample) -> scalar``.
-        params: All parameters.
-        data: The batch.
+        job: The loss, parameters, batch and chunking.
         names: Selected parameter names.
-        keep_batch_dim: Loss sample convention.
-        bounds: Chunk bounds.
         dest: ``dest(start, stop)`` gives ``{name: (stop - start, *shape)}`` views
             to write the chunk's gradients into.
 
     Yields:
         ``(start, stop)`` once the chunk is written.
     """
-    fixed = {k: v.detach() for k, v in params.items() if k not in names}
-    selected = {k: params[k].detach() for k in names}
-    prepare = preparer(keep_batch_dim)
+    fixed = {k: v.detach() for k, v in job.params.items() if k not in names}
+    selected = {k: job.params[k].detach() for k in names}
+    prepare = job.prepare()
 
     def loss_one(sel: dict[str, Tensor], sample: Any) -> Tensor:
-        return as_scalar_loss(loss_func({**fixed, **sel}, prepare(sample)))
+        return as_scalar_loss(job.loss_func({**fixed, **sel}, prepare(sample)))
 
     fn = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0), randomness="different")
-    for s, e in bounds:
-        chunk = tree_map(lambda t, s=s, e=e: t[s:e], data)
+    for s, e, chunk in job.chunks():
         grads = fn(selected, chunk)
         for n, view in dest(s, e).items():
             view.copy_(grads[n])
@@ -220,27 +203,15 @@ def _vmap_chunks(
 
 
 def _hook_chunks(
-    model: nn.Module,
-    loss_func: Callable,
-    params: Mapping[str, Tensor],
-    data: Any,
-    names: list[str],
-    keep_batch_dim: bool,
-    route: str,
-    bounds: Iterator[tuple],
-    dest: Dest,
+    model: nn.Module, job: LossPass, names: list[str], route: str, dest: Dest
 ) -> Iterator[tuple[int, int]]:
     """Per-sample gradients by layer hooks (plus per-sample copies for the rest).
 
     Args:
         model: The model whose modules the loss calls.
-        loss_func: ``loss_func(params, sample) -> scalar``.
-        params: All parameters.
-        data: The batch.
+        job: The loss, parameters, batch and chunking.
         names: Selected parameter names.
-        keep_batch_dim: Loss sample convention.
         route: ``"auto"`` or ``"hook"``.
-        bounds: Chunk bounds.
         dest: As in :func:`_vmap_chunks`.
 
     Yields:
@@ -266,9 +237,9 @@ def _hook_chunks(
         checked.setdefault(mname, {})[attr] = pname
     if checked:
         cap = probe(
-            loss_func,
-            params,
-            first_sample(data, keep_batch_dim),
+            job.loss_func,
+            job.params,
+            job.first_sample(),
             {m: modules_all[m] for m in checked},
             checked,
         )
@@ -287,17 +258,16 @@ def _hook_chunks(
             for m in cap.failures:
                 del checked[m]
     if not checked:
-        yield from _vmap_chunks(loss_func, params, data, names, keep_batch_dim, bounds, dest)
+        yield from _vmap_chunks(job, names, dest)
         return
     hooked = {p for amap in checked.values() for p in amap.values()}
     rest = [n for n in names if n not in hooked]
     modules = {m: modules_all[m] for m in checked}
     plan = {m: cap.plan[m] for m in checked}
-    prepare = preparer(keep_batch_dim)
-    for s, e in bounds:
-        chunk = tree_map(lambda t, s=s, e=e: t[s:e], data)
+    prepare = job.prepare()
+    for s, e, chunk in job.chunks():
         factors, grads = capture_batch(
-            loss_func, params, chunk, e - s, modules, plan, prepare, rest
+            job.loss_func, job.params, chunk, e - s, modules, plan, prepare, rest
         )
         views = dest(s, e)
         for n in rest:
@@ -314,40 +284,24 @@ def _hook_chunks(
 
 
 def _grad_chunks(
-    model: nn.Module,
-    loss_func: Callable,
-    params: Mapping[str, Tensor],
-    data: Any,
-    names: list[str],
-    keep_batch_dim: bool,
-    route: str,
-    chunk_size: int | None,
-    verbose: bool,
-    dest: Dest,
+    model: nn.Module, job: LossPass, names: list[str], route: str, dest: Dest
 ) -> Iterator[tuple[int, int]]:
     """Dispatch to the vmap or hook engine.
 
     Args:
         model: The model.
-        loss_func: The functional loss.
-        params: All parameters.
-        data: The batch.
+        job: The loss, parameters, batch and chunking.
         names: Selected names.
-        keep_batch_dim: Loss sample convention.
         route: ``"auto"``, ``"vmap"`` or ``"hook"``.
-        chunk_size: Max samples per chunk.
-        verbose: Progress bar.
         dest: Destination views per chunk (see :func:`_vmap_chunks`).
 
     Returns:
         Iterator of ``(start, stop)`` per written chunk.
     """
     _check_route(route)
-    bounds = chunk_bounds(batch_size(data), chunk_size, verbose)
-    args = (loss_func, params, data, names, keep_batch_dim)
     if route == "vmap" or (route == "auto" and "hook" not in grad_routes(model, names).values()):
-        return _vmap_chunks(*args, bounds, dest)
-    return _hook_chunks(model, *args, route, bounds, dest)
+        return _vmap_chunks(job, names, dest)
+    return _hook_chunks(model, job, names, route, dest)
 
 
 # ---------------------------------------------------------------------- public
@@ -437,9 +391,8 @@ def per_sample_grad(
             for i, n in enumerate(names)
         }
 
-    for s, e in _grad_chunks(
-        model, loss_func, params, data, names, keep_batch_dim, route, chunk_size, verbose, dest
-    ):
+    job = LossPass(loss_func, params, data, keep_batch_dim, chunk_size, verbose)
+    for s, e in _grad_chunks(model, job, names, route, dest):
         if check_finite:
             bad[s:e] = nonfinite_rows(out[s:e])
     raise_nonfinite(bad)
@@ -492,9 +445,8 @@ def per_sample_grad_dict(
     def dest(s: int, e: int) -> dict[str, Tensor]:
         return {n: out[n][s:e] for n in names}
 
-    for s, e in _grad_chunks(
-        model, loss_func, params, data, names, keep_batch_dim, route, chunk_size, verbose, dest
-    ):
+    job = LossPass(loss_func, params, data, keep_batch_dim, chunk_size, verbose)
+    for s, e in _grad_chunks(model, job, names, route, dest):
         for n in names:
             bad[s:e] |= nonfinite_rows(out[n][s:e].reshape(e - s, -1)).to(bad.device)
     raise_nonfinite(bad)

@@ -61,6 +61,26 @@ class _EngineProjector(AbstractProjector):
 
     engine: ProjectionEngine
 
+    def __init__(
+        self,
+        feature_dim: int,
+        proj_dim: int,
+        seed: int,
+        proj_type: ProjectionType | str,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        **engine_options: Any,
+    ) -> None:
+        """Validate the settings (as :class:`BasicProjector`) and create the engine.
+
+        ``engine_options`` are the keyword options of :class:`ProjectionEngine`.
+        """
+        super().__init__(feature_dim, proj_dim, seed, proj_type, device)
+        self.dtype = dtype
+        self.engine = ProjectionEngine(
+            feature_dim, proj_dim, proj_type, seed, device, dtype=dtype, **engine_options
+        )
+
     def project(self, features: Tensor | Mapping[str, Tensor], ensemble_id: int = 0) -> Tensor:
         """Project features.
 
@@ -126,18 +146,13 @@ class BasicProjector(_EngineProjector):
             max_batch_size: Optional cap on rows projected at once.
             verbose: Show a tqdm bar while a dense matrix is generated.
         """
-        super().__init__(feature_dim, proj_dim, seed, proj_type, device)
-        check_positive_int(block_size, "block_size")
-        self.block_size = block_size
-        self.dtype = dtype
-        self.ensemble_id = ensemble_id
-        self.engine = ProjectionEngine(
+        super().__init__(
             feature_dim,
             proj_dim,
-            proj_type,
             seed,
+            proj_type,
             device,
-            dtype=dtype,
+            dtype,
             grass_multiplier=grass_multiplier,
             sjlt_nnz=sjlt_nnz,
             max_memory_bytes=max_memory_bytes,
@@ -145,6 +160,8 @@ class BasicProjector(_EngineProjector):
             max_batch_size=max_batch_size,
             verbose=verbose,
         )
+        self.block_size = check_positive_int(block_size, "block_size")
+        self.ensemble_id = ensemble_id
 
     def project(
         self,
@@ -208,15 +225,13 @@ class CudaProjector(_EngineProjector):
                 "BasicProjector (or make_random_projector) on other devices."
             )
             raise ValueError(msg)
-        super().__init__(feature_dim, proj_dim, seed, proj_type, device)
-        self.dtype = dtype
-        self.engine = ProjectionEngine(
+        super().__init__(
             feature_dim,
             proj_dim,
-            proj_type,
             seed,
+            proj_type,
             device,
-            dtype=dtype,
+            dtype,
             grass_multiplier=grass_multiplier,
             sjlt_nnz=sjlt_nnz,
             max_memory_bytes=max_memory_bytes,

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from dattri.func.hessian_arnoldi import arnoldi_eigs
+from dattri.func.hvp_core import _regularized_matvec
 from dattri.func.projection_engine import AbstractProjector, check_positive_int
 
 _MODES = ("rev-rev", "rev-fwd")
@@ -106,36 +107,6 @@ class ArnoldiProjector(AbstractProjector):
         self.eigenvalues: Tensor | None = None
         self.eigenvectors: Tensor | None = None
 
-    def _hvp(self) -> Callable[[Tensor], Tensor]:
-        """Build ``v -> (H + λI) v / norm_constant`` on flat vectors.
-
-        Returns:
-            The operator on ``(feature_dim,)`` tensors.
-        """
-        args, idx = self.args, self.argnums
-        target = args[idx].detach()
-
-        def scalar(t: Tensor) -> Tensor:
-            return self.func(*args[:idx], t, *args[idx + 1 :])
-
-        grad_fn = torch.func.grad(scalar)
-        if self.mode == "rev-rev":
-            _, vjp_fn = torch.func.vjp(grad_fn, target)
-
-            def raw(v: Tensor) -> Tensor:
-                return vjp_fn(v.view_as(target))[0]
-
-        else:
-
-            def raw(v: Tensor) -> Tensor:
-                return torch.func.jvp(grad_fn, (target,), (v.view_as(target),))[1]
-
-        def op(v: Tensor) -> Tensor:
-            out = raw(v).reshape(-1) + self.regularization * v
-            return out / self.norm_constant
-
-        return op
-
     def get_eigenspace(self) -> tuple[Tensor, Tensor]:
         """Run Arnoldi and keep the top eigenpairs.
 
@@ -155,12 +126,12 @@ class ArnoldiProjector(AbstractProjector):
                 ``> tol**2`` (the projection would have zero columns).
         """
         target = self.args[self.argnums]
-        op = self._hvp()
+        op = _regularized_matvec(self.func, self.args, self.argnums, self.mode, self.regularization)
         steps = min(self.max_iter, self.feature_dim)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         with torch.no_grad():
             values, vectors = arnoldi_eigs(
-                lambda rows: op(rows[0]).detach().unsqueeze(0),
+                lambda rows: op(rows).detach() / self.norm_constant,
                 gen,
                 target.detach().reshape(-1),
                 steps,

@@ -84,8 +84,41 @@ def parse_proj_type(value: object) -> tuple[ProjectionType, int | None]:
         raise ValueError(msg) from None
 
 
+def check_int(
+    value: object, name: str, *, minimum: int | None = None, expected: str = "an int"
+) -> int:
+    """Validate an integer argument (bools rejected), optionally bounded below.
+
+    Args:
+        value: Value to check.
+        name: Argument name used in the error message.
+        minimum: Smallest allowed value, if any.
+        expected: What the argument must be, for the message
+            (``"{name} must be {expected}, got ..."``).
+
+    Returns:
+        ``value`` as a Python int.
+
+    Raises:
+        TypeError: If ``value`` is not an integer.
+        ValueError: If ``value < minimum``.
+    """
+    if isinstance(value, bool):
+        msg = f"{name} must be {expected}, got bool."
+        raise TypeError(msg)
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        msg = f"{name} must be {expected}, got {type(value).__name__}."
+        raise TypeError(msg) from None
+    if minimum is not None and as_int < minimum:
+        msg = f"{name} must be {expected}, got {as_int}."
+        raise ValueError(msg)
+    return as_int
+
+
 def check_positive_int(value: object, name: str) -> int:
-    """Validate that ``value`` is a positive integer (bools rejected).
+    """Validate that ``value`` is a positive integer (see :func:`check_int`).
 
     Args:
         value: Value to check.
@@ -93,50 +126,8 @@ def check_positive_int(value: object, name: str) -> int:
 
     Returns:
         ``value`` as a Python int.
-
-    Raises:
-        TypeError: If ``value`` is not an integer.
-        ValueError: If ``value < 1``.
     """
-    if isinstance(value, bool):
-        msg = f"{name} must be a positive int, got bool."
-        raise TypeError(msg)
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        msg = f"{name} must be a positive int, got {type(value).__name__}."
-        raise TypeError(msg) from None
-    if as_int < 1:
-        msg = f"{name} must be a positive int, got {as_int}."
-        raise ValueError(msg)
-    return as_int
-
-
-def _check_ensemble_id(value: object) -> int:
-    """Validate an ensemble id (a non-negative int).
-
-    Args:
-        value: Value to check.
-
-    Returns:
-        The id as a Python int.
-
-    Raises:
-        TypeError: If ``value`` is not an integer.
-        ValueError: If ``value`` is negative.
-    """
-    if isinstance(value, bool):
-        msg = "ensemble_id must be a non-negative int, got bool."
-        raise TypeError(msg)
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        msg = f"ensemble_id must be a non-negative int, got {type(value).__name__}."
-        raise TypeError(msg) from None
-    if as_int < 0:
-        msg = f"ensemble_id must be a non-negative int, got {as_int}."
-        raise ValueError(msg)
-    return as_int
+    return check_int(value, name, minimum=1, expected="a positive int")
 
 
 class AbstractProjector(ABC):
@@ -161,14 +152,7 @@ class AbstractProjector(ABC):
         """
         self.feature_dim = check_positive_int(feature_dim, "feature_dim")
         self.proj_dim = check_positive_int(proj_dim, "proj_dim")
-        if isinstance(seed, bool):
-            msg = "seed must be an int, got bool."
-            raise TypeError(msg)
-        try:
-            self.seed = operator.index(seed)
-        except TypeError:
-            msg = f"seed must be an int, got {type(seed).__name__}."
-            raise TypeError(msg) from None
+        self.seed = check_int(seed, "seed")
         self.proj_type = None if proj_type is None else parse_proj_type(proj_type)[0]
         self.device = torch.device(device)
 
@@ -488,7 +472,9 @@ class ProjectionEngine:
             with the input dtype. The projection is not differentiable (it
             runs under ``torch.no_grad``).
         """
-        ensemble_id = _check_ensemble_id(ensemble_id)
+        ensemble_id = check_int(
+            ensemble_id, "ensemble_id", minimum=0, expected="a non-negative int"
+        )
         with torch.no_grad():
             return self._project(features, ensemble_id, keep_work_dtype)
 

@@ -9,6 +9,7 @@ accumulator: :class:`DenseState` (``normal``/``rademacher``),
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections.abc import Callable
 
@@ -19,7 +20,38 @@ from tqdm import tqdm
 from dattri.func.projection_rng import scratch, select_coordinates, sjlt_block
 
 
-class DenseState:
+class _State(ABC):
+    """Randomness of one ensemble member: a ``(p, k)`` projection, held or regenerated.
+
+    Attributes:
+        key: Stream key of the member (see :mod:`dattri.func.projection_rng`).
+        feature_dim: Input dimension ``p``.
+        proj_dim: Output dimension ``k``.
+        device: Device of the random numbers.
+        nbytes: Bytes the state keeps cached.
+    """
+
+    nbytes: int
+
+    def __init__(self, key: int, feature_dim: int, proj_dim: int, device: torch.device) -> None:
+        self.key = key
+        self.feature_dim = feature_dim
+        self.proj_dim = proj_dim
+        self.device = device
+
+    @abstractmethod
+    def accumulate(self, x: Tensor, offset: int, out: Tensor, work: dict[str, Tensor]) -> None:
+        """Add the (unscaled) projection of a block of input coordinates to ``out``.
+
+        Args:
+            x: Features ``(B, n)`` for global coordinates ``[offset, offset + n)``.
+            offset: First global coordinate.
+            out: Accumulator ``(B, k)`` in the working dtype.
+            work: Scratch buffers.
+        """
+
+
+class DenseState(_State):
     """Dense ``(p, k)`` matrix of one ensemble member, partially cached."""
 
     def __init__(
@@ -36,12 +68,9 @@ class DenseState:
         gen_rows: int | None = None,
         max_bytes: int = 0,
     ) -> None:
+        super().__init__(key, feature_dim, proj_dim, device)
         self.verbose = verbose
         self.block_fn = block_fn
-        self.key = key
-        self.feature_dim = feature_dim
-        self.proj_dim = proj_dim
-        self.device = device
         self.cache_rows = cache_rows
         self.chunk_rows = chunk_rows  # rows generated per step
         # rows of the cached matrix converted per matmul (fewer, larger ops)
@@ -84,14 +113,7 @@ class DenseState:
             self.nbytes = nbytes
 
     def accumulate(self, x: Tensor, offset: int, out: Tensor, work: dict[str, Tensor]) -> None:
-        """Add ``x @ P[offset:offset + n]`` (unscaled) to ``out``.
-
-        Args:
-            x: Features ``(B, n)`` for global rows ``[offset, offset + n)``.
-            offset: First global row.
-            out: Accumulator ``(B, k)`` in the working dtype.
-            work: Scratch buffers.
-        """
+        """Add ``x @ P[offset:offset + n]`` (unscaled) to ``out`` (see :class:`_State`)."""
         if self.cache is None and self.cache_rows > 0:
             self._fill_cache(work)
         self._maybe_widen(out.dtype)
@@ -120,7 +142,7 @@ class DenseState:
             pos = stop
 
 
-class SjltState:
+class SjltState(_State):
     """Buckets and signs of a sparse JL transform of one ensemble member."""
 
     def __init__(
@@ -133,11 +155,8 @@ class SjltState:
         cache: bool,
         chunk_bytes: int,
     ) -> None:
-        self.key = key
-        self.feature_dim = feature_dim
-        self.proj_dim = proj_dim
+        super().__init__(key, feature_dim, proj_dim, device)
         self.nnz = nnz
-        self.device = device
         self.chunk_bytes = chunk_bytes
         self.buckets: Tensor | None = None
         self.signs: Tensor | None = None
@@ -145,14 +164,7 @@ class SjltState:
         self.nbytes = nnz * feature_dim * 12 if cache else 0
 
     def accumulate(self, x: Tensor, offset: int, out: Tensor, work: dict[str, Tensor]) -> None:
-        """Add the (unscaled) sparse sketch of ``x`` to ``out``.
-
-        Args:
-            x: Features ``(B, n)`` for global coordinates ``[offset, offset + n)``.
-            offset: First global coordinate.
-            out: Accumulator ``(B, k)`` in the working dtype.
-            work: Scratch buffers.
-        """
+        """Add the (unscaled) sparse sketch of ``x`` to ``out`` (see :class:`_State`)."""
         if self.cached and self.buckets is None:
             self.buckets, self.signs = sjlt_block(
                 self.key, 0, self.feature_dim, self.proj_dim, self.nnz, self.device
@@ -174,7 +186,7 @@ class SjltState:
                 out.index_add_(1, buckets[j], buf)
 
 
-class MaskState:
+class MaskState(_State):
     """Sorted random coordinate subset, optionally followed by an SJLT (GraSS)."""
 
     def __init__(
@@ -186,6 +198,8 @@ class MaskState:
         sjlt_key: int | None = None,
         proj_dim: int | None = None,
     ) -> None:
+        out_dim = mask_dim if sjlt_key is None or proj_dim is None else proj_dim
+        super().__init__(key, feature_dim, out_dim, device)
         self.selected = select_coordinates(key, feature_dim, mask_dim, device)
         self.selected_list = self.selected.tolist()
         self.buckets: Tensor | None = None
@@ -198,11 +212,7 @@ class MaskState:
     def accumulate(self, x: Tensor, offset: int, out: Tensor, work: dict[str, Tensor]) -> None:
         """Write (mask) or add (GraSS) the selected coordinates of ``x`` to ``out``.
 
-        Args:
-            x: Features ``(B, n)`` for global coordinates ``[offset, offset + n)``.
-            offset: First global coordinate.
-            out: Output ``(B, k)`` in the working dtype.
-            work: Scratch buffers (unused).
+        See :class:`_State`; ``work`` is unused.
         """
         del work
         lo = bisect_left(self.selected_list, offset)

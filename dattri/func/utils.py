@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dattri.func.batch_utils import check_names
+
 __all__ = [
     "flatten_func",
     "flatten_params",
@@ -82,17 +84,13 @@ def normalize_layer_name(
     if not names:
         msg = "layer_name is an empty list; pass None to select every parameter."
         raise ValueError(msg)
-    valid = set(valid_names)
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        msg = (
-            f"layer_name {unknown} names no trainable parameter of the model. "
-            f"Valid names: {list(valid_names)}."
-        )
-        raise ValueError(msg)
-    if len(set(names)) != len(names):
-        msg = f"layer_name {names} lists a parameter more than once."
-        raise ValueError(msg)
+    check_names(
+        names,
+        valid_names,
+        unknown="layer_name {names} names no trainable parameter of the model. "
+        "Valid names: {valid}.",
+        repeated="layer_name {names} lists a parameter more than once.",
+    )
     return names
 
 

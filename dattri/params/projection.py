@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
 
-PROJ_TYPES = ("identity", "normal", "rademacher", "sjlt", "random_mask", "grass")
+from dattri.func.projection_engine import ProjectionType, check_int, parse_proj_type
+
+PROJ_TYPES = tuple(t.value for t in ProjectionType)
 """Valid ``proj_type`` values (``"grass_N"`` with ``N >= 1`` is also accepted)."""
 
 _T = TypeVar("_T")
@@ -75,7 +76,7 @@ def _params_dataclass(cls: type[_T]) -> type[_T]:
 
 
 def _check_int(value: object, name: str, *, minimum: int | None = None) -> int:
-    """Validate an integer field.
+    """Validate an integer field (:func:`dattri.func.projection_engine.check_int`).
 
     Args:
         value: Field value.
@@ -84,23 +85,9 @@ def _check_int(value: object, name: str, *, minimum: int | None = None) -> int:
 
     Returns:
         The value as a Python int.
-
-    Raises:
-        TypeError: If ``value`` is not an integer (bools rejected).
-        ValueError: If ``value < minimum``.
     """
-    if isinstance(value, bool):
-        msg = f"{name} must be an int, got bool."
-        raise TypeError(msg)
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        msg = f"{name} must be an int, got {type(value).__name__}."
-        raise TypeError(msg) from None
-    if minimum is not None and as_int < minimum:
-        msg = f"{name} must be >= {minimum}, got {as_int}."
-        raise ValueError(msg)
-    return as_int
+    expected = "an int" if minimum is None else f"an int >= {minimum}"
+    return check_int(value, name, minimum=minimum, expected=expected)
 
 
 def _check_proj_type(value: object) -> str:
@@ -110,23 +97,15 @@ def _check_proj_type(value: object) -> str:
         value: A string (or ``ProjectionType``) naming a projection type.
 
     Returns:
-        The type name as a plain ``str``.
+        The type name as a plain ``str`` (``"grass_N"`` kept as given).
 
     Raises:
         TypeError: If ``value`` is not a string.
-        ValueError: If ``value`` names no supported type.
+        ValueError: If ``value`` names no supported type (see
+            :func:`dattri.func.projection_engine.parse_proj_type`).
     """
-    if not isinstance(value, str):
-        msg = f"proj_type must be a str, got {type(value).__name__}."
-        raise TypeError(msg)
-    text = str(getattr(value, "value", value))
-    if text in PROJ_TYPES:
-        return text
-    suffix = text[len("grass_") :] if text.startswith("grass_") else ""
-    if suffix.isdigit() and int(suffix) >= 1:
-        return text
-    msg = f"proj_type must be one of {PROJ_TYPES} or 'grass_N' (N >= 1), got {text!r}."
-    raise ValueError(msg)
+    parse_proj_type(value)
+    return str(getattr(value, "value", value))
 
 
 @_params_dataclass
