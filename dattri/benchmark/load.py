@@ -27,7 +27,6 @@ import shutil
 import urllib.error
 import urllib.request
 import warnings
-import zipfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -43,6 +42,7 @@ from dattri.benchmark.datasets.cifar import (
     loss_cifar_resnet9,
     train_cifar_resnet9,
 )
+from dattri.benchmark.datasets.download import extract_zip
 from dattri.benchmark.datasets.mnist import (
     create_lr_model,
     create_mlp_model,
@@ -190,22 +190,6 @@ SAMPLERSIZE_MAP: dict[str, tuple[int, int]] = {
 
 
 # ----------------------------------------------------------------------- downloads
-def _safe_extract_zip(archive: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    root = dest.resolve()
-    with zipfile.ZipFile(archive) as zf:
-        bad = zf.testzip()
-        if bad is not None:
-            msg = f"{archive}: member {bad!r} is corrupt; download it again (redownload=True)."
-            raise zipfile.BadZipFile(msg)
-        for name in zf.namelist():
-            target = (root / name).resolve()
-            if target != root and root not in target.parents:
-                msg = f"Refusing to extract {name!r} of {archive} outside {dest}."
-                raise ValueError(msg)
-        zf.extractall(root)
-
-
 def _fetch(url: str, dest: Path, timeout: float = 60.0) -> bool:
     """Stream ``url`` to ``dest`` (via ``dest.part``); False if the file does not exist.
 
@@ -282,7 +266,7 @@ def download_benchmark(identifier: str, path: str | os.PathLike, verbose: bool =
             )
             continue
         if unzip:
-            _safe_extract_zip(target, dest)
+            extract_zip(target, dest)
             target.unlink()
     return path
 

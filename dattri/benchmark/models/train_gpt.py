@@ -21,6 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dattri.benchmark.models._config import check_config
+
 __all__ = ["NanoGPTTrainConfig", "configure_optimizer", "nanogpt_lr", "train_gpt"]
 
 
@@ -64,14 +66,11 @@ class NanoGPTTrainConfig:
         Raises:
             ValueError: If a count or rate is out of range.
         """
-        for name in ("max_iters", "warmup_iters", "eval_iters"):
-            if int(getattr(self, name)) < 0:
-                msg = f"NanoGPTTrainConfig.{name} must be >= 0, got {getattr(self, name)}."
-                raise ValueError(msg)
-        for name in ("batch_size", "eval_interval", "lr_decay_iters"):
-            if int(getattr(self, name)) < 1:
-                msg = f"NanoGPTTrainConfig.{name} must be >= 1, got {getattr(self, name)}."
-                raise ValueError(msg)
+        check_config(
+            self,
+            nonnegative=("max_iters", "warmup_iters", "eval_iters"),
+            positive=("batch_size", "eval_interval", "lr_decay_iters"),
+        )
         if self.learning_rate <= 0 or self.min_lr < 0 or self.grad_clip < 0:
             msg = (
                 "NanoGPTTrainConfig needs learning_rate > 0, min_lr >= 0 and grad_clip >= 0; "
