@@ -294,35 +294,23 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
 
 def _setting_functions(manifest: dict[str, Any]) -> dict[str, Any]:
     """Model factory, data, target and train functions of an exported setting."""
-    from dattri.benchmark.datasets._upstream import (
-        load_state_dict_file,
-        per_example_loss,
-        train_upstream_recipe,
-    )
+    from dattri.benchmark.datasets._upstream import UpstreamRecipe
     from dattri.benchmark.settings import get_setting
 
     setting = get_setting(manifest["setting"], quick=bool(manifest.get("quick", False)))
     factory = setting.model_factory
     cfg = setting.train_config
+    recipe = UpstreamRecipe(factory, cfg.lr, cfg.momentum, cfg.weight_decay)
 
     def target_func(
         model_path: str | os.PathLike, dataloader: DataLoader, device: str = "cpu"
     ) -> torch.Tensor:
         """Per-example cross-entropy of a saved model of the exported setting."""
-        return per_example_loss(load_state_dict_file(factory(), model_path), dataloader, device)
+        return recipe.loss(model_path, dataloader, device)
 
     def train_func(dataloader: DataLoader, seed: int = 0, device: str = "cpu") -> nn.Module:
         """Train a fresh model of the exported setting with its SGD recipe on ``dataloader``."""
-        return train_upstream_recipe(
-            factory,
-            dataloader,
-            seed=seed,
-            device=device,
-            epochs=cfg.epochs,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-        )
+        return recipe.train(dataloader, seed, device, cfg.epochs)
 
     target_func.__name__ = target_func.__qualname__ = f"loss_{manifest['identifier']}"
     train_func.__name__ = train_func.__qualname__ = f"train_{manifest['identifier']}"

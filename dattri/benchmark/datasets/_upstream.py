@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -115,3 +116,52 @@ def per_example_loss(
                 nn.functional.cross_entropy(logits, labels.to(device), reduction="none").cpu()
             )
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@dataclass(frozen=True)
+class UpstreamRecipe:
+    """Upstream's SGD recipe of one ``<dataset>_<model>`` pair: its model and step sizes.
+
+    Attributes:
+        model_factory: Builds a fresh model; keyword arguments of :meth:`train`
+            and :meth:`loss` (e.g. ``num_classes``) are passed to it.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+    """
+
+    model_factory: Callable[..., nn.Module]
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def train(
+        self,
+        dataloader: DataLoader,
+        seed: int,
+        device: str | torch.device,
+        epochs: int,
+        **model_kwargs: object,
+    ) -> nn.Module:
+        """:func:`train_upstream_recipe` with this recipe (eval-mode model on ``device``)."""
+        return train_upstream_recipe(
+            lambda: self.model_factory(**model_kwargs),
+            dataloader,
+            seed=seed,
+            device=device,
+            epochs=epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+
+    def loss(
+        self,
+        model_path: str | os.PathLike,
+        dataloader: DataLoader,
+        device: str | torch.device,
+        **model_kwargs: object,
+    ) -> torch.Tensor:
+        """:func:`per_example_loss` of the model saved at ``model_path``: ``(n,)`` on CPU."""
+        model = load_state_dict_file(self.model_factory(**model_kwargs), model_path)
+        return per_example_loss(model, dataloader, device)
