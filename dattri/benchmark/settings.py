@@ -10,6 +10,7 @@ ground truth and attribution describe the same training algorithm.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,23 +173,41 @@ def _not_applicable(n_params: str) -> dict[str, str]:
     }
 
 
+#: the iHVP solver budgets of the generative settings at upstream's size
+_SEQUENCE_SOLVERS = {
+    "if-cg": {"max_iter": 20},
+    "if-lissa": {"recursion_depth": 100},
+    "if-arnoldi": {"proj_dim": 50, "max_iter": 100},
+}
+
+
 def _sequence_setting(
     *,
     n_params: str,
     train: dict,
     quick_load_data: Callable[[Path | None], Tensors],
     quick_epochs: int,
-    method_kwargs: dict,
+    method_kwargs: dict | None = None,
     **fields: object,
 ) -> Setting:
     """A generative setting at upstream's size with the shared sequence-model defaults.
 
-    SGD (momentum 0.9, the mean next-token loss, batch order seed 0), LDS on 50 half
-    subsets, damping 0.1, no self-influence pass, the not-applicable methods for
-    ``n_params`` parameters, and a ``--quick`` version (16 subsets, 2 ensemble models,
-    2 TracIn checkpoints) on ``quick_load_data``.
+    SGD (momentum 0.9, weight decay 1e-4, batches of 64 trained 8 models at a time,
+    the mean next-token loss, batch order seed 0), LDS on 50 half subsets, damping
+    0.1, no self-influence pass, the not-applicable methods for ``n_params``
+    parameters, the iHVP budgets of :data:`_SEQUENCE_SOLVERS`, and a ``--quick``
+    version (16 subsets, 2 ensemble models, 2 TracIn checkpoints) on
+    ``quick_load_data``.
     """
-    config = {"momentum": 0.9, "loss": sequence_loss, "seed": 0, **train}
+    config = {
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "batch_size": 64,
+        "model_chunk_size": 8,
+        "loss": sequence_loss,
+        "seed": 0,
+        **train,
+    }
     defaults = {
         "num_subsets": 50,
         "runs_per_subset": 2,
@@ -208,7 +227,7 @@ def _sequence_setting(
         },
         self_attribution=False,
         inapplicable=_not_applicable(n_params),
-        method_kwargs=method_kwargs,
+        method_kwargs=copy.deepcopy(_SEQUENCE_SOLVERS) if method_kwargs is None else method_kwargs,
         **{**defaults, **fields},
     )
 
@@ -225,22 +244,11 @@ _GENERATIVE = [
         model_factory=create_shakespeare_lm,
         # SGD with lr 0.1 diverges at this size (CPU probe: 6x384 model, context 64,
         # batch 16); 0.03 and 0.01 train stably
-        train={
-            "epochs": 20,
-            "lr": 0.03,
-            "weight_decay": 1e-4,
-            "batch_size": 64,
-            "model_chunk_size": 8,
-        },
+        train={"epochs": 20, "lr": 0.03},
         final_layer="gpt.lm_head",
         n_params="10.8M",
         quick_load_data=load_shakespeare_blocks(n_train=512, n_test=32, block_size=256),
         quick_epochs=20,
-        method_kwargs={
-            "if-cg": {"max_iter": 20},
-            "if-lissa": {"recursion_depth": 100},
-            "if-arnoldi": {"proj_dim": 50, "max_iter": 100},
-        },
     ),
     _sequence_setting(
         name="wikitext2-gpt2",
@@ -250,13 +258,7 @@ _GENERATIVE = [
         "(data: --download or --data-dir DIR)",
         load_data=load_wikitext2_blocks(n_train=None, n_test=None, block_size=512),
         model_factory=GPT2Factory(),
-        train={
-            "epochs": 3,
-            "lr": 1e-3,
-            "weight_decay": 1e-4,
-            "batch_size": 8,
-            "model_chunk_size": 2,
-        },
+        train={"epochs": 3, "lr": 1e-3, "batch_size": 8, "model_chunk_size": 2},
         final_layer="lm.lm_head",
         # pretrained initialisation + the shared batch order make every run of a
         # subset the same model: one run per subset, more subsets instead
@@ -282,22 +284,11 @@ _GENERATIVE = [
         load_data=load_maestro_windows(n_train=5000, n_test=178, block_size=256),
         model_factory=create_music_lm,
         # lr probed on CPU only for stability (6x512 model, context 64, batch 16)
-        train={
-            "epochs": 10,
-            "lr": 0.03,
-            "weight_decay": 1e-4,
-            "batch_size": 64,
-            "model_chunk_size": 8,
-        },
+        train={"epochs": 10, "lr": 0.03},
         final_layer="lm.Wout",
         n_params="13.1M",
         quick_load_data=load_maestro_windows(n_train=512, n_test=32, block_size=256),
         quick_epochs=5,
-        method_kwargs={
-            "if-cg": {"max_iter": 20},
-            "if-lissa": {"recursion_depth": 100},
-            "if-arnoldi": {"proj_dim": 50, "max_iter": 100},
-        },
     ),
 ]
 
