@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dattri.benchmark.models._rng import seeded_rng
 from dattri.benchmark.models.train import train_classifier
 
 
@@ -52,8 +53,7 @@ def train_upstream_recipe(
     Returns:
         The trained model in eval mode, on ``device``.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with seeded_rng(int(seed)):
         model = model_factory()
     return train_classifier(
         model,

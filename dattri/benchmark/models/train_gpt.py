@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dattri.benchmark.models._config import check_config
+from dattri.benchmark.models._rng import seeded_rng
 
 __all__ = ["NanoGPTTrainConfig", "configure_optimizer", "nanogpt_lr", "train_gpt"]
 
@@ -180,13 +181,9 @@ def train_gpt(
     device = torch.device(device)
     model.to(device)
     optimizer = configure_optimizer(model, config)
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     best_val, best_iter, best_state = None, 0, None
     recent: deque[torch.Tensor] = deque(maxlen=config.eval_interval)  # no per-step sync
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         model.train()
         batches = _cycle(train_loader)
         bar = tqdm(range(config.max_iters), desc="train gpt", disable=not verbose)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dattri.benchmark.models._rng import seeded_rng
 from dattri.benchmark.models.music_transformer import (
     TOKEN_PAD,
     MusicTransformer,
@@ -92,13 +93,6 @@ def _load_model(model_path: str | os.PathLike, device: str) -> MusicTransformer:
     return model.eval()
 
 
-def _rng_devices(device: str | torch.device) -> list[int]:
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return []
-    return [dev.index if dev.index is not None else torch.cuda.current_device()]
-
-
 def _xy(batch: Any, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(batch, tuple | list) or len(batch) != 2:
         msg = "MAESTRO batches must be (x, tgt) pairs of (batch, seq) token ids."
@@ -144,8 +138,7 @@ def train_maestro_musictransformer(
     if num_epoch < 0:
         msg = f"`num_epoch` must be >= 0, got {num_epoch}."
         raise ValueError(msg)
-    with torch.random.fork_rng(devices=_rng_devices(device)):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         model = create_musictransformer_model(device, config=config)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPSILON)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from dattri.benchmark.models._rng import seeded_rng
 from dattri.benchmark.models.gpt import GPT, GPTConfig
 from dattri.benchmark.models.train_gpt import NanoGPTTrainConfig, train_gpt
 
@@ -87,8 +88,7 @@ def train_shakespeare_nanogpt(
     """
     base = NanoGPTTrainConfig() if train_config is None else train_config
     config = NanoGPTTrainConfig(**{**base.as_dict(), "max_iters": max_iters})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         model = create_nanogpt_model(vocab_size, **(model_config or {}))
     model, _ = train_gpt(model, dataloader, config, val_dataloader, seed, device, verbose)
     return model

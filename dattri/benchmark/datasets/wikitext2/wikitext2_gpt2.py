@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dattri.benchmark.datasets.wikitext2.data import import_transformers
+from dattri.benchmark.models._rng import seeded_rng
 
 __all__ = [
     "GPT2_MODEL",
@@ -121,12 +122,7 @@ def train_wikitext2_gpt2(
     if epoch_num < 0:
         msg = f"`epoch_num` must be >= 0, got {epoch_num}."
         raise ValueError(msg)
-    dev = torch.device(device)
-    devices = []
-    if dev.type == "cuda":
-        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         model = create_gpt2_model(config=config).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         total = max(epoch_num * len(dataloader), 1)
