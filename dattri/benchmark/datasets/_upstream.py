@@ -10,9 +10,10 @@ so there is one trainer and one evaluation loop in the package.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,14 +109,30 @@ def per_example_loss(
         ``(n,)`` float tensor on CPU, in loader order.
     """
     model.eval().to(device)
-    out = []
+
+    def losses(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, labels = batch
+        logits = model(inputs.to(device))
+        return nn.functional.cross_entropy(logits, labels.to(device), reduction="none")
+
+    return per_batch_values(dataloader, losses)
+
+
+def per_batch_values(
+    dataloader: Iterable[Any], batch_values: Callable[[Any], torch.Tensor]
+) -> torch.Tensor:
+    """``batch_values`` of every batch, without gradients, concatenated on the CPU.
+
+    Args:
+        dataloader: The batches.
+        batch_values: Maps a batch to a ``(b,)`` tensor (one value per sample).
+
+    Returns:
+        ``(n,)`` tensor on the CPU in loader order (empty for an empty loader).
+    """
     with torch.no_grad():
-        for inputs, labels in dataloader:
-            logits = model(inputs.to(device))
-            out.append(
-                nn.functional.cross_entropy(logits, labels.to(device), reduction="none").cpu()
-            )
-    return torch.cat(out) if out else torch.zeros(0)
+        values = [batch_values(batch).cpu() for batch in dataloader]
+    return torch.cat(values) if values else torch.zeros(0)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dattri.benchmark.datasets._upstream import per_batch_values
 from dattri.benchmark.models._rng import seeded_rng
 from dattri.benchmark.models.music_transformer import (
     TOKEN_PAD,
@@ -176,13 +177,10 @@ def loss_maestro_musictransformer(
         float tensor ``(n_samples,)`` on the CPU, in loader order.
     """
     model = _load_model(model_path, device)
-    values = []
-    with torch.no_grad():
-        for batch in dataloader:
-            x, tgt = _xy(batch, device)
-            last = model(x)[:, -1, :]
-            ce = F.cross_entropy(last, tgt[:, -1], ignore_index=TOKEN_PAD, reduction="none")
-            values.append((-ce).cpu())
-    if not values:
-        return torch.zeros(0)
-    return torch.cat(values)
+
+    def last_event_log_likelihood(batch: Any) -> torch.Tensor:
+        x, tgt = _xy(batch, device)
+        last = model(x)[:, -1, :]
+        return -F.cross_entropy(last, tgt[:, -1], ignore_index=TOKEN_PAD, reduction="none")
+
+    return per_batch_values(dataloader, last_event_log_likelihood)

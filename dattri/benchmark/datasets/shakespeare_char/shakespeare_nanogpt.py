@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from dattri.benchmark.datasets._upstream import per_batch_values
 from dattri.benchmark.models._rng import seeded_rng
 from dattri.benchmark.models.gpt import GPT, GPTConfig
 from dattri.benchmark.models.train_gpt import NanoGPTTrainConfig, train_gpt
@@ -188,12 +189,12 @@ def loss_shakespeare_nanogpt(
         ``-1`` are left out of each mean).
     """
     model = load_nanogpt_checkpoint(model_path, device)
-    values = []
-    with torch.no_grad():
-        for x, y in dataloader:
-            logits, _ = model(x.to(device))
-            y = y.to(device)
-            ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none")
-            counts = (y != -1).sum(dim=1).clamp_min(1)
-            values.append((ce.sum(dim=1) / counts).cpu())
-    return torch.cat(values) if values else torch.zeros(0)
+
+    def mean_next_char_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits, _ = model(x.to(device))
+        y = y.to(device)
+        ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none")
+        return ce.sum(dim=1) / (y != -1).sum(dim=1).clamp_min(1)
+
+    return per_batch_values(dataloader, mean_next_char_loss)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dattri.benchmark.datasets._upstream import per_batch_values
 from dattri.benchmark.datasets.wikitext2.data import import_transformers
 from dattri.benchmark.models._rng import seeded_rng
 
@@ -209,11 +210,10 @@ def loss_wikitext2_gpt2(
     model = create_gpt2_model(config=config or _config_from_state(state)).to(device)
     model.load_state_dict(state)
     model.eval()
-    values = []
-    with torch.no_grad():
-        for batch in dataloader:
-            batch = _to(batch, device)
-            labels = batch.pop("labels", batch["input_ids"])
-            logits = model(**batch).logits
-            values.append(per_example_lm_loss(logits, labels).cpu())
-    return torch.cat(values) if values else torch.zeros(0)
+
+    def block_losses(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = _to(batch, device)
+        labels = batch.pop("labels", batch["input_ids"])
+        return per_example_lm_loss(model(**batch).logits, labels)
+
+    return per_batch_values(dataloader, block_losses)
