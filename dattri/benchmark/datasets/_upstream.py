@@ -69,6 +69,34 @@ def train_upstream_recipe(
     )
 
 
+def load_weights(
+    path: str | os.PathLike,
+    what: str,
+    map_location: str | torch.device = "cpu",
+    *,
+    arg: str = "model_path",
+) -> Any:
+    """``torch.load(path, weights_only=True)`` of a checkpoint file that must exist.
+
+    Args:
+        path: The file.
+        what: What the caller should pass instead (for the error message).
+        map_location: Where the tensors are loaded.
+        arg: The caller's name of the ``path`` argument (for the error message).
+
+    Returns:
+        The loaded object (a state dict or a checkpoint dict).
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a file.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        msg = f"`{arg}`: no checkpoint at {file}; pass {what}."
+        raise FileNotFoundError(msg)
+    return torch.load(file, map_location=map_location, weights_only=True)
+
+
 def load_state_dict_file(model: nn.Module, model_path: str | os.PathLike) -> nn.Module:
     """Load a state_dict saved with ``torch.save`` into ``model`` (eval mode).
 
@@ -82,11 +110,7 @@ def load_state_dict_file(model: nn.Module, model_path: str | os.PathLike) -> nn.
     Raises:
         FileNotFoundError: If ``model_path`` does not exist.
     """
-    path = Path(model_path).expanduser()
-    if not path.is_file():
-        msg = f"No checkpoint at {path}; pass the path of a saved state_dict."
-        raise FileNotFoundError(msg)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(model_path, "the path of a saved state_dict")
     if isinstance(state, nn.Module):  # pragma: no cover - weights_only refuses modules
         state = state.state_dict()
     model.load_state_dict(state)

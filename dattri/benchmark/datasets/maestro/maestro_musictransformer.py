@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dattri.benchmark.datasets._upstream import per_batch_values
+from dattri.benchmark.datasets._upstream import load_weights, per_batch_values
 from dattri.benchmark.models._rng import seeded_rng
 from dattri.benchmark.models.music_transformer import (
     TOKEN_PAD,
@@ -82,10 +82,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> MusicTransfor
 
 def _load_model(model_path: str | os.PathLike, device: str) -> MusicTransformer:
     path = Path(model_path)
-    if not path.is_file():
-        msg = f"`model_path` {path} does not exist; pass a saved Music Transformer state dict."
-        raise FileNotFoundError(msg)
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = load_weights(path, "a saved Music Transformer state dict", device)
     if not isinstance(state, dict) or "embedding.weight" not in state:
         msg = f"{path} is not a Music Transformer state dict (no 'embedding.weight')."
         raise ValueError(msg)

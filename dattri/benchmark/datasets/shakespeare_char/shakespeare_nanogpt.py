@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dattri.benchmark.datasets._upstream import per_batch_values
+from dattri.benchmark.datasets._upstream import load_weights, per_batch_values
 from dattri.benchmark.models._rng import seeded_rng
 from dattri.benchmark.models.gpt import GPT, GPTConfig
 from dattri.benchmark.models.train_gpt import NanoGPTTrainConfig, train_gpt
@@ -137,10 +137,7 @@ def load_nanogpt_checkpoint(
         ValueError: If the file is not a GPT checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        msg = f"{path} does not exist; pass a nanoGPT checkpoint or GPT state dict."
-        raise FileNotFoundError(msg)
-    blob = torch.load(path, map_location=device, weights_only=True)
+    blob = load_weights(path, "a nanoGPT checkpoint or GPT state dict", device, arg="path")
     state = blob.get("model", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         msg = f"{path} holds no GPT state dict."

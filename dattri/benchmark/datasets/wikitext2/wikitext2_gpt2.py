@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dattri.benchmark.datasets._upstream import per_batch_values
+from dattri.benchmark.datasets._upstream import load_weights, per_batch_values
 from dattri.benchmark.datasets.wikitext2.data import import_transformers
 from dattri.benchmark.models._rng import seeded_rng
 
@@ -202,11 +201,7 @@ def loss_wikitext2_gpt2(
     Raises:
         FileNotFoundError: If ``model_path`` does not exist.
     """
-    path = Path(model_path)
-    if not path.is_file():
-        msg = f"`model_path` {path} does not exist; pass a saved GPT-2 state dict."
-        raise FileNotFoundError(msg)
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = load_weights(model_path, "a saved GPT-2 state dict", device)
     model = create_gpt2_model(config=config or _config_from_state(state)).to(device)
     model.load_state_dict(state)
     model.eval()
