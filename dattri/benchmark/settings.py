@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from dattri.benchmark.corpus_lm import create_corpus_lm, load_corpus, sequence_loss
 from dattri.benchmark.datasets.digits import load_digits_dataset
@@ -113,17 +114,21 @@ def _digits(n_train: int, n_test: int) -> Callable[[Path | None], Tensors]:
     return load
 
 
+def _first(train: Dataset, test: Dataset, n_train: int, n_test: int, flatten: bool) -> Tensors:
+    """``(x_train, y_train, x_test, y_test)`` of the first samples of each split."""
+    xs = []
+    for ds, n in ((train, n_train), (test, n_test)):
+        x = torch.stack([ds[i][0] for i in range(n)])
+        y = torch.tensor([int(ds[i][1]) for i in range(n)])
+        xs += [x.reshape(n, -1) if flatten else x, y]
+    return tuple(xs)  # type: ignore[return-value]
+
+
 def _mnist(n_train: int, n_test: int, flatten: bool = True) -> Callable[[Path | None], Tensors]:
     def load(data_dir: Path | None, download: bool = False) -> Tensors:
         from dattri.benchmark.datasets.mnist import create_mnist_dataset
 
-        train, test = create_mnist_dataset(data_dir, download=download)
-        xs = []
-        for ds, n in ((train, n_train), (test, n_test)):
-            x = torch.stack([ds[i][0] for i in range(n)])
-            y = torch.tensor([int(ds[i][1]) for i in range(n)])
-            xs += [x.reshape(n, -1) if flatten else x, y]
-        return tuple(xs)  # type: ignore[return-value]
+        return _first(*create_mnist_dataset(data_dir, download=download), n_train, n_test, flatten)
 
     return load
 
@@ -132,14 +137,7 @@ def _cifar2(n_train: int, n_test: int) -> Callable[[Path | None], Tensors]:
     def load(data_dir: Path | None, download: bool = False) -> Tensors:
         from dattri.benchmark.datasets.cifar import create_cifar2_dataset
 
-        train, test = create_cifar2_dataset(data_dir, download=download)
-        xs = []
-        for ds, n in ((train, n_train), (test, n_test)):
-            xs += [
-                torch.stack([ds[i][0] for i in range(n)]),
-                torch.tensor([int(ds[i][1]) for i in range(n)]),
-            ]
-        return tuple(xs)  # type: ignore[return-value]
+        return _first(*create_cifar2_dataset(data_dir, download=download), n_train, n_test, False)
 
     return load
 
@@ -158,6 +156,31 @@ _QUICK_DIGITS = {
     "loo_size": 20,
     "train_config": {"epochs": 200},
 }
+
+#: the digits models: factory, final layer and default (full-batch) recipe
+_DIGITS_MODELS: dict[str, tuple[Callable[[], nn.Module], str, SubsetTrainConfig]] = {
+    "lr": (lambda: create_lr_model("digits"), "linear", _LR_TRAIN),
+    "mlp": (lambda: create_mlp_model("digits", hidden=(64,)), "fc2", _MLP_TRAIN),
+}
+
+
+def _digits_setting(model: str, **fields: object) -> Setting:
+    """A setting on digits (1000 train / 200 test) with the digits ``model``.
+
+    Defaults: the model's factory, final layer and recipe from
+    :data:`_DIGITS_MODELS`, damping 1e-2 and the :data:`_QUICK_DIGITS` quick
+    version; ``fields`` override them.
+    """
+    factory, final_layer, train_config = _DIGITS_MODELS[model]
+    defaults = {
+        "load_data": _digits(1000, 200),
+        "model_factory": factory,
+        "train_config": train_config,
+        "final_layer": final_layer,
+        "ihvp_damping": 1e-2,
+        "quick": _QUICK_DIGITS,
+    }
+    return Setting(**{**defaults, **fields})
 
 
 def _not_applicable(n_params: str) -> dict[str, str]:
@@ -295,52 +318,34 @@ _GENERATIVE = [
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
-        Setting(
+        _digits_setting(
+            "lr",
             name="digits-lr",
             description="scikit-learn digits (1000 train / 200 test), L2 logistic regression",
-            load_data=_digits(1000, 200),
-            model_factory=lambda: create_lr_model("digits"),
-            train_config=_LR_TRAIN,
-            final_layer="linear",
             loo=True,
             loo_size=200,
-            ihvp_damping=1e-2,
-            quick=_QUICK_DIGITS,
         ),
-        Setting(
+        _digits_setting(
+            "mlp",
             name="digits-mlp",
             description="scikit-learn digits (1000 train / 200 test), MLP 64-64-10",
-            load_data=_digits(1000, 200),
-            model_factory=lambda: create_mlp_model("digits", hidden=(64,)),
-            train_config=_MLP_TRAIN,
-            final_layer="fc2",
-            ihvp_damping=1e-2,
-            quick=_QUICK_DIGITS,
         ),
-        Setting(
+        _digits_setting(
+            "mlp",
             name="digits-mlp-sgd",
             description="digits MLP 64-64-10 trained by minibatch SGD for 10 epochs "
             "(batch 64, lr 0.02; not converged: the IF assumption does not hold)",
-            load_data=_digits(1000, 200),
-            model_factory=lambda: create_mlp_model("digits", hidden=(64,)),
             train_config=SubsetTrainConfig(
                 epochs=10, lr=0.02, momentum=0.9, weight_decay=1e-3, batch_size=64, seed=0
             ),
-            final_layer="fc2",
-            ihvp_damping=1e-2,
             quick={**_QUICK_DIGITS, "train_config": {"epochs": 4}},
         ),
-        Setting(
+        _digits_setting(
+            "lr",
             name="digits-lr-noisy",
             description="digits LR with 10% flipped training labels (noisy-label AUC)",
-            load_data=_digits(1000, 200),
-            model_factory=lambda: create_lr_model("digits"),
-            train_config=_LR_TRAIN,
-            final_layer="linear",
             noise_ratio=0.1,
             num_subsets=20,
-            ihvp_damping=1e-2,
-            quick=_QUICK_DIGITS,
         ),
         Setting(
             name="mnist-lr",
