@@ -18,7 +18,7 @@ import argparse
 import pickle
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["main"]
@@ -266,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.protocol is not None or args.drop_fractions is not None:
         return _run_protocol(args, setting, prepared, verbose)
 
-    from dattri.benchmark.run import format_table, run_benchmark, run_metadata, save_results
+    from dattri.benchmark.run import format_table, run_benchmark, save_results
 
     try:  # the methods' own errors are caught per method; these are ground-truth files
         reports = run_benchmark(prepared, args.methods, device=args.device, verbose=verbose)
@@ -274,25 +274,62 @@ def _run(args: argparse.Namespace) -> int:
         return _damaged(args, setting, exc)
     name = setting.name + (" (quick)" if args.quick else "")
     print(format_table(name, reports), flush=True)
-    failed = [r.method for r in reports if r.failed]
-    if not args.no_save:
-        stem = setting.name + ("-quick" if args.quick else "")
-        out = args.out if args.out is not None else _default_out(stem)
-        meta = run_metadata(
-            command="dattri-bench " + " ".join(args.argv),
-            setting=setting.name,
-            quick=args.quick,
-            device=args.device,
-            **_sizes(prepared),
-        )
-        try:
-            files = save_results(out, stem, name, reports, meta)
-        except OSError as exc:
-            _error(f"could not save the results in {out}: {exc}")
-            return 1
+
+    def write(out: Path, stem: str, meta: dict) -> list[Path]:
+        files = save_results(out, stem, name, reports, meta)
         if not any(f.suffix == ".png" for f in files):
             _note("plots skipped: matplotlib is not installed (pip install 'dattri[bench]')")
-        _note(f"results saved in {out}/ ({', '.join(f.name for f in files)})")
+        return files
+
+    if not _save(args, setting, "", write, **_sizes(prepared)):
+        return 1
+    return _exit_code(reports)
+
+
+def _save(
+    args: argparse.Namespace,
+    setting: object,
+    suffix: str,
+    write: Callable[[Path, str, dict], list[Path]],
+    **extra: object,
+) -> bool:
+    """Write a run's results with its metadata (unless ``--no-save``).
+
+    Args:
+        args: The parsed command line.
+        setting: The benchmark setting that was run.
+        suffix: Appended to the file stem ``<setting>[-quick]``.
+        write: ``write(out_dir, stem, meta)`` writes the files and returns them.
+        **extra: More metadata fields.
+
+    Returns:
+        False (after printing the error) if the files could not be written.
+    """
+    if args.no_save:
+        return True
+    from dattri.benchmark.run import run_metadata
+
+    stem = setting.name + ("-quick" if args.quick else "") + suffix
+    out = args.out if args.out is not None else _default_out(stem)
+    meta = run_metadata(
+        command="dattri-bench " + " ".join(args.argv),
+        setting=setting.name,
+        quick=args.quick,
+        device=args.device,
+        **extra,
+    )
+    try:
+        files = write(out, stem, meta)
+    except OSError as exc:
+        _error(f"could not save the results in {out}: {exc}")
+        return False
+    _note(f"results saved in {out}/ ({', '.join(f.name for f in files)})")
+    return True
+
+
+def _exit_code(reports: Sequence) -> int:
+    """1 (after naming the failed methods) if a method failed, else 0."""
+    failed = [r.method for r in reports if r.failed]
     if failed:
         _error(f"{len(failed)} of {len(reports)} method(s) failed: {', '.join(failed)}")
         return 1
@@ -331,7 +368,7 @@ def _run_protocol(
     """``run --protocol/--drop-fractions``: LDS per removal fraction (benchmark.protocols)."""
     from dattri.benchmark.methods import METHODS
     from dattri.benchmark.protocols import evaluate_protocol, format_fraction_table
-    from dattri.benchmark.run import run_metadata, write_json
+    from dattri.benchmark.run import write_json
 
     protocol = args.protocol or "default"
     fractions = args.drop_fractions or [0.5]
@@ -339,29 +376,14 @@ def _run_protocol(
     reports = evaluate_protocol(prepared, methods, protocol, fractions, args.device, verbose)
     name = setting.name + (" (quick)" if args.quick else "")
     print(format_fraction_table(name, reports, fractions, protocol), flush=True)
-    if not args.no_save:
-        stem = f"{setting.name}{'-quick' if args.quick else ''}-{protocol}"
-        out = args.out if args.out is not None else _default_out(stem)
-        meta = run_metadata(
-            command="dattri-bench " + " ".join(args.argv),
-            setting=setting.name,
-            quick=args.quick,
-            device=args.device,
-            protocol=protocol,
-            drop_fractions=fractions,
-        )
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / f"{stem}.json", name, reports, meta)
-        except OSError as exc:
-            _error(f"could not save the results in {out}: {exc}")
-            return 1
-        _note(f"results saved in {out}/ ({stem}.json)")
-    failed = [r.method for r in reports if r.failed]
-    if failed:
-        _error(f"{len(failed)} of {len(reports)} method(s) failed: {', '.join(failed)}")
-        return 1
-    return 0
+
+    def write(out: Path, stem: str, meta: dict) -> list[Path]:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / f"{stem}.json", name, reports, meta)
+        return [out / f"{stem}.json"]
+
+    saved = _save(args, setting, f"-{protocol}", write, protocol=protocol, drop_fractions=fractions)
+    return _exit_code(reports) if saved else 1
 
 
 if __name__ == "__main__":

@@ -57,6 +57,42 @@ class CharLM(nn.Module):
                 parent, _, attr = name.rpartition(".")
                 setattr(self.gpt.get_submodule(parent), attr, nn.Identity())
 
+    @classmethod
+    def untied(
+        cls,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        bias: bool = True,
+    ) -> CharLM:
+        """A model of these sizes with dropout 0 and an output head untied from the embedding.
+
+        Args:
+            vocab_size: token ids.
+            block_size: context length.
+            n_layer: transformer blocks.
+            n_head: attention heads.
+            n_embd: width.
+            bias: biases in Linear and LayerNorm layers.
+
+        Returns:
+            The :class:`CharLM`.
+        """
+        return cls(
+            GPTConfig(
+                vocab_size=vocab_size,
+                block_size=block_size,
+                n_layer=n_layer,
+                n_head=n_head,
+                n_embd=n_embd,
+                dropout=0.0,
+                bias=bias,
+                tie_weights=False,
+            )
+        )
+
     def forward(self, idx: Tensor) -> Tensor:
         """Logits ``(B, V, T)`` of token ids ``(B, T)``."""
         logits, _ = self.gpt(idx)
@@ -85,16 +121,7 @@ def create_corpus_lm(
         A :class:`CharLM` with context :data:`CORPUS_BLOCK`, untied head, biases.
     """
     vocab = len(set(default_corpus())) if vocab_size is None else vocab_size
-    cfg = GPTConfig(
-        vocab_size=vocab,
-        block_size=CORPUS_BLOCK,
-        n_layer=n_layer,
-        n_head=n_head,
-        n_embd=n_embd,
-        dropout=0.0,
-        tie_weights=False,
-    )
-    return CharLM(cfg)
+    return CharLM.untied(vocab, CORPUS_BLOCK, n_layer, n_head, n_embd)
 
 
 def corpus_blocks(

@@ -33,7 +33,6 @@ from torch import Tensor, nn
 
 from dattri.benchmark.corpus_lm import CharLM
 from dattri.benchmark.datasets.download import get_dataset_dir
-from dattri.benchmark.models.gpt import GPTConfig
 from dattri.benchmark.models.music_transformer import (
     MUSIC_VOCAB_SIZE,
     MusicTransformer,
@@ -133,17 +132,7 @@ def create_shakespeare_lm(
     Returns:
         A :class:`~dattri.benchmark.corpus_lm.CharLM`.
     """
-    cfg = GPTConfig(
-        vocab_size=vocab_size,
-        block_size=block_size,
-        n_layer=n_layer,
-        n_head=n_head,
-        n_embd=n_embd,
-        dropout=0.0,
-        bias=bias,
-        tie_weights=False,
-    )
-    return CharLM(cfg)
+    return CharLM.untied(vocab_size, block_size, n_layer, n_head, n_embd, bias=bias)
 
 
 def _no_ignored_targets(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,6 @@ import shutil
 import urllib.error
 import urllib.request
 import warnings
-import zipfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -43,6 +42,7 @@ from dattri.benchmark.datasets.cifar import (
     loss_cifar_resnet9,
     train_cifar_resnet9,
 )
+from dattri.benchmark.datasets.download import extract_zip
 from dattri.benchmark.datasets.mnist import (
     create_lr_model,
     create_mlp_model,
@@ -190,22 +190,6 @@ SAMPLERSIZE_MAP: dict[str, tuple[int, int]] = {
 
 
 # ----------------------------------------------------------------------- downloads
-def _safe_extract_zip(archive: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    root = dest.resolve()
-    with zipfile.ZipFile(archive) as zf:
-        bad = zf.testzip()
-        if bad is not None:
-            msg = f"{archive}: member {bad!r} is corrupt; download it again (redownload=True)."
-            raise zipfile.BadZipFile(msg)
-        for name in zf.namelist():
-            target = (root / name).resolve()
-            if target != root and root not in target.parents:
-                msg = f"Refusing to extract {name!r} of {archive} outside {dest}."
-                raise ValueError(msg)
-        zf.extractall(root)
-
-
 def _fetch(url: str, dest: Path, timeout: float = 60.0) -> bool:
     """Stream ``url`` to ``dest`` (via ``dest.part``); False if the file does not exist.
 
@@ -282,7 +266,7 @@ def download_benchmark(identifier: str, path: str | os.PathLike, verbose: bool =
             )
             continue
         if unzip:
-            _safe_extract_zip(target, dest)
+            extract_zip(target, dest)
             target.unlink()
     return path
 
@@ -310,35 +294,23 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
 
 def _setting_functions(manifest: dict[str, Any]) -> dict[str, Any]:
     """Model factory, data, target and train functions of an exported setting."""
-    from dattri.benchmark.datasets._upstream import (
-        load_state_dict_file,
-        per_example_loss,
-        train_upstream_recipe,
-    )
+    from dattri.benchmark.datasets._upstream import UpstreamRecipe
     from dattri.benchmark.settings import get_setting
 
     setting = get_setting(manifest["setting"], quick=bool(manifest.get("quick", False)))
     factory = setting.model_factory
     cfg = setting.train_config
+    recipe = UpstreamRecipe(factory, cfg.lr, cfg.momentum, cfg.weight_decay)
 
     def target_func(
         model_path: str | os.PathLike, dataloader: DataLoader, device: str = "cpu"
     ) -> torch.Tensor:
         """Per-example cross-entropy of a saved model of the exported setting."""
-        return per_example_loss(load_state_dict_file(factory(), model_path), dataloader, device)
+        return recipe.loss(model_path, dataloader, device)
 
     def train_func(dataloader: DataLoader, seed: int = 0, device: str = "cpu") -> nn.Module:
         """Train a fresh model of the exported setting with its SGD recipe on ``dataloader``."""
-        return train_upstream_recipe(
-            factory,
-            dataloader,
-            seed=seed,
-            device=device,
-            epochs=cfg.epochs,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-        )
+        return recipe.train(dataloader, seed, device, cfg.epochs)
 
     target_func.__name__ = target_func.__qualname__ = f"loss_{manifest['identifier']}"
     train_func.__name__ = train_func.__qualname__ = f"train_{manifest['identifier']}"

@@ -55,37 +55,34 @@ def _loss_if(model: nn.Module) -> Callable:
     return loss
 
 
-def _loss_sample(model: nn.Module) -> Callable:
-    def loss(params: dict, data: tuple) -> Tensor:
-        x, y = data
-        out = functional_call(model, params, (x.unsqueeze(0),))
-        return nn.functional.cross_entropy(out, y.unsqueeze(0))
+def _log_prob_sample(model: nn.Module, of_logp: Callable[[Tensor], Tensor]) -> Callable:
+    """``f(params, (x, y)) = of_logp(log p(y | x))`` for one unbatched sample."""
 
-    return loss
+    def f(params: dict, data: tuple) -> Tensor:
+        x, y = data
+        logp = -nn.functional.cross_entropy(
+            functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0)
+        )
+        return of_logp(logp)
+
+    return f
+
+
+def _loss_sample(model: nn.Module) -> Callable:
+    """The cross-entropy ``-log p`` of one sample."""
+    return _log_prob_sample(model, torch.neg)
 
 
 def _margin_sample(model: nn.Module) -> Callable:
     """TRAK's model output: the log-odds ``log p - log(1 - p)`` of the correct class."""
-
-    def margin(params: dict, data: tuple) -> Tensor:
-        x, y = data
-        logp = -nn.functional.cross_entropy(
-            functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0)
-        )
-        return logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
-
-    return margin
+    return _log_prob_sample(
+        model, lambda logp: logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
+    )
 
 
 def _prob_sample(model: nn.Module) -> Callable:
-    def prob(params: dict, data: tuple) -> Tensor:
-        x, y = data
-        logp = -nn.functional.cross_entropy(
-            functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0)
-        )
-        return logp.exp()
-
-    return prob
+    """The probability ``p`` of the correct class of one sample."""
+    return _log_prob_sample(model, torch.exp)
 
 
 def _eager_loss(model: nn.Module, batch: tuple, device: Any) -> Tensor:

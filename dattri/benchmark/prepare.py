@@ -202,27 +202,42 @@ def train_models(
             vectorized=True,
             verbose=verbose,
         )
-    from dattri.benchmark.models import train_classifier
-
     out = []
     for mask, seed in zip(masks, init_seeds, strict=True):
-        torch.manual_seed(seed)
-        model = setting.model_factory().to(config.device)
         idx = torch.nonzero(mask).flatten()
         loader = DataLoader(TensorDataset(x[idx], y[idx]), batch_size=config.batch_size or len(idx))
-        train_classifier(
-            model,
-            loader,
-            epochs=config.epochs,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            momentum=config.momentum,
-            seed=config.seed,
-            device=config.device,
-            verbose=verbose,
-        )
+        model = _train_model(setting, config, loader, seed, config.seed, verbose)
         out.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     return out
+
+
+def _train_model(
+    setting: Setting,
+    config: SubsetTrainConfig,
+    loader: DataLoader,
+    init_seed: int,
+    seed: int,
+    verbose: bool,
+) -> nn.Module:
+    """One model of ``setting`` trained by minibatch SGD on ``loader``.
+
+    The global RNG is seeded with ``init_seed`` before the model is built;
+    ``seed`` seeds the shuffling and dropout of training.
+    """
+    from dattri.benchmark.models import train_classifier
+
+    torch.manual_seed(init_seed)
+    return train_classifier(
+        setting.model_factory(),
+        loader,
+        epochs=config.epochs,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        seed=seed,
+        device=config.device,
+        verbose=verbose,
+    )
 
 
 def per_sample_test_loss(
@@ -438,22 +453,7 @@ def _retrain_lds_loader(setting: Setting, x: Tensor, y: Tensor, path: Path, verb
     from dattri.model_util import retrain_lds
 
     def train_func(loader: DataLoader, seed: int = 0, **_: Any) -> nn.Module:
-        from dattri.benchmark.models import train_classifier
-
-        cfg = setting.train_config
-        torch.manual_seed(seed)
-        model = setting.model_factory()
-        return train_classifier(
-            model,
-            loader,
-            epochs=cfg.epochs,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum,
-            seed=seed,
-            device=cfg.device,
-            verbose=False,
-        )
+        return _train_model(setting, setting.train_config, loader, seed, seed, verbose=False)
 
     loader = DataLoader(TensorDataset(x, y), batch_size=setting.train_config.batch_size or len(y))
     retrain_lds(

@@ -10,6 +10,7 @@ ground truth and attribution describe the same training algorithm.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from dattri.benchmark.corpus_lm import create_corpus_lm, load_corpus, sequence_loss
 from dattri.benchmark.datasets.digits import load_digits_dataset
@@ -112,17 +114,21 @@ def _digits(n_train: int, n_test: int) -> Callable[[Path | None], Tensors]:
     return load
 
 
+def _first(train: Dataset, test: Dataset, n_train: int, n_test: int, flatten: bool) -> Tensors:
+    """``(x_train, y_train, x_test, y_test)`` of the first samples of each split."""
+    xs = []
+    for ds, n in ((train, n_train), (test, n_test)):
+        x = torch.stack([ds[i][0] for i in range(n)])
+        y = torch.tensor([int(ds[i][1]) for i in range(n)])
+        xs += [x.reshape(n, -1) if flatten else x, y]
+    return tuple(xs)  # type: ignore[return-value]
+
+
 def _mnist(n_train: int, n_test: int, flatten: bool = True) -> Callable[[Path | None], Tensors]:
     def load(data_dir: Path | None, download: bool = False) -> Tensors:
         from dattri.benchmark.datasets.mnist import create_mnist_dataset
 
-        train, test = create_mnist_dataset(data_dir, download=download)
-        xs = []
-        for ds, n in ((train, n_train), (test, n_test)):
-            x = torch.stack([ds[i][0] for i in range(n)])
-            y = torch.tensor([int(ds[i][1]) for i in range(n)])
-            xs += [x.reshape(n, -1) if flatten else x, y]
-        return tuple(xs)  # type: ignore[return-value]
+        return _first(*create_mnist_dataset(data_dir, download=download), n_train, n_test, flatten)
 
     return load
 
@@ -131,14 +137,7 @@ def _cifar2(n_train: int, n_test: int) -> Callable[[Path | None], Tensors]:
     def load(data_dir: Path | None, download: bool = False) -> Tensors:
         from dattri.benchmark.datasets.cifar import create_cifar2_dataset
 
-        train, test = create_cifar2_dataset(data_dir, download=download)
-        xs = []
-        for ds, n in ((train, n_train), (test, n_test)):
-            xs += [
-                torch.stack([ds[i][0] for i in range(n)]),
-                torch.tensor([int(ds[i][1]) for i in range(n)]),
-            ]
-        return tuple(xs)  # type: ignore[return-value]
+        return _first(*create_cifar2_dataset(data_dir, download=download), n_train, n_test, False)
 
     return load
 
@@ -158,6 +157,31 @@ _QUICK_DIGITS = {
     "train_config": {"epochs": 200},
 }
 
+#: the digits models: factory, final layer and default (full-batch) recipe
+_DIGITS_MODELS: dict[str, tuple[Callable[[], nn.Module], str, SubsetTrainConfig]] = {
+    "lr": (lambda: create_lr_model("digits"), "linear", _LR_TRAIN),
+    "mlp": (lambda: create_mlp_model("digits", hidden=(64,)), "fc2", _MLP_TRAIN),
+}
+
+
+def _digits_setting(model: str, **fields: object) -> Setting:
+    """A setting on digits (1000 train / 200 test) with the digits ``model``.
+
+    Defaults: the model's factory, final layer and recipe from
+    :data:`_DIGITS_MODELS`, damping 1e-2 and the :data:`_QUICK_DIGITS` quick
+    version; ``fields`` override them.
+    """
+    factory, final_layer, train_config = _DIGITS_MODELS[model]
+    defaults = {
+        "load_data": _digits(1000, 200),
+        "model_factory": factory,
+        "train_config": train_config,
+        "final_layer": final_layer,
+        "ihvp_damping": 1e-2,
+        "quick": _QUICK_DIGITS,
+    }
+    return Setting(**{**defaults, **fields})
+
 
 def _not_applicable(n_params: str) -> dict[str, str]:
     return {
@@ -172,23 +196,41 @@ def _not_applicable(n_params: str) -> dict[str, str]:
     }
 
 
+#: the iHVP solver budgets of the generative settings at upstream's size
+_SEQUENCE_SOLVERS = {
+    "if-cg": {"max_iter": 20},
+    "if-lissa": {"recursion_depth": 100},
+    "if-arnoldi": {"proj_dim": 50, "max_iter": 100},
+}
+
+
 def _sequence_setting(
     *,
     n_params: str,
     train: dict,
     quick_load_data: Callable[[Path | None], Tensors],
     quick_epochs: int,
-    method_kwargs: dict,
+    method_kwargs: dict | None = None,
     **fields: object,
 ) -> Setting:
     """A generative setting at upstream's size with the shared sequence-model defaults.
 
-    SGD (momentum 0.9, the mean next-token loss, batch order seed 0), LDS on 50 half
-    subsets, damping 0.1, no self-influence pass, the not-applicable methods for
-    ``n_params`` parameters, and a ``--quick`` version (16 subsets, 2 ensemble models,
-    2 TracIn checkpoints) on ``quick_load_data``.
+    SGD (momentum 0.9, weight decay 1e-4, batches of 64 trained 8 models at a time,
+    the mean next-token loss, batch order seed 0), LDS on 50 half subsets, damping
+    0.1, no self-influence pass, the not-applicable methods for ``n_params``
+    parameters, the iHVP budgets of :data:`_SEQUENCE_SOLVERS`, and a ``--quick``
+    version (16 subsets, 2 ensemble models, 2 TracIn checkpoints) on
+    ``quick_load_data``.
     """
-    config = {"momentum": 0.9, "loss": sequence_loss, "seed": 0, **train}
+    config = {
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "batch_size": 64,
+        "model_chunk_size": 8,
+        "loss": sequence_loss,
+        "seed": 0,
+        **train,
+    }
     defaults = {
         "num_subsets": 50,
         "runs_per_subset": 2,
@@ -208,7 +250,7 @@ def _sequence_setting(
         },
         self_attribution=False,
         inapplicable=_not_applicable(n_params),
-        method_kwargs=method_kwargs,
+        method_kwargs=copy.deepcopy(_SEQUENCE_SOLVERS) if method_kwargs is None else method_kwargs,
         **{**defaults, **fields},
     )
 
@@ -225,22 +267,11 @@ _GENERATIVE = [
         model_factory=create_shakespeare_lm,
         # SGD with lr 0.1 diverges at this size (CPU probe: 6x384 model, context 64,
         # batch 16); 0.03 and 0.01 train stably
-        train={
-            "epochs": 20,
-            "lr": 0.03,
-            "weight_decay": 1e-4,
-            "batch_size": 64,
-            "model_chunk_size": 8,
-        },
+        train={"epochs": 20, "lr": 0.03},
         final_layer="gpt.lm_head",
         n_params="10.8M",
         quick_load_data=load_shakespeare_blocks(n_train=512, n_test=32, block_size=256),
         quick_epochs=20,
-        method_kwargs={
-            "if-cg": {"max_iter": 20},
-            "if-lissa": {"recursion_depth": 100},
-            "if-arnoldi": {"proj_dim": 50, "max_iter": 100},
-        },
     ),
     _sequence_setting(
         name="wikitext2-gpt2",
@@ -250,13 +281,7 @@ _GENERATIVE = [
         "(data: --download or --data-dir DIR)",
         load_data=load_wikitext2_blocks(n_train=None, n_test=None, block_size=512),
         model_factory=GPT2Factory(),
-        train={
-            "epochs": 3,
-            "lr": 1e-3,
-            "weight_decay": 1e-4,
-            "batch_size": 8,
-            "model_chunk_size": 2,
-        },
+        train={"epochs": 3, "lr": 1e-3, "batch_size": 8, "model_chunk_size": 2},
         final_layer="lm.lm_head",
         # pretrained initialisation + the shared batch order make every run of a
         # subset the same model: one run per subset, more subsets instead
@@ -282,74 +307,45 @@ _GENERATIVE = [
         load_data=load_maestro_windows(n_train=5000, n_test=178, block_size=256),
         model_factory=create_music_lm,
         # lr probed on CPU only for stability (6x512 model, context 64, batch 16)
-        train={
-            "epochs": 10,
-            "lr": 0.03,
-            "weight_decay": 1e-4,
-            "batch_size": 64,
-            "model_chunk_size": 8,
-        },
+        train={"epochs": 10, "lr": 0.03},
         final_layer="lm.Wout",
         n_params="13.1M",
         quick_load_data=load_maestro_windows(n_train=512, n_test=32, block_size=256),
         quick_epochs=5,
-        method_kwargs={
-            "if-cg": {"max_iter": 20},
-            "if-lissa": {"recursion_depth": 100},
-            "if-arnoldi": {"proj_dim": 50, "max_iter": 100},
-        },
     ),
 ]
 
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
-        Setting(
+        _digits_setting(
+            "lr",
             name="digits-lr",
             description="scikit-learn digits (1000 train / 200 test), L2 logistic regression",
-            load_data=_digits(1000, 200),
-            model_factory=lambda: create_lr_model("digits"),
-            train_config=_LR_TRAIN,
-            final_layer="linear",
             loo=True,
             loo_size=200,
-            ihvp_damping=1e-2,
-            quick=_QUICK_DIGITS,
         ),
-        Setting(
+        _digits_setting(
+            "mlp",
             name="digits-mlp",
             description="scikit-learn digits (1000 train / 200 test), MLP 64-64-10",
-            load_data=_digits(1000, 200),
-            model_factory=lambda: create_mlp_model("digits", hidden=(64,)),
-            train_config=_MLP_TRAIN,
-            final_layer="fc2",
-            ihvp_damping=1e-2,
-            quick=_QUICK_DIGITS,
         ),
-        Setting(
+        _digits_setting(
+            "mlp",
             name="digits-mlp-sgd",
             description="digits MLP 64-64-10 trained by minibatch SGD for 10 epochs "
             "(batch 64, lr 0.02; not converged: the IF assumption does not hold)",
-            load_data=_digits(1000, 200),
-            model_factory=lambda: create_mlp_model("digits", hidden=(64,)),
             train_config=SubsetTrainConfig(
                 epochs=10, lr=0.02, momentum=0.9, weight_decay=1e-3, batch_size=64, seed=0
             ),
-            final_layer="fc2",
-            ihvp_damping=1e-2,
             quick={**_QUICK_DIGITS, "train_config": {"epochs": 4}},
         ),
-        Setting(
+        _digits_setting(
+            "lr",
             name="digits-lr-noisy",
             description="digits LR with 10% flipped training labels (noisy-label AUC)",
-            load_data=_digits(1000, 200),
-            model_factory=lambda: create_lr_model("digits"),
-            train_config=_LR_TRAIN,
-            final_layer="linear",
             noise_ratio=0.1,
             num_subsets=20,
-            ihvp_damping=1e-2,
-            quick=_QUICK_DIGITS,
         ),
         Setting(
             name="mnist-lr",

@@ -10,13 +10,16 @@ so there is one trainer and one evaluation loop in the package.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dattri.benchmark.models._rng import seeded_rng
 from dattri.benchmark.models.train import train_classifier
 
 
@@ -51,8 +54,7 @@ def train_upstream_recipe(
     Returns:
         The trained model in eval mode, on ``device``.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with seeded_rng(int(seed)):
         model = model_factory()
     return train_classifier(
         model,
@@ -65,6 +67,34 @@ def train_upstream_recipe(
         device=device,
         verbose=False,
     )
+
+
+def load_weights(
+    path: str | os.PathLike,
+    what: str,
+    map_location: str | torch.device = "cpu",
+    *,
+    arg: str = "model_path",
+) -> Any:
+    """``torch.load(path, weights_only=True)`` of a checkpoint file that must exist.
+
+    Args:
+        path: The file.
+        what: What the caller should pass instead (for the error message).
+        map_location: Where the tensors are loaded.
+        arg: The caller's name of the ``path`` argument (for the error message).
+
+    Returns:
+        The loaded object (a state dict or a checkpoint dict).
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a file.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        msg = f"`{arg}`: no checkpoint at {file}; pass {what}."
+        raise FileNotFoundError(msg)
+    return torch.load(file, map_location=map_location, weights_only=True)
 
 
 def load_state_dict_file(model: nn.Module, model_path: str | os.PathLike) -> nn.Module:
@@ -80,11 +110,7 @@ def load_state_dict_file(model: nn.Module, model_path: str | os.PathLike) -> nn.
     Raises:
         FileNotFoundError: If ``model_path`` does not exist.
     """
-    path = Path(model_path).expanduser()
-    if not path.is_file():
-        msg = f"No checkpoint at {path}; pass the path of a saved state_dict."
-        raise FileNotFoundError(msg)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(model_path, "the path of a saved state_dict")
     if isinstance(state, nn.Module):  # pragma: no cover - weights_only refuses modules
         state = state.state_dict()
     model.load_state_dict(state)
@@ -107,11 +133,76 @@ def per_example_loss(
         ``(n,)`` float tensor on CPU, in loader order.
     """
     model.eval().to(device)
-    out = []
+
+    def losses(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, labels = batch
+        logits = model(inputs.to(device))
+        return nn.functional.cross_entropy(logits, labels.to(device), reduction="none")
+
+    return per_batch_values(dataloader, losses)
+
+
+def per_batch_values(
+    dataloader: Iterable[Any], batch_values: Callable[[Any], torch.Tensor]
+) -> torch.Tensor:
+    """``batch_values`` of every batch, without gradients, concatenated on the CPU.
+
+    Args:
+        dataloader: The batches.
+        batch_values: Maps a batch to a ``(b,)`` tensor (one value per sample).
+
+    Returns:
+        ``(n,)`` tensor on the CPU in loader order (empty for an empty loader).
+    """
     with torch.no_grad():
-        for inputs, labels in dataloader:
-            logits = model(inputs.to(device))
-            out.append(
-                nn.functional.cross_entropy(logits, labels.to(device), reduction="none").cpu()
-            )
-    return torch.cat(out) if out else torch.zeros(0)
+        values = [batch_values(batch).cpu() for batch in dataloader]
+    return torch.cat(values) if values else torch.zeros(0)
+
+
+@dataclass(frozen=True)
+class UpstreamRecipe:
+    """Upstream's SGD recipe of one ``<dataset>_<model>`` pair: its model and step sizes.
+
+    Attributes:
+        model_factory: Builds a fresh model; keyword arguments of :meth:`train`
+            and :meth:`loss` (e.g. ``num_classes``) are passed to it.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+    """
+
+    model_factory: Callable[..., nn.Module]
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def train(
+        self,
+        dataloader: DataLoader,
+        seed: int,
+        device: str | torch.device,
+        epochs: int,
+        **model_kwargs: object,
+    ) -> nn.Module:
+        """:func:`train_upstream_recipe` with this recipe (eval-mode model on ``device``)."""
+        return train_upstream_recipe(
+            lambda: self.model_factory(**model_kwargs),
+            dataloader,
+            seed=seed,
+            device=device,
+            epochs=epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+
+    def loss(
+        self,
+        model_path: str | os.PathLike,
+        dataloader: DataLoader,
+        device: str | torch.device,
+        **model_kwargs: object,
+    ) -> torch.Tensor:
+        """:func:`per_example_loss` of the model saved at ``model_path``: ``(n,)`` on CPU."""
+        model = load_state_dict_file(self.model_factory(**model_kwargs), model_path)
+        return per_example_loss(model, dataloader, device)

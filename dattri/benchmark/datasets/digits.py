@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from dattri.benchmark.datasets._optional import import_optional
+
 __all__ = ["N_DIGITS", "load_digits_binary_dataset", "load_digits_dataset"]
 
 #: Number of samples in scikit-learn's digits data.
@@ -13,12 +15,10 @@ N_DIGITS = 1797
 
 
 def _load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - sklearn is a test dependency
-        msg = "The digits dataset needs scikit-learn: pip install scikit-learn."
-        raise ImportError(msg) from exc
-    bunch = load_digits()
+    sklearn_datasets = import_optional(
+        "sklearn.datasets", "The digits dataset needs scikit-learn: pip install scikit-learn."
+    )
+    bunch = sklearn_datasets.load_digits()
     return bunch.data.astype(np.float64), bunch.target.astype(np.int64)
 
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import tarfile
 import urllib.request
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -198,6 +199,37 @@ def download_file(
     if checksum_failure is not None:
         raise ChecksumError(msg)
     raise OSError(msg)
+
+
+def extract_zip(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
+    """Test a zip archive's checksums and extract it safely into ``dest_dir``.
+
+    Args:
+        archive: The ``.zip`` file.
+        dest_dir: Folder to extract into (created if missing).
+
+    Returns:
+        ``dest_dir`` as a ``Path``.
+
+    Raises:
+        zipfile.BadZipFile: If a member fails its CRC check (a corrupt download).
+        ValueError: If a member would be written outside ``dest_dir``.
+    """
+    dest_dir = Path(dest_dir).expanduser()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    root = dest_dir.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        bad = zf.testzip()
+        if bad is not None:
+            msg = f"{archive}: member {bad!r} is corrupt; delete it and download it again."
+            raise zipfile.BadZipFile(msg)
+        for name in zf.namelist():
+            target = (root / name).resolve()
+            if target != root and root not in target.parents:
+                msg = f"Refusing to extract {name!r} of {archive} outside {dest_dir}."
+                raise ValueError(msg)
+        zf.extractall(root)
+    return dest_dir
 
 
 def extract_tar(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dattri.benchmark.models._config import check_config
+
 __all__ = ["GPT", "Block", "CausalSelfAttention", "GPTConfig", "create_gpt_model"]
 
 
@@ -58,19 +60,11 @@ class GPTConfig:
             ValueError: If a size is not positive, ``n_head`` does not divide
                 ``n_embd`` or ``dropout`` is outside ``[0, 1)``.
         """
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if int(getattr(self, name)) < 1:
-                msg = f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}."
-                raise ValueError(msg)
-        if self.n_embd % self.n_head:
-            msg = (
-                f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd}; "
-                "change one of them."
-            )
-            raise ValueError(msg)
-        if not 0.0 <= self.dropout < 1.0:
-            msg = f"GPTConfig.dropout must be in [0, 1), got {self.dropout}."
-            raise ValueError(msg)
+        check_config(
+            self,
+            positive=("vocab_size", "block_size", "n_layer", "n_head", "n_embd"),
+            heads_width=("n_head", "n_embd"),
+        )
 
 
 class CausalSelfAttention(nn.Module):

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dattri.benchmark.models._config import check_config
+
 __all__ = [
     "MUSIC_VOCAB_SIZE",
     "TOKEN_END",
@@ -81,26 +83,18 @@ class MusicTransformerConfig:
             ValueError: If a size is not positive, ``num_heads`` does not divide
                 ``d_model`` or ``dropout`` is outside ``[0, 1)``.
         """
-        for name in (
-            "n_layers",
-            "num_heads",
-            "d_model",
-            "dim_feedforward",
-            "max_sequence",
-            "vocab_size",
-        ):
-            if int(getattr(self, name)) < 1:
-                msg = f"MusicTransformerConfig.{name} must be >= 1, got {getattr(self, name)}."
-                raise ValueError(msg)
-        if self.d_model % self.num_heads:
-            msg = (
-                f"MusicTransformerConfig.num_heads={self.num_heads} must divide "
-                f"d_model={self.d_model}; change one of them."
-            )
-            raise ValueError(msg)
-        if not 0.0 <= self.dropout < 1.0:
-            msg = f"MusicTransformerConfig.dropout must be in [0, 1), got {self.dropout}."
-            raise ValueError(msg)
+        check_config(
+            self,
+            positive=(
+                "n_layers",
+                "num_heads",
+                "d_model",
+                "dim_feedforward",
+                "max_sequence",
+                "vocab_size",
+            ),
+            heads_width=("num_heads", "d_model"),
+        )
 
 
 def skew(qe: torch.Tensor) -> torch.Tensor:

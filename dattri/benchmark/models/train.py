@@ -12,6 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dattri.benchmark.models._rng import seeded_rng
+
 __all__ = ["full_batch_objective", "train_classifier", "train_full_batch"]
 
 BatchLoss = Callable[[nn.Module, Any], torch.Tensor]
@@ -37,12 +39,6 @@ def _default_batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         raise TypeError(msg)
     x, y = batch
     return F.cross_entropy(model(x), y)
-
-
-def _rng_devices(device: torch.device) -> list[int]:
-    if device.type == "cuda":
-        return [device.index if device.index is not None else torch.cuda.current_device()]
-    return []
 
 
 def train_classifier(
@@ -99,8 +95,7 @@ def train_classifier(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
-    with torch.random.fork_rng(devices=_rng_devices(device)):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         model.train()
         bar = tqdm(range(int(epochs)), desc="train", disable=not verbose)
         for _ in bar:

@@ -21,6 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dattri.benchmark.models._config import check_config
+from dattri.benchmark.models._rng import seeded_rng
+
 __all__ = ["NanoGPTTrainConfig", "configure_optimizer", "nanogpt_lr", "train_gpt"]
 
 
@@ -64,14 +67,11 @@ class NanoGPTTrainConfig:
         Raises:
             ValueError: If a count or rate is out of range.
         """
-        for name in ("max_iters", "warmup_iters", "eval_iters"):
-            if int(getattr(self, name)) < 0:
-                msg = f"NanoGPTTrainConfig.{name} must be >= 0, got {getattr(self, name)}."
-                raise ValueError(msg)
-        for name in ("batch_size", "eval_interval", "lr_decay_iters"):
-            if int(getattr(self, name)) < 1:
-                msg = f"NanoGPTTrainConfig.{name} must be >= 1, got {getattr(self, name)}."
-                raise ValueError(msg)
+        check_config(
+            self,
+            nonnegative=("max_iters", "warmup_iters", "eval_iters"),
+            positive=("batch_size", "eval_interval", "lr_decay_iters"),
+        )
         if self.learning_rate <= 0 or self.min_lr < 0 or self.grad_clip < 0:
             msg = (
                 "NanoGPTTrainConfig needs learning_rate > 0, min_lr >= 0 and grad_clip >= 0; "
@@ -181,13 +181,9 @@ def train_gpt(
     device = torch.device(device)
     model.to(device)
     optimizer = configure_optimizer(model, config)
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     best_val, best_iter, best_state = None, 0, None
     recent: deque[torch.Tensor] = deque(maxlen=config.eval_interval)  # no per-step sync
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         model.train()
         batches = _cycle(train_loader)
         bar = tqdm(range(config.max_iters), desc="train gpt", disable=not verbose)

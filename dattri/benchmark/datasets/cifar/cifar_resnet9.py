@@ -7,14 +7,12 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from dattri.benchmark.datasets._upstream import (
-    load_state_dict_file,
-    per_example_loss,
-    train_upstream_recipe,
-)
+from dattri.benchmark.datasets._upstream import UpstreamRecipe
 from dattri.benchmark.models.resnet9 import ResNet9, create_resnet9_model
 
 __all__ = ["create_resnet9_model", "loss_cifar_resnet9", "train_cifar_resnet9"]
+
+_RECIPE = UpstreamRecipe(create_resnet9_model, lr=0.01, momentum=0.9)
 
 
 def train_cifar_resnet9(
@@ -36,15 +34,7 @@ def train_cifar_resnet9(
     Returns:
         The trained model, in eval mode, on ``device``.
     """
-    return train_upstream_recipe(
-        lambda: create_resnet9_model(num_classes=num_classes),
-        dataloader,
-        seed=seed,
-        device=device,
-        epochs=num_epochs,
-        lr=0.01,
-        momentum=0.9,
-    )
+    return _RECIPE.train(dataloader, seed, device, num_epochs, num_classes=num_classes)
 
 
 def loss_cifar_resnet9(
@@ -64,5 +54,4 @@ def loss_cifar_resnet9(
     Returns:
         ``(n,)`` losses on CPU, in loader order.
     """
-    model = load_state_dict_file(create_resnet9_model(num_classes=num_classes), model_path)
-    return per_example_loss(model, dataloader, device)
+    return _RECIPE.loss(model_path, dataloader, device, num_classes=num_classes)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dattri.benchmark.datasets._optional import import_optional
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -42,15 +44,11 @@ Transform = Callable[[Any], torch.Tensor]
 
 
 def _pil() -> Any:
-    try:
-        from PIL import Image
-    except ImportError:
-        msg = (
-            "Reading ImageNet images needs Pillow: pip install 'dattri[imagenet]' "
-            "(or pip install pillow)."
-        )
-        raise ImportError(msg) from None
-    return Image
+    return import_optional(
+        "PIL.Image",
+        "Reading ImageNet images needs Pillow: pip install 'dattri[imagenet]' "
+        "(or pip install pillow).",
+    )
 
 
 def _to_tensor(img: Any, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -6,14 +6,12 @@ import os
 
 from torch.utils.data import DataLoader
 
-from dattri.benchmark.datasets._upstream import (
-    load_state_dict_file,
-    per_example_loss,
-    train_upstream_recipe,
-)
+from dattri.benchmark.datasets._upstream import UpstreamRecipe
 from dattri.benchmark.models.resnet18 import ResNet18, create_resnet18_model
 
 __all__ = ["create_resnet18_model", "loss_imagenet_resnet18", "train_imagenet_resnet18"]
+
+_RECIPE = UpstreamRecipe(create_resnet18_model, lr=0.1, momentum=0.8, weight_decay=4e-5)
 
 
 def train_imagenet_resnet18(
@@ -33,16 +31,7 @@ def train_imagenet_resnet18(
     Returns:
         The trained model, in eval mode, on ``device``.
     """
-    return train_upstream_recipe(
-        create_resnet18_model,
-        dataloader,
-        seed=seed,
-        device=device,
-        epochs=num_epochs,
-        lr=0.1,
-        momentum=0.8,
-        weight_decay=4e-5,
-    )
+    return _RECIPE.train(dataloader, seed, device, num_epochs)
 
 
 def loss_imagenet_resnet18(
@@ -60,5 +49,4 @@ def loss_imagenet_resnet18(
     Returns:
         The mean per-sample loss, a float.
     """
-    model = load_state_dict_file(create_resnet18_model(), model_path)
-    return float(per_example_loss(model, dataloader, device).mean())
+    return float(_RECIPE.loss(model_path, dataloader, device).mean())

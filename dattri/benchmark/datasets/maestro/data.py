@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from dattri.benchmark.datasets._safe_pickle import safe_pickle_load
-from dattri.benchmark.datasets.download import download_file
+from dattri.benchmark.datasets.download import download_file, extract_zip
 from dattri.benchmark.datasets.maestro.midi import EVENT_VOCAB_SIZE, encode_midi
 
 __all__ = [
@@ -186,19 +185,8 @@ def download_maestro(dataset_path: str | os.PathLike, verbose: bool = True) -> P
     archive = download_file(
         MAESTRO_URL, root / "maestro-v2.0.0-midi.zip", md5=MAESTRO_MD5, verbose=verbose
     )
-    _safe_unzip(archive, root)
+    extract_zip(archive, root)
     return root / "maestro-v2.0.0"
-
-
-def _safe_unzip(archive: Path, dest: Path) -> None:
-    dest = dest.resolve()
-    with zipfile.ZipFile(archive) as zf:
-        for name in zf.namelist():
-            target = (dest / name).resolve()
-            if target != dest and dest not in target.parents:
-                msg = f"Refusing to extract {name!r} from {archive} outside {dest}."
-                raise ValueError(msg)
-        zf.extractall(dest)
 
 
 def _pieces_from_json(json_path: Path) -> list[dict[str, str]]:
@@ -292,7 +280,7 @@ def create_maestro_datasets(
     generated = root / "generated_music"
     if not generated.is_dir():
         archive = download_file(GENERATED_MUSIC_URL, root / "generated_music.zip")
-        _safe_unzip(archive, generated)
+        extract_zip(archive, generated)
     subfolders = [
         p for p in generated.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
     ]

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dattri.benchmark.datasets._upstream import load_weights, per_batch_values
+from dattri.benchmark.models._rng import seeded_rng
 from dattri.benchmark.models.music_transformer import (
     TOKEN_PAD,
     MusicTransformer,
@@ -80,23 +82,13 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> MusicTransfor
 
 def _load_model(model_path: str | os.PathLike, device: str) -> MusicTransformer:
     path = Path(model_path)
-    if not path.is_file():
-        msg = f"`model_path` {path} does not exist; pass a saved Music Transformer state dict."
-        raise FileNotFoundError(msg)
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = load_weights(path, "a saved Music Transformer state dict", device)
     if not isinstance(state, dict) or "embedding.weight" not in state:
         msg = f"{path} is not a Music Transformer state dict (no 'embedding.weight')."
         raise ValueError(msg)
     model = MusicTransformer(config_from_state_dict(state)).to(device)
     model.load_state_dict(state)
     return model.eval()
-
-
-def _rng_devices(device: str | torch.device) -> list[int]:
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return []
-    return [dev.index if dev.index is not None else torch.cuda.current_device()]
 
 
 def _xy(batch: Any, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +136,7 @@ def train_maestro_musictransformer(
     if num_epoch < 0:
         msg = f"`num_epoch` must be >= 0, got {num_epoch}."
         raise ValueError(msg)
-    with torch.random.fork_rng(devices=_rng_devices(device)):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         model = create_musictransformer_model(device, config=config)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPSILON)
@@ -183,13 +174,10 @@ def loss_maestro_musictransformer(
         float tensor ``(n_samples,)`` on the CPU, in loader order.
     """
     model = _load_model(model_path, device)
-    values = []
-    with torch.no_grad():
-        for batch in dataloader:
-            x, tgt = _xy(batch, device)
-            last = model(x)[:, -1, :]
-            ce = F.cross_entropy(last, tgt[:, -1], ignore_index=TOKEN_PAD, reduction="none")
-            values.append((-ce).cpu())
-    if not values:
-        return torch.zeros(0)
-    return torch.cat(values)
+
+    def last_event_log_likelihood(batch: Any) -> torch.Tensor:
+        x, tgt = _xy(batch, device)
+        last = model(x)[:, -1, :]
+        return -F.cross_entropy(last, tgt[:, -1], ignore_index=TOKEN_PAD, reduction="none")
+
+    return per_batch_values(dataloader, last_event_log_likelihood)

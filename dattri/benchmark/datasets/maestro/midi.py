@@ -36,6 +36,8 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from dattri.benchmark.datasets._optional import import_optional
+
 if TYPE_CHECKING:  # pragma: no cover
     import pretty_midi
 
@@ -78,15 +80,11 @@ def import_pretty_midi() -> Any:
     Raises:
         ImportError: If ``pretty_midi`` is not installed.
     """
-    try:
-        import pretty_midi
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        msg = (
-            "Reading MIDI files needs the optional dependency `pretty_midi`; install it "
-            "with `pip install 'dattri[music]'` (or `pip install pretty_midi`)."
-        )
-        raise ImportError(msg) from exc
-    return pretty_midi
+    return import_optional(
+        "pretty_midi",
+        "Reading MIDI files needs the optional dependency `pretty_midi`; install it "
+        "with `pip install 'dattri[music]'` (or `pip install pretty_midi`).",
+    )
 
 
 def _load(source: str | os.PathLike | pretty_midi.PrettyMIDI) -> pretty_midi.PrettyMIDI:

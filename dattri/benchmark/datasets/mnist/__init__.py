@@ -6,44 +6,9 @@ ones of :mod:`dattri.benchmark.models` and training runs in
 :func:`~dattri.benchmark.models.train_classifier`.
 """
 
-from dattri.benchmark.datasets.mnist.data import (
-    MNIST_FILES,
-    MNIST_MEAN,
-    MNIST_MIRRORS,
-    MNIST_STD,
-    create_mnist_dataset,
-    download_mnist,
-    load_mnist_arrays,
-    read_idx,
-)
-from dattri.benchmark.datasets.mnist.mnist_lr import (
-    LogisticRegressionMnist,
-    create_lr_model,
-    loss_mnist_lr,
-    train_mnist_lr,
-)
-from dattri.benchmark.datasets.mnist.mnist_mlp import (
-    MLPMnist,
-    create_mlp_model,
-    loss_mnist_mlp,
-    train_mnist_mlp,
-)
+from dattri.benchmark.datasets.mnist import data, mnist_lr, mnist_mlp
+from dattri.benchmark.datasets.mnist.data import *  # noqa: F403
+from dattri.benchmark.datasets.mnist.mnist_lr import *  # noqa: F403
+from dattri.benchmark.datasets.mnist.mnist_mlp import *  # noqa: F403
 
-__all__ = [
-    "MNIST_FILES",
-    "MNIST_MEAN",
-    "MNIST_MIRRORS",
-    "MNIST_STD",
-    "LogisticRegressionMnist",
-    "MLPMnist",
-    "create_lr_model",
-    "create_mlp_model",
-    "create_mnist_dataset",
-    "download_mnist",
-    "load_mnist_arrays",
-    "loss_mnist_lr",
-    "loss_mnist_mlp",
-    "read_idx",
-    "train_mnist_lr",
-    "train_mnist_mlp",
-]
+__all__ = [*data.__all__, *mnist_lr.__all__, *mnist_mlp.__all__]

@@ -7,14 +7,13 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from dattri.benchmark.datasets._upstream import (
-    load_state_dict_file,
-    per_example_loss,
-    train_upstream_recipe,
-)
+from dattri.benchmark.datasets._upstream import UpstreamRecipe
 from dattri.benchmark.models.linear import LogisticRegressionMnist, create_lr_model
 
 __all__ = ["LogisticRegressionMnist", "create_lr_model", "loss_mnist_lr", "train_mnist_lr"]
+
+#: plain SGD, learning rate 0.01
+_RECIPE = UpstreamRecipe(lambda: create_lr_model("mnist"), lr=0.01)
 
 
 def train_mnist_lr(
@@ -38,14 +37,7 @@ def train_mnist_lr(
     Returns:
         The trained model, in eval mode, on ``device``.
     """
-    return train_upstream_recipe(
-        lambda: create_lr_model("mnist"),
-        dataloader,
-        seed=seed,
-        device=device,
-        epochs=epoch_num,
-        lr=0.01,
-    )
+    return _RECIPE.train(dataloader, seed, device, epoch_num)
 
 
 def loss_mnist_lr(
@@ -66,5 +58,4 @@ def loss_mnist_lr(
     Returns:
         ``(n,)`` losses on CPU, in loader order.
     """
-    model = load_state_dict_file(create_lr_model("mnist"), model_path)
-    return per_example_loss(model, dataloader, device)
+    return _RECIPE.loss(model_path, dataloader, device)

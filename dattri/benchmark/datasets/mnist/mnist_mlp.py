@@ -7,14 +7,12 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from dattri.benchmark.datasets._upstream import (
-    load_state_dict_file,
-    per_example_loss,
-    train_upstream_recipe,
-)
+from dattri.benchmark.datasets._upstream import UpstreamRecipe
 from dattri.benchmark.models.mlp import MLPMnist, create_mlp_model
 
 __all__ = ["MLPMnist", "create_mlp_model", "loss_mnist_mlp", "train_mnist_mlp"]
+
+_RECIPE = UpstreamRecipe(lambda: create_mlp_model("mnist"), lr=0.01, momentum=0.9)
 
 
 def train_mnist_mlp(
@@ -37,15 +35,7 @@ def train_mnist_mlp(
     Returns:
         The trained model, in eval mode (dropout off), on ``device``.
     """
-    return train_upstream_recipe(
-        lambda: create_mlp_model("mnist"),
-        dataloader,
-        seed=seed,
-        device=device,
-        epochs=epoch_num,
-        lr=0.01,
-        momentum=0.9,
-    )
+    return _RECIPE.train(dataloader, seed, device, epoch_num)
 
 
 def loss_mnist_mlp(
@@ -63,5 +53,4 @@ def loss_mnist_mlp(
     Returns:
         ``(n,)`` losses on CPU, in loader order.
     """
-    model = load_state_dict_file(create_mlp_model("mnist"), model_path)
-    return per_example_loss(model, dataloader, device)
+    return _RECIPE.loss(model_path, dataloader, device)

@@ -7,35 +7,10 @@ Example:
     >>> train, val = create_shakespeare_dataset(path)  # doctest: +SKIP
 """
 
-from dattri.benchmark.datasets.shakespeare_char.data import (
-    ShakespeareCharDataset,
-    create_shakespeare_dataset,
-    load_meta,
-    prepare_shakespeare_char,
-)
-from dattri.benchmark.datasets.shakespeare_char.shakespeare_nanogpt import (
-    SHAKESPEARE_GPT_CONFIG,
-    create_nanogpt_model,
-    load_nanogpt_checkpoint,
-    loss_shakespeare_nanogpt,
-    save_nanogpt_checkpoint,
-    train_shakespeare_nanogpt,
-)
+from dattri.benchmark.datasets.shakespeare_char import data, shakespeare_nanogpt
+from dattri.benchmark.datasets.shakespeare_char.data import *  # noqa: F403
+from dattri.benchmark.datasets.shakespeare_char.shakespeare_nanogpt import *  # noqa: F403
 from dattri.benchmark.models.gpt import GPT, GPTConfig
 from dattri.benchmark.models.train_gpt import NanoGPTTrainConfig
 
-__all__ = [
-    "GPT",
-    "SHAKESPEARE_GPT_CONFIG",
-    "GPTConfig",
-    "NanoGPTTrainConfig",
-    "ShakespeareCharDataset",
-    "create_nanogpt_model",
-    "create_shakespeare_dataset",
-    "load_meta",
-    "load_nanogpt_checkpoint",
-    "loss_shakespeare_nanogpt",
-    "prepare_shakespeare_char",
-    "save_nanogpt_checkpoint",
-    "train_shakespeare_nanogpt",
-]
+__all__ = [*data.__all__, *shakespeare_nanogpt.__all__, "GPT", "GPTConfig", "NanoGPTTrainConfig"]

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from dattri.benchmark.datasets._upstream import load_weights, per_batch_values
+from dattri.benchmark.models._rng import seeded_rng
 from dattri.benchmark.models.gpt import GPT, GPTConfig
 from dattri.benchmark.models.train_gpt import NanoGPTTrainConfig, train_gpt
 
@@ -87,8 +89,7 @@ def train_shakespeare_nanogpt(
     """
     base = NanoGPTTrainConfig() if train_config is None else train_config
     config = NanoGPTTrainConfig(**{**base.as_dict(), "max_iters": max_iters})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         model = create_nanogpt_model(vocab_size, **(model_config or {}))
     model, _ = train_gpt(model, dataloader, config, val_dataloader, seed, device, verbose)
     return model
@@ -136,10 +137,7 @@ def load_nanogpt_checkpoint(
         ValueError: If the file is not a GPT checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        msg = f"{path} does not exist; pass a nanoGPT checkpoint or GPT state dict."
-        raise FileNotFoundError(msg)
-    blob = torch.load(path, map_location=device, weights_only=True)
+    blob = load_weights(path, "a nanoGPT checkpoint or GPT state dict", device, arg="path")
     state = blob.get("model", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         msg = f"{path} holds no GPT state dict."
@@ -188,12 +186,12 @@ def loss_shakespeare_nanogpt(
         ``-1`` are left out of each mean).
     """
     model = load_nanogpt_checkpoint(model_path, device)
-    values = []
-    with torch.no_grad():
-        for x, y in dataloader:
-            logits, _ = model(x.to(device))
-            y = y.to(device)
-            ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none")
-            counts = (y != -1).sum(dim=1).clamp_min(1)
-            values.append((ce.sum(dim=1) / counts).cpu())
-    return torch.cat(values) if values else torch.zeros(0)
+
+    def mean_next_char_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits, _ = model(x.to(device))
+        y = y.to(device)
+        ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none")
+        return ce.sum(dim=1) / (y != -1).sum(dim=1).clamp_min(1)
+
+    return per_batch_values(dataloader, mean_next_char_loss)

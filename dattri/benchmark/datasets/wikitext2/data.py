@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from dattri.benchmark.datasets._optional import import_optional
 from dattri.benchmark.datasets.download import download_file, get_dataset_dir
 
 __all__ = [
@@ -62,15 +63,11 @@ def import_transformers() -> Any:
     Raises:
         ImportError: If it is not installed.
     """
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        msg = (
-            "The WikiText-2 / GPT-2 benchmark needs the optional dependency "
-            "`transformers`; install it with `pip install 'dattri[nlp]'`."
-        )
-        raise ImportError(msg) from exc
-    return transformers
+    return import_optional(
+        "transformers",
+        "The WikiText-2 / GPT-2 benchmark needs the optional dependency "
+        "`transformers`; install it with `pip install 'dattri[nlp]'`.",
+    )
 
 
 def download_wikitext2(path: str | os.PathLike | None = None, verbose: bool = True) -> Path:

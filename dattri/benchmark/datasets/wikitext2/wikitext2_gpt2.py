@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dattri.benchmark.datasets._upstream import load_weights, per_batch_values
 from dattri.benchmark.datasets.wikitext2.data import import_transformers
+from dattri.benchmark.models._rng import seeded_rng
 
 __all__ = [
     "GPT2_MODEL",
@@ -121,12 +122,7 @@ def train_wikitext2_gpt2(
     if epoch_num < 0:
         msg = f"`epoch_num` must be >= 0, got {epoch_num}."
         raise ValueError(msg)
-    dev = torch.device(device)
-    devices = []
-    if dev.type == "cuda":
-        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         model = create_gpt2_model(config=config).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         total = max(epoch_num * len(dataloader), 1)
@@ -205,19 +201,14 @@ def loss_wikitext2_gpt2(
     Raises:
         FileNotFoundError: If ``model_path`` does not exist.
     """
-    path = Path(model_path)
-    if not path.is_file():
-        msg = f"`model_path` {path} does not exist; pass a saved GPT-2 state dict."
-        raise FileNotFoundError(msg)
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = load_weights(model_path, "a saved GPT-2 state dict", device)
     model = create_gpt2_model(config=config or _config_from_state(state)).to(device)
     model.load_state_dict(state)
     model.eval()
-    values = []
-    with torch.no_grad():
-        for batch in dataloader:
-            batch = _to(batch, device)
-            labels = batch.pop("labels", batch["input_ids"])
-            logits = model(**batch).logits
-            values.append(per_example_lm_loss(logits, labels).cpu())
-    return torch.cat(values) if values else torch.zeros(0)
+
+    def block_losses(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = _to(batch, device)
+        labels = batch.pop("labels", batch["input_ids"])
+        return per_example_lm_loss(model(**batch).logits, labels)
+
+    return per_batch_values(dataloader, block_losses)
