@@ -76,7 +76,7 @@ def _loss_sample(model: nn.Module) -> Callable:
 def _margin_sample(model: nn.Module) -> Callable:
     """TRAK's model output: the log-odds ``log p - log(1 - p)`` of the correct class."""
     return _log_prob_sample(
-        model, lambda logp: logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
+        model, lambda logp: logp - torch.log((-torch.expm1(logp)).clamp_min(1e-12))
     )
 
 
