@@ -338,7 +338,7 @@ def test_none_mode_projection_and_default_type_warning():
         fac = _factor_attr(
             _model(), "kronecker", proj_params=DVEmbProjectionParams(proj_dim_per_layer=4)
         )
-    p_in, _ = fac._factor_projectors("0", 0, fac._modules["0"])
+    p_in, _ = fac.featurizer._factor_projectors("0", 0, fac.featurizer._modules["0"])
     assert len(torch.unique(p_in.abs())) > 2  # Gaussian, not a mask/sign matrix
     with pytest.warns(UserWarning, match="perfect square"):
         _factor_attr(

@@ -58,13 +58,15 @@ class BaseAttributor(ABC):
     """
 
     verbose: bool = True
+    #: appended to the error for a role keyword a method has no loader for
+    loader_hint: str = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give the subclass's loader-taking methods the ``train=``/``test=`` keywords."""
         super().__init_subclass__(**kwargs)
         for name in WRAPPED_METHODS:
             if inspect.isfunction(cls.__dict__.get(name)):
-                setattr(cls, name, loader_keywords(cls.__dict__[name]))
+                setattr(cls, name, loader_keywords(cls.__dict__[name], hint=cls.loader_hint))
 
     @abstractmethod
     def cache(self, full_train_dataloader: Iterable) -> None:

@@ -11,46 +11,60 @@ training on sample ``i`` at step ``t`` lowers a test loss at the final parameter
 
 computed backwards in time as ``emb_{t,i} = eta_t (I - M) g_{t,i}`` with
 ``M = sum_{s>t} sum_j emb_{s,j} g_{s,j}^T`` (see
-:func:`~dattri.algorithm.utils.dvemb_embeddings`). A sample's embedding of an epoch
+:func:`~dattri.algorithm.features.dvemb_embeddings.dvemb_embeddings`). A sample's embedding
+of an epoch
 is the sum over its steps in that epoch; scores sum the epochs (or use one).
 
 Gradients are taken at the live model (the task's checkpoints are not used): record
 them during training with :meth:`DVEmbAttributor.cache_gradients` (an extra
 forward/backward) or, in the factorized modes, the context manager
 :meth:`DVEmbAttributor.cache_gradients_context` around your own training step.
+
+Phases: :mod:`~dattri.algorithm.features.dvemb_grads` (per-sample gradients, projected
+or factorized), :mod:`~dattri.algorithm.features.dvemb_embeddings` (the backward
+recursion, in memory or in a resumable on-disk store), then tiles of
+``S = E g_test^T`` into a sink (:mod:`~dattri.algorithm.score.tiles`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dattri.algorithm.runtime.batching import batch_size_of, check_loader, iterate, move_to_device
-from dattri.algorithm.runtime.loader_args import loader_keywords
-from dattri.algorithm.runtime.validation import scan_huge_values, validate_loader
-from dattri.algorithm.utils import (
-    capture_layer_calls,
-    dense_projection_matrix,
-    dvemb_embeddings,
-    full_projector,
+from dattri.algorithm.base import BaseAttributor
+from dattri.algorithm.features.dvemb_embeddings import (
+    EmbeddingRows,
+    cache_embeddings,
+    check_step_args,
+    recorded_steps,
+)
+from dattri.algorithm.features.dvemb_grads import DVEmbGradients, capture_layer_calls
+from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
+from dattri.algorithm.runtime.distributed import gather_rows
+from dattri.algorithm.runtime.validation import (
+    require_task,
     required_positional_args,
+    scan_huge_values,
+    validate_loader,
 )
-from dattri.func.layer_grads import (
-    factor_grads,
-    kron_project,
-    layer_kind,
-    linear_factors,
-    matrix_shape,
+from dattri.algorithm.score.tiles import (
+    iter_row_batches,
+    iter_store_tiles,
+    make_sink,
+    plan_tiles,
+    topk_of_tiles,
 )
-from dattri.func.per_sample_grad import per_sample_grad
-from dattri.loss_checks import explained_errors
-from dattri.params.projection import DVEmbProjectionParams
+from dattri.algorithm.score.topk import TopKResult
+from dattri.algorithm.store.in_memory import ProjectedGradientStore
+from dattri.algorithm.store.scaled import ScaleOptions
 from dattri.task import AttributionTask
 
 __all__ = ["DVEmbAttributor"]
@@ -63,7 +77,7 @@ _NO_TRAIN_LOADER = (
 )
 
 
-class DVEmbAttributor:
+class DVEmbAttributor(BaseAttributor):
     """Data value embeddings (trajectory-specific influence of each training sample).
 
     Loss formats (checked at construction, ``ValueError`` "Wrong loss function format"):
@@ -105,7 +119,21 @@ class DVEmbAttributor:
         factorization_type: ``"none"``, ``"kronecker"`` or ``"elementwise"``.
         layer_names: module names (or, in ``"none"`` mode, also parameter names).
         verbose: show progress bars.
+        cache_dir: directory of a resumable on-disk store of the embeddings written by
+            :meth:`cache` (one ``(n, d)`` array per epoch, plus the recursion state
+            after the last finished epoch).
+        store_dtype: storage dtype of that store; default: the gradients' dtype.
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``): sets the
+            tile sizes, and spills the embeddings to a temporary store when they take
+            more than half of it. The recursion itself keeps ``d x d`` (or ``N x d``).
+
+    Under torch.distributed every rank runs the recursion (it is sequential in time;
+    with ``cache_dir`` rank 0 runs it and the others read the store) and scores its
+    share of the embedding rows; every rank returns the full result.
     """
+
+    #: how attribute() picks training rows instead of a training loader
+    loader_hint = _NO_TRAIN_LOADER
 
     def __init__(
         self,
@@ -115,13 +143,15 @@ class DVEmbAttributor:
         layer_names: str | Sequence[str] | None = None,
         *,
         verbose: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        require_task(task)
         if factorization_type not in FACTORIZATIONS:
             msg = f"factorization_type must be one of {FACTORIZATIONS}, got {factorization_type!r}."
             raise ValueError(msg)
+        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
         self.task = task
         self.model = task.get_model()
         try:
@@ -147,23 +177,18 @@ class DVEmbAttributor:
         if isinstance(layer_names, str):
             layer_names = [layer_names]
         self.layer_names = None if layer_names is None else list(layer_names)
-        if self.use_factorization:
-            self._modules = self._select_modules(self.layer_names)
-        else:
-            self._param_names = self._select_params(self.layer_names)
-        # upstream: default params with proj_dim_per_layer=None, proj_max_batch_size=64
-        self.proj_params = DVEmbProjectionParams() if proj_params is None else proj_params
-        self.proj_dim_per_layer = getattr(proj_params, "proj_dim_per_layer", None)
-        self._proj_type = self._resolve_proj_type()
-        self._projector: Callable | None = None
-        self.projectors: dict[str, tuple[Tensor, Tensor]] = {}
+        self.featurizer = DVEmbGradients(
+            task, proj_params, factorization_type, self.layer_names, self.device
+        )
+        self.proj_params = self.featurizer.proj_params
+        self.proj_dim_per_layer = self.featurizer.proj_dim_per_layer
         self.cached_gradients: dict[Any, list[Tensor]] = {}
         # factorized modes without projection: {epoch: [[{"A", "B", "has_bias"}, ...]]}
         self.cached_factors: dict[Any, list[list[dict[str, Any]]]] = {}
-        self._step_factors: list[dict[str, Any]] | None = None
         self.learning_rates: dict[Any, list[float]] = {}
         self.data_indices: dict[Any, list[Tensor]] = {}
-        self.embeddings: dict[Any, Tensor] = {}
+        #: ``{epoch: (n, d)}`` embeddings (tensors, or stored rows with a store)
+        self.embeddings: dict[Any, Any] = {}
         self._caching_method: str | None = None
 
     # -------------------------------------------------- upstream attributes
@@ -174,11 +199,16 @@ class DVEmbAttributor:
         ``None`` without projection, in the factorized modes, or before the
         first gradient is recorded (it is built from the first batch, as upstream).
         """
-        return self._projector
+        return self.featurizer._projector
 
     @projector.setter
     def projector(self, value: Callable[[Tensor], Tensor] | None) -> None:
-        self._projector = value
+        self.featurizer._projector = value
+
+    @property
+    def projectors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Dense ``(k_in, d_in + 1)`` / ``(k_out, d_out)`` factor projections per layer."""
+        return self.featurizer.projectors
 
     @property
     def projection_dim_per_layer(self) -> int | None:
@@ -201,7 +231,7 @@ class DVEmbAttributor:
     @property
     def _linear_layers(self) -> list[nn.Module]:
         """Upstream name: the hooked layer modules, in order (factorized modes)."""
-        return list(self._modules.values()) if self.use_factorization else []
+        return list(self.featurizer._modules.values()) if self.use_factorization else []
 
     @property
     def random_projectors(
@@ -209,205 +239,9 @@ class DVEmbAttributor:
     ) -> list[tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] | None:
         """Upstream name: per layer ``(project_input, project_output)`` callables.
 
-        Only in the factorized modes with projection (else ``None``).
-        ``project_input`` maps layer inputs ``(N, d_in)`` (or ``(N, d_in + 1)``
-        with the bias column of ones, which this implementation keeps; it is
-        appended when absent) to ``(N, projection_dim_per_layer)``;
-        ``project_output`` maps output gradients ``(N, d_out)`` likewise.
+        See :attr:`~dattri.algorithm.features.dvemb_grads.DVEmbGradients.random_projectors`.
         """
-        if not self.use_factorization or self._proj_type is None:
-            return None
-        out = []
-        for idx, (name, module) in enumerate(self._modules.items()):
-            p_in, p_out = self._factor_projectors(name, idx, module)
-
-            def proj_in(x: Tensor, p: Tensor = p_in) -> Tensor:
-                if x.shape[-1] == p.shape[1] - 1:
-                    x = torch.cat([x, x.new_ones((*x.shape[:-1], 1))], dim=-1)
-                return x @ p.T.to(x)
-
-            def proj_out(x: Tensor, p: Tensor = p_out) -> Tensor:
-                return x @ p.T.to(x)
-
-            out.append((proj_in, proj_out))
-        return out
-
-    # ------------------------------------------------------------- selection
-    def _select_modules(self, names: list[str] | None) -> dict[str, nn.Module]:
-        modules = dict(self.model.named_modules())
-        ok = {n: m for n, m in modules.items() if self._factorizable(m)}
-        if names is None:
-            chosen = {n: m for n, m in modules.items() if layer_kind(m) in ("linear", "conv1d")}
-        else:
-            bad = [n for n in names if n not in ok]
-            if bad:
-                msg = (
-                    f"layer_names {bad} are not nn.Linear/Conv1D/nn.Conv2d (groups=1) modules of "
-                    f"the model; valid names: {list(ok)}."
-                )
-                raise ValueError(msg)
-            chosen = {n: ok[n] for n in names}
-        if not chosen:
-            msg = "No Linear layers found for gradient factorization; pass layer_names."
-            raise ValueError(msg)
-        return chosen
-
-    @staticmethod
-    def _factorizable(module: nn.Module) -> bool:
-        kind = layer_kind(module)
-        return kind in ("linear", "conv1d") or (kind == "conv2d" and module.groups == 1)
-
-    def _select_params(self, names: list[str] | None) -> list[str]:
-        params = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        if names is None:
-            return params
-        modules = dict(self.model.named_modules())
-        chosen: list[str] = []
-        for name in names:
-            if name in params:
-                chosen.append(name)
-            elif name in modules:
-                prefix = f"{name}." if name else ""
-                chosen += [p for p in params if p.startswith(prefix)]
-            else:
-                msg = f"layer_names entry {name!r} is neither a module nor a parameter name."
-                raise ValueError(msg)
-        chosen = [p for p in params if p in set(chosen)]  # model order, no duplicates
-        if not chosen:
-            msg = f"layer_names {names} select no trainable parameter."
-            raise ValueError(msg)
-        return chosen
-
-    def _resolve_proj_type(self) -> str | None:
-        if self.proj_dim_per_layer is None:
-            return None
-        k = self.proj_dim_per_layer
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            msg = f"proj_params.proj_dim_per_layer must be a positive int or None, got {k!r}."
-            raise ValueError(msg)
-        ptype = str(getattr(self.proj_params.proj_type, "value", self.proj_params.proj_type))
-        if ptype == "identity":
-            warnings.warn(
-                "DVEmbProjectionParams has proj_type='identity' (the default) but "
-                f"proj_dim_per_layer={k}: using a 'normal' projection as upstream dattri. Set "
-                "proj_type explicitly to choose, or proj_dim_per_layer=None for none.",
-                UserWarning,
-                stacklevel=3,
-            )
-            ptype = "normal"
-        if self.factorization_type == "kronecker" and math.isqrt(k) ** 2 != k:
-            warnings.warn(
-                f"kronecker factorization uses isqrt({k}) = {math.isqrt(k)} per factor, i.e. "
-                f"{math.isqrt(k) ** 2} dims per layer; pass a perfect square.",
-                UserWarning,
-                stacklevel=3,
-            )
-        return ptype
-
-    # ----------------------------------------------------------- projection
-    def _factor_projectors(self, name: str, idx: int, module: nn.Module) -> tuple[Tensor, Tensor]:
-        """Dense ``(k_in, d_in + 1)`` and ``(k_out, d_out)`` factor projections."""
-        if name not in self.projectors:
-            k = self.proj_dim_per_layer
-            k_f = math.isqrt(k) if self.factorization_type == "kronecker" else k
-            w = module.weight
-            d_out, d_in = matrix_shape(module, with_bias=True)  # Conv1D: transposed
-            seed = int(getattr(self.proj_params, "proj_seed", 0)) + 1000 * idx
-            p_in = dense_projection_matrix(d_in, k_f, self._proj_type, seed, w.device, w.dtype)
-            p_out = dense_projection_matrix(
-                d_out, k_f, self._proj_type, seed + 1, w.device, w.dtype
-            )
-            self.projectors[name] = (p_in, p_out)
-        return self.projectors[name]
-
-    def _project_full(self, grads: Tensor) -> Tensor:
-        if self._proj_type is None:
-            return grads
-        if self._projector is None:
-            self._projector = full_projector(
-                grads, self.proj_dim_per_layer, self._proj_type, self.proj_params, self.device
-            )
-        return self._projector(grads)
-
-    # ---------------------------------------------------------- gradients
-    def _none_grads(self, batch: Any, target: bool) -> Tensor:
-        func = self.task.original_target_func if target else self.task.original_loss_func
-        params = {n: p.detach() for n, p in self.model.named_parameters()}
-        where = "a test batch" if target else "the batch given to cache_gradients"
-        with explained_errors(self.model, batch, where):
-            g = per_sample_grad(
-                self.model, func, params, batch, param_names=self._param_names, keep_batch_dim=False
-            )
-        return self._project_full(g)
-
-    def _factor_grads_from(self, store: dict, batch_size: int, record: bool = False) -> Tensor:
-        """Per-sample (projected) layer gradients from ``[input, output, grad]`` records.
-
-        The recorded output gradients are those of the batch's MEAN loss; they are
-        multiplied by the batch size to get each sample's own loss gradient. With
-        ``record`` and no projection, the per-layer factors of the step are kept in
-        ``self._step_factors`` for :attr:`cached_factors`.
-        """
-        parts = []
-        factors: list[dict[str, Any]] = []
-        for idx, (name, module) in enumerate(self._modules.items()):
-            calls = [(c[0], sum(c[2:])) for c in store[name] if len(c) >= 3]
-            if not calls:
-                msg = (
-                    f"No output gradient was recorded for layer {name!r}: the loss must be "
-                    "computed through it (with gradients enabled) and backpropagated."
-                )
-                raise ValueError(msg)
-            total = None
-            for a, ds in calls:
-                ds = ds * batch_size
-                if self._proj_type is None:
-                    attrs = ["weight", "bias"] if module.bias is not None else ["weight"]
-                    g = factor_grads(module, a, ds, attrs)
-                    r = torch.cat([g[t].reshape(batch_size, -1) for t in attrs], dim=1)
-                else:
-                    p_in, p_out = self._factor_projectors(name, idx, module)
-                    if self.factorization_type == "kronecker":
-                        r = kron_project(module, a, ds, p_in, p_out)
-                    else:
-                        fa, fs = linear_factors(module, a, ds, bias_column=True)
-                        r = ((fa @ p_in.T.to(fa)) * (fs @ p_out.T.to(fs))).sum(1)
-                        r = r * math.sqrt(p_in.shape[0])
-                total = r if total is None else total + r
-            if record and self._proj_type is None:
-                facs = [linear_factors(module, a, ds * batch_size, False) for a, ds in calls]
-                fa = torch.cat([f[0] for f in facs], dim=1).detach().cpu()
-                fs = torch.cat([f[1] for f in facs], dim=1).detach().cpu()
-                if fa.shape[1] == 1:  # one position: upstream's 2-D (B, d) factors
-                    fa, fs = fa[:, 0], fs[:, 0]
-                factors.append({"A": fa, "B": fs, "has_bias": module.bias is not None})
-            parts.append(total)
-        if record and self._proj_type is None:
-            self._step_factors = factors
-        return torch.cat(parts, dim=1)
-
-    def _factor_batch_grads(self, batch: Any, target: bool) -> Tensor:
-        func = self.task.original_target_func if target else self.task.original_loss_func
-        with capture_layer_calls(self._modules, grad_hooks=False) as store, torch.enable_grad():
-            loss = func(self.model, batch, self.device)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                msg = "The factorized loss(model, batch, device) must return a scalar mean loss."
-                raise ValueError(msg)
-            recs = [c for n in store for c in store[n]]
-            if not recs or not loss.requires_grad:
-                msg = "The loss does not depend on the selected layers (layer_names)."
-                raise ValueError(msg)
-            grads = torch.autograd.grad(loss, [c[1] for c in recs], allow_unused=True)
-        for c, g in zip(recs, grads):
-            c.append(torch.zeros_like(c[1]) if g is None else g.detach())
-            c[1] = None  # release the graph
-        return self._factor_grads_from(store, batch_size_of(batch), record=not target)
-
-    def _batch_grads(self, batch: Any, target: bool) -> Tensor:
-        batch = move_to_device(batch, self.device)
-        if self.use_factorization:
-            return self._factor_batch_grads(batch, target)
-        return self._none_grads(batch, target)
+        return self.featurizer.random_projectors
 
     # -------------------------------------------------------------- caching
     def _record(self, epoch: Any, grads: Tensor, indices: Tensor, learning_rate: float) -> None:
@@ -417,20 +251,9 @@ class DVEmbAttributor:
         self.cached_gradients.setdefault(epoch, []).append(grads.detach().cpu())
         self.learning_rates.setdefault(epoch, []).append(float(learning_rate) / grads.shape[0])
         self.data_indices.setdefault(epoch, []).append(indices.detach().cpu().long())
-        if self._step_factors is not None:
-            self.cached_factors.setdefault(epoch, []).append(self._step_factors)
-            self._step_factors = None
-
-    @staticmethod
-    def _check_step_args(indices: Any, learning_rate: Any) -> Tensor:
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)):
-            msg = f"learning_rate must be a number, got {type(learning_rate).__name__}."
-            raise TypeError(msg)
-        idx = torch.as_tensor(indices).reshape(-1)
-        if idx.is_floating_point() or (idx.numel() and int(idx.min()) < 0):
-            msg = "indices must be non-negative integer dataset indices of the batch samples."
-            raise ValueError(msg)
-        return idx
+        factors = self.featurizer.pop_step_factors()
+        if factors is not None:
+            self.cached_factors.setdefault(epoch, []).append(factors)
 
     def _set_method(self, method: str) -> None:
         if self._caching_method not in (None, method):
@@ -457,7 +280,7 @@ class DVEmbAttributor:
             learning_rate: learning rate of the step (the loss is a batch mean, so the
                 per-sample step size is ``learning_rate / B``).
         """
-        idx = self._check_step_args(indices, learning_rate)
+        idx = check_step_args(indices, learning_rate)
         self._set_method("direct")
         scan_huge_values(batch_data, "cache_gradients", 0, idx)
         if not self.cached_gradients and not self.use_factorization:
@@ -468,7 +291,7 @@ class DVEmbAttributor:
                 where="the first batch given to cache_gradients",
                 ckpt_idx=None,  # the live model being trained: load nothing
             )
-        grads = self._batch_grads(batch_data, target=False)
+        grads = self.featurizer(batch_data, target=False)
         self._record(epoch, grads, idx, learning_rate)
 
     @contextmanager
@@ -499,14 +322,14 @@ class DVEmbAttributor:
                 "with factorization_type='none'."
             )
             raise NotImplementedError(msg)
-        idx = self._check_step_args(indices, learning_rate)
+        idx = check_step_args(indices, learning_rate)
         self._set_method("context")
-        with capture_layer_calls(self._modules, grad_hooks=True) as store:
+        with capture_layer_calls(self.featurizer._modules, grad_hooks=True) as store:
             yield
         for recs in store.values():
             for c in recs:
                 c[1] = None
-        grads = self._factor_grads_from(store, idx.shape[0], record=True)
+        grads = self.featurizer.grads_from_records(store, idx.shape[0], record=True)
         self._record(epoch, grads, idx, learning_rate)
 
     def clear_cache(self) -> None:
@@ -537,7 +360,7 @@ class DVEmbAttributor:
             data_indices: optional ``{epoch: [indices (B_t,), ...]}`` (needed with
                 external gradients if no step was recorded).
             method: ``"auto"``, ``"dense"`` or ``"low_rank"``, see
-                :func:`dvemb_embeddings`.
+                :func:`~dattri.algorithm.features.dvemb_embeddings.dvemb_embeddings`.
 
         Raises:
             ValueError: if nothing is recorded, external gradients in a factorized mode,
@@ -549,72 +372,44 @@ class DVEmbAttributor:
         grads = self.cached_gradients if gradients is None else gradients
         lrs = self.learning_rates if learning_rates is None else learning_rates
         idxs = self.data_indices if data_indices is None else data_indices
-        if not grads or not any(len(v) for v in grads.values()):
-            msg = "No gradients cached. Call cache_gradients() during training first."
-            raise ValueError(msg)
-        steps = []
-        for epoch in sorted(grads):
-            g_list, l_list, i_list = grads[epoch], lrs.get(epoch), idxs.get(epoch)
-            if l_list is None or i_list is None or not len(g_list) == len(l_list) == len(i_list):
-                msg = (
-                    f"Epoch {epoch!r}: gradients, learning rates and data indices must have one "
-                    "entry per step (pass data_indices with external gradients)."
-                )
-                raise ValueError(msg)
-            for g, lr, ix in zip(g_list, l_list, i_list):
-                ix = torch.as_tensor(ix).reshape(-1).long()
-                if g.ndim != 2 or g.shape[0] != ix.shape[0]:
-                    msg = f"Epoch {epoch!r}: gradients must be (B, d) matching (B,) indices."
-                    raise ValueError(msg)
-                steps.append((epoch, g, float(lr), ix))
-        n = int(max(int(ix.max()) for _, _, _, ix in steps)) + 1
-        self.embeddings = dvemb_embeddings(steps, n, self.device, method, self.verbose)
+        steps, n = recorded_steps(grads, lrs, idxs)
+        self.embeddings = cache_embeddings(
+            steps,
+            n,
+            self.device,
+            method,
+            self.scale_options,
+            self,
+            self.featurizer.settings(),
+            self.verbose,
+        )
         if memory_saving:
             self.clear_cache()
 
     # ----------------------------------------------------------- attribution
-    def _embedding(self, epoch: Any, train_data_indices: Any) -> Tensor:
+    def _rows(self, epoch: Any, train_data_indices: Any) -> EmbeddingRows:
+        """The selected embedding rows (summed over epochs for ``epoch=None``)."""
         if not self.embeddings:
             msg = "Embeddings not computed: call cache() after recording the training steps."
             raise RuntimeError(msg)
         if epoch is None:
-            emb = sum(self.embeddings.values())
+            sources = list(self.embeddings.values())
         elif epoch in self.embeddings:
-            emb = self.embeddings[epoch]
+            sources = [self.embeddings[epoch]]
         else:
             msg = f"No embeddings for epoch {epoch!r}; recorded epochs: {sorted(self.embeddings)}."
             raise ValueError(msg)
         if train_data_indices is None:
-            return emb
-        idx = torch.as_tensor(train_data_indices, device=emb.device).reshape(-1).long()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= emb.shape[0]):
-            msg = f"train_data_indices must lie in [0, {emb.shape[0]})."
+            return EmbeddingRows(sources, None)
+        idx = torch.as_tensor(train_data_indices).reshape(-1).long().cpu().numpy()
+        n = sources[0].shape[0]
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            msg = f"train_data_indices must lie in [0, {n})."
             raise ValueError(msg)
-        return emb[idx]
+        return EmbeddingRows(sources, idx)
 
-    @loader_keywords(hint=_NO_TRAIN_LOADER)
-    def attribute(
-        self,
-        test_dataloader: Iterable,
-        epoch: Any = None,
-        train_data_indices: Sequence[int] | Tensor | None = None,
-    ) -> Tensor:
-        """Score every recorded training sample against every test sample.
-
-        Args:
-            test_dataloader: test samples (gradients of the target at the live model).
-            epoch: one epoch's embeddings, or None for the sum over epochs.
-            train_data_indices: rows to return (dataset indices); default all
-                ``0 .. max recorded index``.
-
-        Returns:
-            ``(n_train, n_test)``; larger = the sample lowered the test loss more.
-
-        Raises:
-            RuntimeError: before :meth:`cache`.
-            ValueError: for an unknown epoch or out-of-range indices.
-        """
-        emb = self._embedding(epoch, train_data_indices)
+    def _test_grads(self, test_dataloader: Iterable) -> Tensor:
+        """``(n_test, d)`` target gradients at the live model."""
         check_loader(test_dataloader, "test_dataloader")
         if not self.use_factorization:
             validate_loader(
@@ -625,13 +420,78 @@ class DVEmbAttributor:
                 target=True,
                 ckpt_idx=None,  # the live model
             )
-        cols = [
-            emb @ self._batch_grads(b, target=True).to(emb).T
+        grads = [
+            self.featurizer(b, target=True)
             for b in iterate(test_dataloader, "DVEmb test gradients", self.verbose)
         ]
-        return torch.cat(cols, dim=1)
+        return torch.cat(grads)
 
-    @loader_keywords
+    def _tiles(
+        self, test_dataloader: Iterable, epoch: Any, train_data_indices: Any
+    ) -> tuple[EmbeddingRows, Tensor, Iterator[tuple[int, int, Tensor]]]:
+        """Rows, test gradients and this rank's ``(row, col, tile)`` of ``S = E g^T``."""
+        rows = self._rows(epoch, train_data_indices)
+        test = self._test_grads(test_dataloader).to(device=rows.device, dtype=rows.dtype)
+        (n_test, d), item = test.shape, test.element_size()
+        budget = self.scale_options.max_memory
+        reserved = n_test * d * item if budget else 0
+        plan = plan_tiles(rows.shape[0], n_test, d, budget, itemsize=item, reserved=reserved)
+        store = ProjectedGradientStore(loader=None, features=[rows], block_rows=plan.train_block)
+        return rows, test, iter_store_tiles(store, [test], None, None, plan.test_block, True)
+
+    def attribute(
+        self,
+        test_dataloader: Iterable,
+        epoch: Any = None,
+        train_data_indices: Sequence[int] | Tensor | None = None,
+        *,
+        out: str | os.PathLike | None = None,
+    ) -> Tensor:
+        """Score every recorded training sample against every test sample.
+
+        Args:
+            test_dataloader: test samples (gradients of the target at the live model).
+            epoch: one epoch's embeddings, or None for the sum over epochs.
+            train_data_indices: rows to return (dataset indices); default all
+                ``0 .. max recorded index``.
+            out: path of a ``.npy`` score file: tiles are written there and a
+                memory-mapped float32 CPU tensor on it is returned.
+
+        Returns:
+            ``(n_train, n_test)``; larger = the sample lowered the test loss more.
+
+        Raises:
+            RuntimeError: before :meth:`cache`.
+            ValueError: for an unknown epoch or out-of-range indices.
+        """
+        rows, test, tiles = self._tiles(test_dataloader, epoch, train_data_indices)
+        sink = make_sink(out, rows.shape[0], test.shape[0], rows.dtype, rows.device)
+        for row, col, tile in tiles:
+            sink.add(row, col, tile)
+        return sink.finalize()
+
+    def attribute_topk(
+        self,
+        test_dataloader: Iterable,
+        k: int,
+        epoch: Any = None,
+        train_data_indices: Sequence[int] | Tensor | None = None,
+    ) -> TopKResult:
+        """Per-test top-k helpful/harmful training rows, streamed tile by tile.
+
+        Args:
+            test_dataloader: test samples.
+            k: training rows per side.
+            epoch: one epoch, or None for all.
+            train_data_indices: the candidate rows (positions in the result refer to
+                this list); default all.
+
+        Returns:
+            A :class:`~dattri.algorithm.score.topk.TopKResult` with ``(n_test, k)`` tensors.
+        """
+        _, test, tiles = self._tiles(test_dataloader, epoch, train_data_indices)
+        return topk_of_tiles(tiles, k, test.shape[0])
+
     def self_attribute(
         self,
         train_dataloader: Iterable,
@@ -650,14 +510,18 @@ class DVEmbAttributor:
             ``(n,)``, equal to ``attribute(train_dataloader, epoch, idx).diag()``.
         """
         check_loader(train_dataloader, "train_dataloader")
-        full = self._embedding(epoch, None)
-        out, pos = [], 0
-        for b in iterate(train_dataloader, "DVEmb self-attribution", self.verbose):
-            g = self._batch_grads(b, target=True).to(full)
-            if train_data_indices is None:
-                idx = torch.arange(pos, pos + g.shape[0])
-            else:
-                idx = torch.as_tensor(train_data_indices).reshape(-1)[pos : pos + g.shape[0]]
-            pos += g.shape[0]
-            out.append((self._embedding(epoch, idx) * g).sum(dim=1))
-        return torch.cat(out)
+        self._rows(epoch, None)  # cached, valid epoch
+        pairs = iter_row_batches(train_dataloader, True, "DVEmb self-attribution", self.verbose)
+        given = None
+        if train_data_indices is not None:
+            given = torch.as_tensor(train_data_indices).reshape(-1).long().cpu().numpy()
+        out = []
+        for _, b, pos in pairs:
+            g = self.featurizer(b, target=True)
+            stop = pos + g.shape[0]
+            idx = np.arange(pos, stop) if given is None else given[pos:stop]
+            emb = self._rows(epoch, idx)[0 : len(idx)]
+            out.append((emb * g.to(emb)).sum(dim=1))
+        rows = self._rows(epoch, None)
+        local = torch.cat(out) if out else torch.zeros(0, dtype=rows.dtype, device=rows.device)
+        return gather_rows(local)

@@ -19,25 +19,29 @@ exactly ``theta^T = sum_i x_i alpha_i`` with
 
 so ``phi(x_test) = sum_i alpha_i <x_i, x_test>``. (Upstream divided by ``n`` twice.)
 
-DVEmb helpers: :func:`dvemb_embeddings` (the backward recursion) and the projections
-:func:`full_projector` / :func:`dense_projection_matrix` built on
-:mod:`dattri.func.projection`.
+The DVEmb helpers :func:`dvemb_embeddings`, :func:`full_projector`,
+:func:`dense_projection_matrix` and :func:`capture_layer_calls` live in
+:mod:`dattri.algorithm.features.dvemb_embeddings` / ``dvemb_grads`` and are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import scipy.optimize
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
+from dattri.algorithm.features.dvemb_embeddings import dvemb_embeddings
+from dattri.algorithm.features.dvemb_grads import (
+    capture_layer_calls,
+    dense_projection_matrix,
+    full_projector,
+)
 from dattri.algorithm.runtime.batching import check_loader
+from dattri.algorithm.runtime.validation import required_positional_args
 
 __all__ = [
     "backtracking_line_search",
@@ -56,7 +60,6 @@ __all__ = [
 ]
 
 RPS_SOLVERS = ("lbfgs", "gd")
-DVEMB_METHODS = ("auto", "dense", "low_rank")
 
 
 def _check_shuffle(dataloader: Iterable) -> None:
@@ -361,199 +364,3 @@ def rps_corr_check(
     if verbose:
         print(f"RPS reconstruction per class: mean |diff| {l1.tolist()}, pearson {corr.tolist()}")
     return l1, corr
-
-
-# ------------------------------------------------------------------ DVEmb
-def dvemb_embeddings(
-    steps: Sequence[tuple[Any, Tensor, float, Tensor]],
-    num_samples: int,
-    device: str | torch.device = "cpu",
-    method: str = "auto",
-    verbose: bool = False,
-) -> dict[Any, Tensor]:
-    """Data value embeddings from recorded training steps (backward recursion).
-
-    Args:
-        steps: chronological list of ``(epoch, grads (B_t, d), eta_t, indices (B_t,))``;
-            ``eta_t`` multiplies the per-sample gradients in the SGD update
-            (``lr / B`` for a mean loss).
-        num_samples: number of training samples (rows of each embedding).
-        device: device of the computation.
-        method: ``"dense"`` (``d x d`` matrix ``M``), ``"low_rank"`` (``M = E^T G``
-            kept implicitly) or ``"auto"`` (low-rank iff ``N < 2 d``, ``N`` = number of
-            recorded sample-steps).
-        verbose: progress bar.
-
-    Returns:
-        ``{epoch: (num_samples, d)}`` embeddings (summed over the steps of the epoch).
-
-    Raises:
-        ValueError: on NaN/inf, an unknown method or inconsistent shapes.
-    """
-    if method not in DVEMB_METHODS:
-        msg = f"method must be one of {DVEMB_METHODS}, got {method!r}."
-        raise ValueError(msg)
-    dims = {g.shape[1] for _, g, _, _ in steps}
-    if len(dims) != 1:
-        msg = f"All recorded gradients must have the same dimension; got {sorted(dims)}."
-        raise ValueError(msg)
-    d = dims.pop()
-    dtype = steps[0][1].dtype
-    n_rows = sum(g.shape[0] for _, g, _, _ in steps)
-    low_rank = method == "low_rank" or (method == "auto" and n_rows < 2 * d)
-    out: dict[Any, Tensor] = {}
-    if low_rank:
-        g_buf = torch.empty(n_rows, d, dtype=dtype, device=device)
-        e_buf = torch.empty(n_rows, d, dtype=dtype, device=device)
-        pos = n_rows
-    else:
-        m = torch.zeros(d, d, dtype=dtype, device=device)
-    for epoch, grads, eta, idx in tqdm(
-        list(reversed(steps)), desc="DVEmb", disable=not verbose, leave=False
-    ):
-        g = grads.to(device=device, dtype=dtype)
-        if low_rank:
-            e = eta * (g - (g @ g_buf[pos:].T) @ e_buf[pos:])
-            pos -= g.shape[0]
-            g_buf[pos : pos + g.shape[0]] = g
-            e_buf[pos : pos + g.shape[0]] = e
-        else:
-            e = eta * (g - g @ m.T)
-            m += e.T @ g
-        if not bool(torch.isfinite(e).all()):
-            msg = (
-                f"Non-finite DVEmb values at epoch {epoch}: the learning rates or gradients "
-                "are too large (or contain NaN/inf)."
-            )
-            raise ValueError(msg)
-        if epoch not in out:
-            out[epoch] = torch.zeros(num_samples, d, dtype=dtype, device=device)
-        out[epoch].index_add_(0, idx.to(device=device, dtype=torch.long), e)
-    return out
-
-
-def full_projector(
-    sample: Tensor, proj_dim: int, proj_type: str, proj_params: Any, device: str | torch.device
-) -> Callable[[Tensor], Tensor]:
-    """Random projection of ``(B, p)`` features to ``(B, proj_dim)``.
-
-    Args:
-        sample: a ``(B, p)`` feature batch (defines ``p`` and the dtype).
-        proj_dim: output dimension ``k``.
-        proj_type: projection type (``"normal"``, ``"rademacher"``, ``"sjlt"``, ...).
-        proj_params: the user's projection parameters (``proj_seed`` and
-            ``proj_max_batch_size`` are read from it when present).
-        device: device of the projection.
-
-    Returns:
-        ``f(features (B, p)) -> (B, k)`` (the same projection for every call).
-    """
-    from dattri.func.projection import random_project
-    from dattri.params.projection import RandomProjectionParams
-
-    params = RandomProjectionParams(
-        proj_dim=proj_dim,
-        proj_max_batch_size=int(getattr(proj_params, "proj_max_batch_size", 64)),
-        proj_seed=int(getattr(proj_params, "proj_seed", 0)),
-        feature_batch_size=sample.shape[0],
-        device=device,
-        proj_type=proj_type,
-    )
-    project = random_project(sample, params)
-    return lambda features: project(features, ensemble_id=0)
-
-
-def dense_projection_matrix(
-    dim: int,
-    proj_dim: int,
-    proj_type: str,
-    seed: int,
-    device: str | torch.device,
-    dtype: torch.dtype,
-    block: int = 1024,
-) -> Tensor:
-    """The matrix ``P`` of a random projection ``x -> P x`` as a dense tensor.
-
-    Obtained by projecting the identity (in row blocks), so it includes the
-    projector's scaling (e.g. ``1/sqrt(k)`` for ``"normal"``).
-
-    Args:
-        dim: input dimension ``d``.
-        proj_dim: output dimension ``k``.
-        proj_type: projection type.
-        seed: projection seed.
-        device: device of the matrix.
-        dtype: dtype of the matrix.
-        block: rows of the identity projected at once.
-
-    Returns:
-        ``(k, d)`` matrix.
-    """
-    eye = torch.eye(dim, dtype=dtype, device=device)
-
-    class _Seed:
-        proj_seed = seed
-        proj_max_batch_size = block
-
-    project = full_projector(eye[: min(block, dim)], proj_dim, proj_type, _Seed, device)
-    cols = [project(eye[s : s + block]) for s in range(0, dim, block)]
-    return torch.cat(cols, dim=0).T.contiguous()
-
-
-def required_positional_args(func: Callable) -> int:
-    """Number of required positional parameters of ``func`` (``-1`` if unknown).
-
-    Args:
-        func: any callable.
-
-    Returns:
-        The count of positional parameters without a default.
-    """
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):
-        return -1
-    return sum(
-        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        for p in sig.parameters.values()
-    )
-
-
-@contextmanager
-def capture_layer_calls(
-    modules: Mapping[str, nn.Module], grad_hooks: bool
-) -> Generator[dict[str, list[list[Tensor]]], None, None]:
-    """Record every grad-enabled call of some layers as ``[input, output]``.
-
-    With ``grad_hooks`` the output gradient is appended to the record during the
-    caller's own backward (``[input, output, grad]``); without, the caller takes
-    gradients with respect to the recorded outputs itself. Hooks are removed on exit.
-
-    Args:
-        modules: ``{name: module}`` to hook.
-        grad_hooks: also capture output gradients through tensor hooks.
-
-    Yields:
-        ``{name: [record, ...]}``, one record per call, filled as the model runs.
-    """
-    store: dict[str, list[list[Tensor]]] = {n: [] for n in modules}
-    handles = []
-
-    def make(name: str) -> Callable:
-        def hook(_m: nn.Module, args: tuple, out: Tensor) -> None:
-            if not (torch.is_grad_enabled() and isinstance(out, Tensor) and out.requires_grad):
-                return
-            rec = [args[0].detach(), out]
-            store[name].append(rec)
-            if grad_hooks:
-                out.register_hook(lambda g: rec.append(g.detach()))
-
-        return hook
-
-    try:
-        for n, m in modules.items():
-            handles.append(m.register_forward_hook(make(n)))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()

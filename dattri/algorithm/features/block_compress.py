@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dattri.algorithm.runtime.validation import required_positional_args
 from dattri.func.layer_grads import layer_kind, matrix_shape
 
 __all__ = [
@@ -290,25 +291,6 @@ def build_compressors(
     return out
 
 
-def _required_args(func: Callable) -> int:
-    """Number of required positional arguments of ``func`` (-1 if unknown).
-
-    Args:
-        func: A callable.
-
-    Returns:
-        The count.
-    """
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):
-        return -1
-    return sum(
-        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        for p in sig.parameters.values()
-    )
-
-
 def _names_device_third(func: Callable) -> bool:
     """Whether the third positional parameter is called ``device`` (eager loss with a default).
 
@@ -379,7 +361,7 @@ def functional_loss(
     Raises:
         ValueError: "Wrong loss function format" if the signature matches neither.
     """
-    n_args = _required_args(func)
+    n_args = required_positional_args(func)
     if n_args == 2 and not _names_device_third(func):
         return func
     if n_args == 3 or _names_device_third(func):

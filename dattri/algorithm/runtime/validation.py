@@ -17,6 +17,7 @@ Every attributor calls these helpers instead of keeping its own copies:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +31,8 @@ __all__ = [
     "explain_batches",
     "is_single_pass",
     "require_reiterable",
+    "require_task",
+    "required_positional_args",
     "resolve_device",
     "scan_huge_values",
     "validate_loader",
@@ -263,3 +266,31 @@ def first_of(batch: Any) -> Tensor | None:
 
     tensors = tensors_of(batch)
     return tensors[0] if tensors else None
+
+
+def require_task(task: Any) -> None:
+    """Raise a ``TypeError`` unless ``task`` is an :class:`~dattri.task.AttributionTask`."""
+    from dattri.task import AttributionTask
+
+    if not isinstance(task, AttributionTask):
+        msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
+        raise TypeError(msg)
+
+
+def required_positional_args(func: Callable) -> int:
+    """Number of required positional parameters of ``func`` (``-1`` if unknown).
+
+    Args:
+        func: any callable.
+
+    Returns:
+        The count of positional parameters without a default.
+    """
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return -1
+    return sum(
+        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in sig.parameters.values()
+    )

@@ -47,6 +47,7 @@ __all__ = [
     "TilePlan",
     "TopKSink",
     "iter_loader_tiles",
+    "iter_row_batches",
     "iter_store_tiles",
     "make_sink",
     "merge_topk",
@@ -466,6 +467,24 @@ def iter_loader_tiles(
         ``(row_start, col_start, tile)``.
     """
     cols_list = _col_slices(tests[0].shape[0], test_block)
+    for b, batch, row in iter_row_batches(loader, shard, "attribute", verbose):
+        feats, scale = featurize(b, batch)
+        for cols in cols_list:
+            yield row, cols.start, _tile(feats, tests, cols, weights, scale)
+
+
+def iter_row_batches(
+    loader: Iterable, shard: bool, desc: str = "batches", verbose: bool = False
+) -> Iterator[tuple[int, object, int]]:
+    """Yield ``(batch_index, batch, first_row)`` of ``loader`` (with a progress bar).
+
+    Args:
+        loader: the batches.
+        shard: only this rank's contiguous share of the batches (torch.distributed;
+            a map-style ``DataLoader`` loads only those).
+        desc: progress-bar label.
+        verbose: progress bar.
+    """
     if shard and is_distributed():
         from dattri.algorithm.store.memmap_store import batch_plan, iter_batches
 
@@ -477,10 +496,7 @@ def iter_loader_tiles(
     else:
         pairs = _with_rows(loader)
         total = len(loader) if hasattr(loader, "__len__") else None
-    for b, batch, row in iterate(pairs, "attribute", verbose, total=total):
-        feats, scale = featurize(b, batch)
-        for cols in cols_list:
-            yield row, cols.start, _tile(feats, tests, cols, weights, scale)
+    yield from iterate(pairs, desc, verbose, total=total)
 
 
 def _with_rows(loader: Iterable) -> Iterator[tuple[int, object, int]]:

@@ -544,6 +544,24 @@ class MemmapFeatureStore:
         self._write_np(name, start, raw)
         self._write_np(checksum_array(name), start, row_checksums(raw))
 
+    def put(self, unit: str, start: int, values: Mapping[str, Tensor]) -> None:
+        """Write rows of several arrays for ``unit`` and record them as done.
+
+        For stores filled without a loader (e.g. DVEmb's embeddings); persist with
+        :meth:`commit`.
+
+        Args:
+            unit: the progress unit.
+            start: first row.
+            values: ``{array_name: (rows, ...)}``, all with the same number of rows.
+        """
+        stop = start + int(next(iter(values.values())).shape[0])
+        for name, v in values.items():
+            self.write(name, start, v)
+        self._arrays.setdefault(unit, set()).update(values)
+        self.mark_done(unit, start, stop)
+        self._trusted[unit] = _merge([*self._trusted.get(unit, []), [start, stop]])
+
     def read(
         self,
         name: str,
