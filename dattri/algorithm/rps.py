@@ -17,23 +17,36 @@ Bias: if the layer has a bias, a constant 1 is appended to the features and the 
 is fitted (and L2-penalised) together with the weight, so ``<f_i, f_t>`` includes
 ``+1``. ``normalize_preactivate=True`` L2-normalises the features before that, in the
 fit and in the scores alike (so the decomposition stays exact).
+
+Pipeline: :class:`~dattri.algorithm.features.last_layer.LastLayerFeaturizer` gives the
+per-sample rows ``[f_i, phi_i]`` of the training set (in memory, in the resumable
+memmap store with ``cache_dir``, sharded over torch.distributed ranks); the fit uses
+all rows; scores are produced in ``(train block, test block)`` tiles (sizes from
+``max_memory``) into a sink: a tensor, a ``.npy`` file (``out=``) or a streaming top-k.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dattri.algorithm.base import BaseAttributor
-from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
-from dattri.algorithm.runtime.validation import require_reiterable, resolve_device
-from dattri.algorithm.utils import RPS_SOLVERS, rps_alpha, rps_finetune_theta
-from dattri.loss_checks import explained_errors, train_mode_ok
+from dattri.algorithm.features.last_layer import LastLayerFeaturizer
+from dattri.algorithm.runtime.batching import check_loader
+from dattri.algorithm.runtime.distributed import gather_rows, is_distributed
+from dattri.algorithm.runtime.validation import require_reiterable, require_task, resolve_device
+from dattri.algorithm.score.tiles import iter_row_batches, make_sink, plan_tiles, topk_of_tiles
+from dattri.algorithm.score.topk import TopKResult
+from dattri.algorithm.store.in_memory import ProjectedGradientStore
+from dattri.algorithm.store.memmap_store import batch_plan
+from dattri.algorithm.store.scaled import ScaleOptions, collect_features_scaled
+from dattri.algorithm.utils import check_rps_settings, rps_alpha, rps_finetune_theta
+from dattri.loss_checks import train_mode_ok
 from dattri.task import AttributionTask
 
 __all__ = ["RPSAttributor"]
@@ -66,6 +79,12 @@ class RPSAttributor(BaseAttributor):
         label_key: label entry of dict batches.
         solver: ``"lbfgs"`` (default) or ``"gd"``, see
             :func:`~dattri.algorithm.utils.rps_finetune_theta`.
+        cache_dir: directory of a resumable on-disk store of the training rows
+            ``[f_i, phi_i]`` written by :meth:`cache` (shared by torch.distributed ranks).
+        store_dtype: storage dtype of that store; default: the model's.
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``): sets the
+            tile sizes and spills the rows to a temporary store if needed. The fit
+            itself holds the ``(n, d)`` features.
     """
 
     def __init__(
@@ -80,19 +99,13 @@ class RPSAttributor(BaseAttributor):
         *,
         label_key: str = "labels",
         solver: str = "lbfgs",
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
-        if not isinstance(l2_strength, (int, float)) or not l2_strength > 0:
-            msg = f"l2_strength must be a positive number, got {l2_strength!r}."
-            raise ValueError(msg)
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-            msg = f"epoch must be a positive int, got {epoch!r}."
-            raise ValueError(msg)
-        if solver not in RPS_SOLVERS:
-            msg = f"solver must be one of {RPS_SOLVERS}, got {solver!r}."
-            raise ValueError(msg)
+        require_task(task)
+        check_rps_settings(l2_strength, epoch, solver)
+        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
         self.task = task
         self.final_linear_layer_name = final_linear_layer_name
         self.normalize_preactivate = normalize_preactivate
@@ -105,11 +118,12 @@ class RPSAttributor(BaseAttributor):
         self.loss_func = task.get_target_func(flatten=False)
         with train_mode_ok():  # RPS runs the model in eval mode itself
             task.load_checkpoint(0)
-        self._layer()  # validates the name
+        self.featurizer = LastLayerFeaturizer(task, final_linear_layer_name, self.device, label_key)
         #: fitted ``(C, d [+1])`` weights, one per checkpoint (bias as last column).
         self.theta: list[Tensor] = []
         #: number of samples in the fit.
         self.n_train: int | None = None
+        self._store: ProjectedGradientStore | None = None
 
     # --------------------------------------------------------------- helpers
     @property
@@ -118,97 +132,7 @@ class RPSAttributor(BaseAttributor):
         return len(self.task.get_checkpoints())
 
     def _layer(self) -> nn.Linear:
-        model = self.task.get_model()
-        name = self.final_linear_layer_name
-        if not isinstance(name, str):
-            msg = f"final_linear_layer_name must be a module name (str), got {type(name).__name__}."
-            raise TypeError(msg)
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError as exc:
-            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            msg = (
-                f"final_linear_layer_name {name!r} is not a module of the model; "
-                f"Linear layers: {names}."
-            )
-            raise ValueError(msg) from exc
-        if not isinstance(layer, nn.Linear):
-            msg = f"final_linear_layer_name {name!r} is a {type(layer).__name__}, not nn.Linear."
-            raise TypeError(msg)
-        return layer
-
-    def _labels(self, batch: Any) -> Tensor:
-        if isinstance(batch, Mapping):
-            if self.label_key not in batch:
-                msg = (
-                    f"dict batch has no label entry {self.label_key!r} (keys {list(batch)}); "
-                    "set label_key=..."
-                )
-                raise ValueError(msg)
-            return batch[self.label_key]
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            return batch[-1]
-        msg = "RPS needs labels: use (x, y) batches or dict batches with label_key."
-        raise ValueError(msg)
-
-    def _forward(self, model: nn.Module, batch: Any) -> None:
-        if isinstance(batch, Mapping):
-            model(**{k: v for k, v in batch.items() if k != self.label_key})
-        elif isinstance(batch, (tuple, list)) and len(batch) > 2:
-            model(*batch[:-1])
-        elif isinstance(batch, (tuple, list)):
-            model(batch[0])
-        else:
-            model(batch)
-
-    def _collect(
-        self, loader: Iterable, ckpt_idx: int, name: str, labels: bool
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Layer inputs ``(n, d)``, outputs ``(n, C)`` and optionally labels ``(n,)``."""
-        check_loader(loader, name)
-        with train_mode_ok():  # eval mode is set below
-            self.task.load_checkpoint(ckpt_idx)
-        model, layer = self.task.get_model(), self._layer()
-        try:
-            model_device = next(model.parameters()).device
-        except StopIteration:
-            model_device = self.device
-        feats: list[Tensor] = []
-        outs: list[Tensor] = []
-        labs: list[Tensor] = []
-
-        def hook(_m: nn.Module, args: tuple, out: Tensor) -> None:
-            feats.append(args[0].detach().to(self.device))
-            outs.append(out.detach().to(self.device))
-
-        was_training = model.training
-        handle = layer.register_forward_hook(hook)
-        model.eval()
-        try:
-            with torch.no_grad():
-                for batch in iterate(loader, f"RPS features ({name})", self.verbose):
-                    count = len(feats)
-                    with explained_errors(model, batch, f"a batch of {name}", "the model"):
-                        self._forward(model, move_to_device(batch, model_device))
-                    if len(feats) != count + 1:
-                        msg = (
-                            f"Layer {self.final_linear_layer_name!r} was called "
-                            f"{len(feats) - count} times in one forward; RPS needs exactly one."
-                        )
-                        raise ValueError(msg)
-                    if labels:
-                        labs.append(self._labels(batch).to(self.device).reshape(-1))
-        finally:
-            handle.remove()
-            model.train(was_training)
-        f, o = torch.cat(feats), torch.cat(outs)
-        if f.ndim != 2:
-            msg = (
-                f"The input of {self.final_linear_layer_name!r} has shape {tuple(f.shape[1:])} "
-                "per sample; RPS needs flat (d,) features (no sequence dimension)."
-            )
-            raise ValueError(msg)
-        return f, o, torch.cat(labs) if labels else None
+        return self.featurizer.layer()
 
     def _features(self, f: Tensor) -> Tensor:
         """Feature map of the fit: optional normalisation, ones column for the bias."""
@@ -219,17 +143,44 @@ class RPSAttributor(BaseAttributor):
             f = torch.cat([f, f.new_ones(f.shape[0], 1)], dim=1)
         return f
 
+    def _x_alpha(self, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Features ``x (n, d')`` and representer weights ``alpha (n, C)`` of ``[f, phi]`` rows."""
+        f, o = self.featurizer.split(rows)
+        x = self._features(f)
+        alpha = rps_alpha(
+            self.theta[k], self.loss_func, x, o.to(torch.float64), self.l2_strength, self.n_train
+        )
+        return x, alpha
+
     # ---------------------------------------------------------------- phases
     def cache(self, full_train_dataloader: Iterable) -> None:
         """Fit the last layer on the training set (one fit per checkpoint).
+
+        The rows ``[f_i, phi_i]`` are kept (in memory, or in the store of
+        ``cache_dir``: a second ``cache`` on the same directory resumes an interrupted
+        one) and reused when :meth:`attribute` gets this same loader.
 
         Args:
             full_train_dataloader: the training data of the fit (``n`` samples).
         """
         require_reiterable(full_train_dataloader, "full_train_dataloader", "RPSAttributor")
+        check_loader(full_train_dataloader, "full_train_dataloader")
+        store = collect_features_scaled(
+            self.featurizer,
+            full_train_dataloader,
+            self.num_checkpoints,
+            self.scale_options,
+            self,
+            kind="RPS last-layer rows",
+            verbose=self.verbose,
+            desc="RPS features (full_train_dataloader)",
+        )
         thetas = []
         for k in range(self.num_checkpoints):
-            f, o, _ = self._collect(full_train_dataloader, k, "full_train_dataloader", False)
+            rows = store.features[k]
+            f, o = self.featurizer.split(getattr(rows, "materialize", lambda r=rows: r)())
+            with train_mode_ok():
+                self.task.load_checkpoint(k)
             layer = self._layer()
             init = layer.weight.detach()
             if layer.bias is not None:
@@ -249,6 +200,7 @@ class RPSAttributor(BaseAttributor):
             )
             self.n_train = x.shape[0]
         self.theta = thetas
+        self._store = store
 
     def _ensure_cached(self, train_dataloader: Iterable) -> None:
         if self.theta:
@@ -256,43 +208,121 @@ class RPSAttributor(BaseAttributor):
         warnings.warn(
             "RPSAttributor: cache() was not called; fitting the last layer on train_dataloader.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         self.cache(train_dataloader)
 
-    def _train_side(self, loader: Iterable, k: int, labels: bool) -> tuple:
-        f, o, y = self._collect(loader, k, "train_dataloader", labels)
-        x = self._features(f)
-        alpha = rps_alpha(
-            self.theta[k], self.loss_func, x, o.to(torch.float64), self.l2_strength, self.n_train
-        )
-        return x, alpha, y, f.dtype
+    def _local_rows(self, loader: Iterable, labels: bool) -> tuple[int, list[tuple]]:
+        """This rank's share of ``loader``: first row and per checkpoint ``(rows, y)``."""
+        pairs = list(iter_row_batches(loader, True))
+        batches = [b for _, b, _ in pairs]
+        out = []
+        for k in range(self.num_checkpoints):
+            f, o, y = self.featurizer.rows(batches, k, "train_dataloader", labels)
+            out.append((torch.cat([f, o], dim=1), y))
+        return (pairs[0][2] if pairs else 0), out
 
-    def attribute(self, train_dataloader: Iterable, test_dataloader: Iterable) -> Tensor:
+    def _tests(self, test_dataloader: Iterable) -> list[tuple[Tensor, Tensor | None]]:
+        """Per checkpoint test features ``(m, d')`` and labels ``(m,)`` (multi-class)."""
+        check_loader(test_dataloader, "test_dataloader")
+        multi = self.featurizer.num_classes > 1
+        tests = []
+        for k in range(self.num_checkpoints):
+            f_te, _, y_te = self.featurizer.rows(test_dataloader, k, "test_dataloader", multi)
+            if multi:
+                self._check_labels(y_te, self.featurizer.num_classes)
+            tests.append((self._features(f_te), y_te))
+        self._out_dtype = f_te.dtype
+        return tests
+
+    def _iter_tiles(
+        self, train_dataloader: Iterable, tests: list[tuple[Tensor, Tensor | None]]
+    ) -> tuple[int, Iterator[tuple[int, int, Tensor]]]:
+        """``n_train`` and this rank's ``(row, col, tile)`` of the mean representer values."""
+        check_loader(train_dataloader, "train_dataloader")
+        self._ensure_cached(train_dataloader)
+        n_test, width = tests[0][0].shape
+        budget = self.scale_options.max_memory
+        reserved = len(tests) * n_test * width * 8 if budget else 0
+        store = self._store
+        if store is not None and store.is_for(train_dataloader):
+            n = store.num_samples
+            sources, offset = store.features, 0
+            blocks = None  # the store's own (sharded) row blocks
+        else:
+            offset, local = self._local_rows(train_dataloader, False)
+            sources = [rows for rows, _ in local]
+            n = sum(batch_plan(train_dataloader)) if is_distributed() else len(sources[0])
+            store = ProjectedGradientStore(loader=None, features=sources)
+            blocks = False
+        plan = plan_tiles(
+            n, n_test, width + self.featurizer.out_dim, budget, itemsize=8, reserved=reserved
+        )
+        store.block_rows = plan.train_block
+        row_blocks = store.row_blocks(n_test, shard=blocks is None)
+        cols = [
+            slice(c, min(c + plan.test_block, n_test)) for c in range(0, n_test, plan.test_block)
+        ]
+        return n, self._tiles(sources, row_blocks, offset, tests, cols)
+
+    def _tiles(
+        self, sources: list, row_blocks: Iterator[slice], offset: int, tests: list, cols: list
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        for rows in row_blocks:
+            parts = [self._x_alpha(src[rows], k) for k, src in enumerate(sources)]
+            for c in cols:
+                total = None
+                for (x, alpha), (xt, yt) in zip(parts, tests):
+                    kern = x @ xt[c].T
+                    score = kern * (alpha[:, yt[c].long()] if alpha.shape[1] > 1 else alpha)
+                    total = score if total is None else total + score
+                yield offset + rows.start, c.start, (total / len(sources)).to(self._out_dtype)
+
+    def attribute(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        *,
+        out: str | os.PathLike | None = None,
+    ) -> Tensor:
         """Representer values of every (train, test) pair.
 
         Args:
             train_dataloader: training samples (rows); for the exact decomposition, the
                 samples of the fit.
             test_dataloader: test samples (columns); labels pick the class.
+            out: path of a ``.npy`` score file: tiles are written there and a
+                memory-mapped float32 CPU tensor on it is returned.
 
         Returns:
             ``(n_train, n_test)``: ``alpha_i[y_t] <f_i, f_t>`` (single output:
             ``alpha_i <f_i, f_t>``), mean over checkpoints, in the model's dtype.
         """
         self._ensure_cached(train_dataloader)
-        total = None
-        for k in range(self.num_checkpoints):
-            x, alpha, _, dtype = self._train_side(train_dataloader, k, False)
-            f_te, _, y_te = self._collect(test_dataloader, k, "test_dataloader", alpha.shape[1] > 1)
-            kern = x @ self._features(f_te).T
-            if alpha.shape[1] > 1:
-                self._check_labels(y_te, alpha.shape[1])
-                score = kern * alpha[:, y_te.long()]
-            else:
-                score = kern * alpha
-            total = score if total is None else total + score
-        return (total / self.num_checkpoints).to(dtype)
+        tests = self._tests(test_dataloader)
+        n, tiles = self._iter_tiles(train_dataloader, tests)
+        sink = make_sink(out, n, tests[0][0].shape[0], self._out_dtype, self.device)
+        for row, col, tile in tiles:
+            sink.add(row, col, tile)
+        return sink.finalize()
+
+    def attribute_topk(
+        self, train_dataloader: Iterable, test_dataloader: Iterable, k: int
+    ) -> TopKResult:
+        """Per-test top-k helpful/harmful training samples, streamed tile by tile.
+
+        Args:
+            train_dataloader: training samples.
+            test_dataloader: test samples.
+            k: training samples per side.
+
+        Returns:
+            A :class:`~dattri.algorithm.score.topk.TopKResult` with ``(n_test, k)`` tensors.
+        """
+        self._ensure_cached(train_dataloader)
+        tests = self._tests(test_dataloader)
+        _, tiles = self._iter_tiles(train_dataloader, tests)
+        return topk_of_tiles(tiles, k, tests[0][0].shape[0])
 
     def self_attribute(self, train_dataloader: Iterable) -> Tensor:
         """Representer value of each training sample for itself.
@@ -303,18 +333,26 @@ class RPSAttributor(BaseAttributor):
         Returns:
             ``(n_train,)``, equal to ``attribute(train, train).diag()``.
         """
+        check_loader(train_dataloader, "train_dataloader")
         self._ensure_cached(train_dataloader)
+        multi = self.featurizer.num_classes > 1
+        _, local = self._local_rows(train_dataloader, multi)
         total = None
-        for k in range(self.num_checkpoints):
-            x, alpha, y, dtype = self._train_side(train_dataloader, k, True)
-            if alpha.shape[1] > 1:
+        for k, (rows, y) in enumerate(local):
+            if rows.shape[0] == 0:
+                break
+            x, alpha = self._x_alpha(rows, k)
+            if multi:
                 self._check_labels(y, alpha.shape[1])
                 a = alpha.gather(1, y.long().unsqueeze(1)).squeeze(1)
             else:
                 a = alpha[:, 0]
             val = (x * x).sum(dim=1) * a
             total = val if total is None else total + val
-        return (total / self.num_checkpoints).to(dtype)
+        dtype = self._layer().weight.dtype
+        if total is None:
+            return gather_rows(torch.zeros(0, dtype=dtype, device=self.device))
+        return gather_rows((total / self.num_checkpoints).to(local[0][0].dtype))
 
     @staticmethod
     def _check_labels(y: Tensor | None, num_classes: int) -> None:

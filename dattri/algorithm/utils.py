@@ -28,6 +28,7 @@ re-exported here.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import scipy.optimize
@@ -46,6 +47,7 @@ from dattri.algorithm.runtime.validation import required_positional_args
 __all__ = [
     "backtracking_line_search",
     "capture_layer_calls",
+    "check_rps_settings",
     "dense_projection_matrix",
     "dvemb_embeddings",
     "full_projector",
@@ -60,6 +62,31 @@ __all__ = [
 ]
 
 RPS_SOLVERS = ("lbfgs", "gd")
+
+
+def check_rps_settings(lambda_l2: Any, num_epoch: Any, solver: str) -> None:
+    """Validate the settings of the RPS fit.
+
+    Args:
+        lambda_l2: the L2 strength (``l2_strength``), ``> 0``.
+        num_epoch: maximum iterations (``epoch``), a positive int.
+        solver: one of :data:`RPS_SOLVERS`.
+
+    Raises:
+        ValueError: naming the bad setting.
+    """
+    if isinstance(lambda_l2, bool) or not isinstance(lambda_l2, (int, float)) or not lambda_l2 > 0:
+        msg = (
+            f"l2_strength (lambda_l2) must be a positive number for the representer theorem, "
+            f"got {lambda_l2!r}."
+        )
+        raise ValueError(msg)
+    if isinstance(num_epoch, bool) or not isinstance(num_epoch, int) or num_epoch < 1:
+        msg = f"epoch (num_epoch) must be a positive int, got {num_epoch!r}."
+        raise ValueError(msg)
+    if solver not in RPS_SOLVERS:
+        msg = f"solver must be one of {RPS_SOLVERS}, got {solver!r}."
+        raise ValueError(msg)
 
 
 def _check_shuffle(dataloader: Iterable) -> None:
@@ -211,15 +238,7 @@ def rps_finetune_theta(
         ValueError: for a non-positive ``lambda_l2``/``num_epoch``, an unknown solver
             or mismatched shapes.
     """
-    if not lambda_l2 > 0:
-        msg = f"lambda_l2 (l2_strength) must be > 0 for the representer theorem, got {lambda_l2}."
-        raise ValueError(msg)
-    if isinstance(num_epoch, bool) or not isinstance(num_epoch, int) or num_epoch < 1:
-        msg = f"num_epoch (epoch) must be a positive int, got {num_epoch!r}."
-        raise ValueError(msg)
-    if solver not in RPS_SOLVERS:
-        msg = f"solver must be one of {RPS_SOLVERS}, got {solver!r}."
-        raise ValueError(msg)
+    check_rps_settings(lambda_l2, num_epoch, solver)
     if x.ndim != 2 or y.ndim != 2 or init_theta.shape != (y.shape[1], x.shape[1]):
         msg = (
             f"Expected x (n, d), y (n, C), init_theta (C, d); got {tuple(x.shape)}, "

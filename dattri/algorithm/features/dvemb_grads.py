@@ -182,7 +182,7 @@ class DVEmbGradients:
                 f"proj_dim_per_layer={k}: using a 'normal' projection as upstream dattri. Set "
                 "proj_type explicitly to choose, or proj_dim_per_layer=None for none.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             ptype = "normal"
         if self.factorization_type == "kronecker" and math.isqrt(k) ** 2 != k:
@@ -190,7 +190,7 @@ class DVEmbGradients:
                 f"kronecker factorization uses isqrt({k}) = {math.isqrt(k)} per factor, i.e. "
                 f"{math.isqrt(k) ** 2} dims per layer; pass a perfect square.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return ptype
 
