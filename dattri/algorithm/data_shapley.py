@@ -22,10 +22,19 @@ sort and a reversed cumulative sum (``O(N log N)`` per test point, no Python loo
 over training points). Distance ties are broken by the training order (a stable
 sort: the earlier training sample counts as nearer), which is the tie rule of the
 utility above.
+
+Pipeline: values are produced per test block as ``(train rows, test block)`` tiles into
+a sink (a tensor, a ``.npy`` file with ``out=``, a streaming top-k). ``max_memory``
+sets the test block (the distances and sort buffers of one block). Under
+torch.distributed each rank computes the distances to its share of the training
+rows; the distance rows are gathered (the sort needs all of them) and each rank emits
+the tiles of its own rows. There are no train-side features to store, so
+``cache_dir``/``store_dtype`` do not apply (a clear error says so).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,8 +42,23 @@ import torch
 from torch import Tensor
 
 from dattri.algorithm.base import BaseAttributor
-from dattri.algorithm.runtime.batching import batch_size_of, check_loader, iterate, move_to_device
+from dattri.algorithm.runtime.batching import (
+    batch_size_of,
+    check_loader,
+    iterate,
+    move_to_device,
+    slice_batch,
+)
+from dattri.algorithm.runtime.distributed import gather_rows, is_distributed
 from dattri.algorithm.runtime.validation import resolve_device
+from dattri.algorithm.score.tiles import (
+    iter_row_batches,
+    make_sink,
+    parse_memory,
+    topk_of_tiles,
+)
+from dattri.algorithm.score.topk import TopKResult
+from dattri.algorithm.store.memmap_store import batch_plan
 
 __all__ = ["KNNShapleyAttributor", "default_dist_func", "knn_shapley_values"]
 
@@ -127,6 +151,11 @@ class KNNShapleyAttributor(BaseAttributor):
         label_key: label entry of dict batches.
         device: device for the distances and values.
         verbose: show progress bars.
+        cache_dir: not applicable (raises ``ValueError``): nothing is cached.
+        store_dtype: not applicable (raises ``ValueError``).
+        max_memory: budget of the per-test-block buffers (distances, sort and values:
+            about ``64 * n_train`` bytes per test sample); test batches are split into
+            blocks that fit. The training batches themselves are held in memory.
     """
 
     def __init__(
@@ -138,7 +167,19 @@ class KNNShapleyAttributor(BaseAttributor):
         label_key: str = "labels",
         device: str | torch.device = "cpu",
         verbose: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
+        for name, value in (("cache_dir", cache_dir), ("store_dtype", store_dtype)):
+            if value is not None:
+                msg = (
+                    f"KNNShapleyAttributor does not take {name}: it has no train-side "
+                    "features to store (distances are computed on the batches at "
+                    f"attribution time). Remove {name}=...; max_memory= bounds the "
+                    "working memory."
+                )
+                raise ValueError(msg)
         if isinstance(k_neighbors, bool) or not isinstance(k_neighbors, int) or k_neighbors < 1:
             msg = f"k_neighbors must be a positive int, got {k_neighbors!r}."
             raise ValueError(msg)
@@ -157,6 +198,8 @@ class KNNShapleyAttributor(BaseAttributor):
         self.label_key = label_key
         self.device = resolve_device(device)
         self.verbose = verbose
+        #: working-memory budget in bytes (None: one test batch at a time)
+        self.max_memory = parse_memory(max_memory)
 
     def cache(self, full_train_dataloader: Iterable | None = None) -> None:
         """Nothing to precompute (KNN-Shapley is computed at attribution time).
@@ -183,15 +226,10 @@ class KNNShapleyAttributor(BaseAttributor):
         )
         raise ValueError(msg)
 
-    def _load(
-        self, loader: Iterable, labels: Sequence | Tensor | None, name: str
-    ) -> tuple[list[Any], Tensor]:
-        """All batches of a loader (on device) and their labels ``(n, L)``."""
-        check_loader(loader, f"{name}_dataloader")
-        batches = [
-            move_to_device(b, self.device) for b in iterate(loader, f"loading {name}", False)
-        ]
-        n = sum(batch_size_of(b) for b in batches)
+    def _labels(
+        self, batches: list[Any], labels: Sequence | Tensor | None, n: int, name: str
+    ) -> Tensor:
+        """``(n, L)`` labels: given, or read from the batches."""
         if labels is None:
             lab = torch.cat([self._batch_labels(b, f"{name}_dataloader") for b in batches])
         else:
@@ -199,32 +237,86 @@ class KNNShapleyAttributor(BaseAttributor):
             if lab.shape[0] != n:
                 msg = f"{name}_labels has {lab.shape[0]} entries but {name}_dataloader has {n}."
                 raise ValueError(msg)
-        return batches, lab.reshape(n, -1)
+        return lab.reshape(n, -1)
+
+    def _test_block(self, n_train: int) -> int | None:
+        """Test samples per block under ``max_memory`` (None: whole test batches)."""
+        if self.max_memory is None:
+            return None
+        per_row = 64 * max(n_train, 1)  # ~8 float64/int64 (B, n_train) buffers
+        if self.max_memory < 2 * per_row:
+            msg = (
+                f"max_memory={self.max_memory} bytes is too small for one test sample "
+                f"against {n_train} training samples; raise it to at least {2 * per_row}."
+            )
+            raise ValueError(msg)
+        return self.max_memory // (2 * per_row)
+
+    def _test_blocks(self, batches: list[Any], block: int | None) -> Iterator[Any]:
+        for batch in batches:
+            size = batch_size_of(batch)
+            step = size if block is None else block
+            for s in range(0, size, step):
+                yield batch if step >= size else slice_batch(batch, slice(s, s + step))
 
     # --------------------------------------------------------------- scoring
-    def _iter_values(
+    def _iter_tiles(
         self,
         train_dataloader: Iterable,
         test_dataloader: Iterable,
         train_labels: Sequence | Tensor | None,
         test_labels: Sequence | Tensor | None,
-    ) -> Iterator[tuple[int, Tensor]]:
-        """Yield ``(col_start, values (B_test, n_train))`` per test batch."""
-        train_batches, y_train = self._load(train_dataloader, train_labels, "train")
-        test_batches, y_test = self._load(test_dataloader, test_labels, "test")
+    ) -> tuple[int, int, int, Iterator[tuple[int, int, Tensor]]]:
+        """``(n_train, n_test, row0, tiles)``: this rank's ``(row, col, (rows, cols))`` tiles."""
+        check_loader(train_dataloader, "train_dataloader")
+        check_loader(test_dataloader, "test_dataloader")
+        pairs = list(iter_row_batches(train_dataloader, True))
+        train = [move_to_device(b, self.device) for _, b, _ in pairs]
+        row0 = pairs[0][2] if pairs else 0
+        n_local = sum(batch_size_of(b) for b in train)
+        n_train = sum(batch_plan(train_dataloader)) if is_distributed() else n_local
+        if train_labels is None:
+            y_train = gather_rows(self._labels(train, None, n_local, "train"))
+        else:
+            y_train = self._labels(train, train_labels, n_train, "train")
+        test = [
+            move_to_device(b, self.device) for b in iterate(test_dataloader, "loading test", False)
+        ]
+        n_test = sum(batch_size_of(b) for b in test)
+        y_test = self._labels(test, test_labels, n_test, "test")
+        blocks = self._test_blocks(test, self._test_block(n_train))
+        tiles = self._tiles(train, blocks, y_train, y_test, row0, n_local)
+        return n_train, n_test, row0, tiles
+
+    def _distances(self, batch: Any, train: list[Any], col: int) -> Tensor:
+        try:
+            if not train:
+                return torch.zeros(batch_size_of(batch), 0, device=self.device)
+            return torch.cat([self.distance_func(batch, tb) for tb in train], dim=1)
+        except RuntimeError as err:
+            msg = (
+                f"distance_func failed on the test batch starting at test sample {col}: "
+                f"{err}. Its features have shape {tuple(_features(batch).shape[1:])}, "
+                f"the training features {tuple(_features(train[0]).shape[1:])}; "
+                "test samples must have the training samples' feature size."
+            )
+            raise ValueError(msg) from err
+
+    def _tiles(
+        self,
+        train: list[Any],
+        blocks: Iterator[Any],
+        y_train: Tensor,
+        y_test: Tensor,
+        row0: int,
+        n_local: int,
+    ) -> Iterator[tuple[int, int, Tensor]]:
         col = 0
-        for batch in iterate(test_batches, "KNN-Shapley", self.verbose):
+        for batch in iterate(blocks, "KNN-Shapley", self.verbose):
             bt = batch_size_of(batch)
-            try:
-                dist = torch.cat([self.distance_func(batch, tb) for tb in train_batches], dim=1)
-            except RuntimeError as err:
-                msg = (
-                    f"distance_func failed on the test batch starting at test sample {col}: "
-                    f"{err}. Its features have shape {tuple(_features(batch).shape[1:])}, "
-                    f"the training features {tuple(_features(train_batches[0]).shape[1:])}; "
-                    "test samples must have the training samples' feature size."
-                )
-                raise ValueError(msg) from err
+            dist = self._distances(batch, train, col)
+            if is_distributed():
+                dist = gather_rows(dist.T.contiguous()).T
             if dist.shape != (bt, y_train.shape[0]):
                 msg = (
                     f"distance_func returned shape {tuple(dist.shape)}; expected "
@@ -235,8 +327,34 @@ class KNNShapleyAttributor(BaseAttributor):
             match = (y_train.unsqueeze(0) == yt.unsqueeze(1)).all(dim=-1)
             vals = knn_shapley_values(dist, match, self.k_neighbors)
             out_dtype = torch.float64 if dist.dtype == torch.float64 else torch.float32
-            yield col, vals.to(out_dtype)
+            yield row0, col, vals[:, row0 : row0 + n_local].T.to(out_dtype)
             col += bt
+
+    def _scores(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        train_labels: Sequence | Tensor | None,
+        test_labels: Sequence | Tensor | None,
+        out: str | os.PathLike | None,
+        transpose: bool,
+    ) -> Tensor:
+        n_train, n_test, _, tiles = self._iter_tiles(
+            train_dataloader, test_dataloader, train_labels, test_labels
+        )
+        sink = None
+        for row, col, tile in tiles:
+            if sink is None:
+                shape = (n_test, n_train) if transpose else (n_train, n_test)
+                sink = make_sink(out, *shape, tile.dtype, self.device)
+            if transpose:
+                sink.add(col, row, tile.T)
+            else:
+                sink.add(row, col, tile)
+        if sink is None:
+            msg = "test_dataloader yielded no sample."
+            raise ValueError(msg)
+        return sink.finalize()
 
     def attribute(
         self,
@@ -244,6 +362,8 @@ class KNNShapleyAttributor(BaseAttributor):
         test_dataloader: Iterable,
         train_labels: Sequence | Tensor | None = None,
         test_labels: Sequence | Tensor | None = None,
+        *,
+        out: str | os.PathLike | None = None,
     ) -> Tensor:
         """KNN-Shapley value of every training point for every test point.
 
@@ -252,14 +372,15 @@ class KNNShapleyAttributor(BaseAttributor):
             test_dataloader: test samples (not shuffled).
             train_labels: optional ``n_train`` labels (default: read from batches).
             test_labels: optional ``n_test`` labels (default: read from batches).
+            out: path of a ``.npy`` file for the ``(n_test, n_train)`` values (written
+                block by block; a memory-mapped float32 tensor on it is returned).
 
         Returns:
             ``(n_test, n_train)`` values (upstream layout; see
             :meth:`attribute_train_test` for ``(n_train, n_test)``); computed in
             float64, returned in float64 for float64 distances, else float32.
         """
-        it = self._iter_values(train_dataloader, test_dataloader, train_labels, test_labels)
-        return torch.cat([v for _, v in it], dim=0)
+        return self._scores(train_dataloader, test_dataloader, train_labels, test_labels, out, True)
 
     def attribute_train_test(
         self,
@@ -267,24 +388,42 @@ class KNNShapleyAttributor(BaseAttributor):
         test_dataloader: Iterable,
         train_labels: Sequence | Tensor | None = None,
         test_labels: Sequence | Tensor | None = None,
+        *,
+        out: str | os.PathLike | None = None,
     ) -> Tensor:
-        """Same as :meth:`attribute` in the library-wide ``(n_train, n_test)`` layout.
-
-        Args:
-            train_dataloader: training samples.
-            test_dataloader: test samples.
-            train_labels: optional training labels.
-            test_labels: optional test labels.
+        """Same as :meth:`attribute` (same arguments) in the ``(n_train, n_test)`` layout.
 
         Returns:
             ``(n_train, n_test)`` values.
         """
-        return self.attribute(train_dataloader, test_dataloader, train_labels, test_labels).T
+        return self._scores(
+            train_dataloader, test_dataloader, train_labels, test_labels, out, False
+        )
 
-    def _iter_score_blocks(
-        self, train_dataloader: Iterable, test_dataloader: Iterable
-    ) -> Iterator[tuple[int, Tensor]]:
-        yield 0, self.attribute_train_test(train_dataloader, test_dataloader)
+    def attribute_topk(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        k: int,
+        train_labels: Sequence | Tensor | None = None,
+        test_labels: Sequence | Tensor | None = None,
+    ) -> TopKResult:
+        """Per-test top-k most/least valuable training points, streamed block by block.
+
+        Args:
+            train_dataloader: training samples.
+            test_dataloader: test samples.
+            k: training samples per side.
+            train_labels: optional training labels.
+            test_labels: optional test labels.
+
+        Returns:
+            A :class:`~dattri.algorithm.score.topk.TopKResult` with ``(n_test, k)`` tensors.
+        """
+        _, n_test, _, tiles = self._iter_tiles(
+            train_dataloader, test_dataloader, train_labels, test_labels
+        )
+        return topk_of_tiles(tiles, k, n_test)
 
     def self_attribute(
         self, train_dataloader: Iterable, train_labels: Sequence | Tensor | None = None
@@ -292,7 +431,7 @@ class KNNShapleyAttributor(BaseAttributor):
         """Value of each training point for predicting its own label.
 
         Equals ``attribute_train_test(train, train).diag()`` (the whole training set is
-        the KNN's data), computed per batch without the full matrix.
+        the KNN's data), computed per block without the full matrix.
 
         Args:
             train_dataloader: training samples.
@@ -301,10 +440,14 @@ class KNNShapleyAttributor(BaseAttributor):
         Returns:
             ``(n_train,)`` values.
         """
-        out = []
-        for col, vals in self._iter_values(
+        _, _, row0, tiles = self._iter_tiles(
             train_dataloader, train_dataloader, train_labels, train_labels
-        ):
-            rows = torch.arange(vals.shape[0], device=vals.device)
-            out.append(vals[rows, rows + col])
-        return torch.cat(out)
+        )
+        parts = []
+        for _, col, tile in tiles:
+            # diagonal entries (i, i) of this tile: rows row0.., columns col..
+            lo, hi = max(row0, col), min(row0 + tile.shape[0], col + tile.shape[1])
+            idx = torch.arange(lo, hi, device=tile.device)
+            parts.append(tile[idx - row0, idx - col])
+        local = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+        return gather_rows(local)

@@ -339,7 +339,11 @@ def _run_dvemb(factorization: str, proj: dict | None) -> Callable:
                         p -= DVEMB_LR * p.grad
         attr.cache()
         test = pb.test_loader()
-        out = _outputs(attr.attribute(test), attr.self_attribute(pb.train_loader()))
+        out = _outputs(
+            attr.attribute(test),
+            attr.self_attribute(pb.train_loader()),
+            attr.attribute_topk(test, TOPK),
+        )
         out["scores_epoch0"] = _np(attr.attribute(test, epoch=0))
         return out
 
