@@ -447,6 +447,8 @@ class KNNShapleyAttributor(BaseAttributor):
         for _, col, tile in tiles:
             # diagonal entries (i, i) of this tile: rows row0.., columns col..
             lo, hi = max(row0, col), min(row0 + tile.shape[0], col + tile.shape[1])
+            if hi <= lo:
+                continue
             idx = torch.arange(lo, hi, device=tile.device)
             parts.append(tile[idx - row0, idx - col])
         local = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
