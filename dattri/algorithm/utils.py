@@ -337,14 +337,8 @@ def get_rps_weight(
 ) -> Tensor:
     """Representer weights, picked by the test labels (upstream layout).
 
-    Args:
-        finetuned_theta: ``(C, d)`` fine-tuned weight.
-        loss_func: ``L(logits, targets) -> scalar``.
-        x_train: ``(n, d)`` training features.
-        y_pred_train: ``(n, C)`` raw pre-trained outputs of the training samples.
-        y_test: ``(m,)`` integer test labels, or None for all classes.
-        lambda_l2: L2 strength of the fit.
-        n_train: number of samples in the fine-tuning objective (default ``n``).
+    The arguments are those of :func:`rps_alpha` (same names) plus ``y_test``, the
+    ``(m,)`` integer test labels (None: all classes).
 
     Returns:
         Multi-class: ``(n, m)`` with entry ``[i, j] = alpha_i[y_test[j]]`` (``(n, C)``
