@@ -253,6 +253,11 @@ def test_dvemb_resume_out_topk_self(pb, tmp_path, monkeypatch):
     again = _dvemb(pb, cache_dir=tmp_path / "emb")
     again.cache()
     assert calls["n"] == steps_per_epoch  # only epoch 0 was computed
+    calls["n"] = 0
+    reused = _dvemb(pb, cache_dir=tmp_path / "emb")
+    reused.cache()  # a complete store: nothing recomputed
+    assert calls["n"] == 0
+    _close(reused.attribute(test), full, 0)
     for e in ref.embeddings:
         _close(again.embeddings[e].materialize(), ref.embeddings[e], 0)
     _close(again.attribute(test), full, 0)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dattri.algorithm.runtime.distributed import barrier, rank_world
+from dattri.algorithm.runtime.distributed import broadcast_object, is_distributed, rank_world
 from dattri.algorithm.store.memmap_store import MemmapFeatureStore, StoredRows, parse_store_dtype
 from dattri.algorithm.store.scaled import ScaleOptions
 
@@ -247,6 +247,35 @@ def _resume_point(store: MemmapFeatureStore, units: list[str]) -> tuple[int, dic
     return after, saved
 
 
+def _fill(
+    store: MemmapFeatureStore,
+    units: list[str],
+    steps: Sequence[Step],
+    num_samples: int,
+    device: torch.device,
+    method: str,
+    verbose: bool,
+) -> None:
+    """Run the recursion from the last finished epoch, writing each epoch and the state."""
+    done, state = _resume_point(store, units)
+    if done and verbose:
+        print(
+            f"Resuming the DVEmb embedding store in {str(store.directory)!r}: {done} of "
+            f"{len(units)} epochs already written.",
+            file=sys.stderr,
+            flush=True,
+        )
+    if done == len(units):
+        return
+    state_path = store.directory / STATE_FILE
+    for gi, _, emb, rec in iter_epoch_embeddings(
+        steps, num_samples, device, method, verbose, skip=done, state=state
+    ):
+        store.put(units[gi], 0, {f"emb_{gi}": emb})
+        store.commit()
+        _save_state(state_path, gi + 1, rec.state())
+
+
 def cache_embeddings(
     steps: Sequence[Step],
     num_samples: int,
@@ -294,24 +323,20 @@ def cache_embeddings(
     units = [f"epoch{i}" for i in range(len(groups))]
     arrays = {f"emb_{i}": ((d,), store_dtype) for i in range(len(groups))}
     store = MemmapFeatureStore.open(directory, full, num_samples, arrays)
-    if rank_world()[0] == 0:
-        done, state = _resume_point(store, units)
-        if done and verbose:
-            print(
-                f"Resuming the DVEmb embedding store in {str(directory)!r}: {done} of "
-                f"{len(groups)} epochs already written.",
-                file=sys.stderr,
-                flush=True,
-            )
-        state_path = store.directory / STATE_FILE
-        for gi, _, emb, rec in iter_epoch_embeddings(
-            steps, num_samples, device, method, verbose, skip=done, state=state
-        ):
-            store.put(units[gi], 0, {f"emb_{gi}": emb})
-            store.commit()
-            _save_state(state_path, gi + 1, rec.state())
+    error = None
+    if rank_world()[0] == 0:  # the recursion is sequential: rank 0 runs it
+        try:
+            _fill(store, units, steps, num_samples, device, method, verbose)
+        except Exception as err:
+            if not is_distributed():
+                raise
+            error = f"{type(err).__name__}: {err}"
+    if is_distributed():
+        error = broadcast_object(error)  # the other ranks must not wait forever
+        if error is not None:
+            msg = f"Rank 0 failed to compute the DVEmb embeddings: {error}"
+            raise RuntimeError(msg)
     store.sync()
-    barrier()
     missing = [u for u in units if not store.is_complete(u)]
     if missing:
         msg = f"The DVEmb embedding store is incomplete after cache(): {missing}."
