@@ -245,21 +245,18 @@ class RPSAttributor(BaseAttributor):
         budget = self.scale_options.max_memory
         reserved = len(tests) * n_test * width * 8 if budget else 0
         store = self._store
-        if store is not None and store.is_for(train_dataloader):
-            n = store.num_samples
-            sources, offset = store.features, 0
-            blocks = None  # the store's own (sharded) row blocks
-        else:
+        cached = store is not None and store.is_for(train_dataloader)
+        if cached:  # the store's rows, this rank's share of its row blocks
+            n, sources, offset = store.num_samples, store.features, 0
+        else:  # this rank's share of the loader, featurized now
             offset, local = self._local_rows(train_dataloader, False)
             sources = [rows for rows, _ in local]
             n = sum(batch_plan(train_dataloader)) if is_distributed() else len(sources[0])
             store = ProjectedGradientStore(loader=None, features=sources)
-            blocks = False
-        plan = plan_tiles(
-            n, n_test, width + self.featurizer.out_dim, budget, itemsize=8, reserved=reserved
-        )
+        width += self.featurizer.out_dim
+        plan = plan_tiles(n, n_test, width, budget, itemsize=8, reserved=reserved)
         store.block_rows = plan.train_block
-        row_blocks = store.row_blocks(n_test, shard=blocks is None)
+        row_blocks = store.row_blocks(n_test, shard=cached)
         cols = [
             slice(c, min(c + plan.test_block, n_test)) for c in range(0, n_test, plan.test_block)
         ]
