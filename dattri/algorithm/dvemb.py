@@ -350,6 +350,11 @@ class DVEmbAttributor(BaseAttributor):
     ) -> None:
         """Compute the embeddings of every epoch from the recorded steps.
 
+        With ``cache_dir`` (or a ``max_memory`` spill) each epoch's embedding and the
+        recursion state after it are written to the store: a second ``cache()`` after
+        an interruption continues after the last finished epoch, a complete store is
+        reused, and a store written from other recorded steps is refused.
+
         Args:
             gradients: optional ``{epoch: [grads (B_t, d), ...]}`` replacing the recorded
                 per-sample gradients (``"none"`` mode only).
