@@ -4,7 +4,9 @@ Per attributor, on the stored tiny golden MLP problem (float64): an interrupted
 ``cache_dir`` cache resumed == uninterrupted, ``attribute(..., out=)`` == in memory,
 ``attribute_topk`` == ``torch.topk`` of the full matrix, ``self_attribute`` == the
 diagonal, ``max_memory`` gives tiles within the budget (and the same scores), and a
-2-process gloo run (one module fixture, fork) == one process on every rank.
+2-process gloo run (one module fixture, fork) == one process on every rank (RPS and
+KNN split the training rows; DVEmb splits the embedding columns of its recursion, both
+the low-rank and the dense form, and the scoring rows).
 """
 
 from __future__ import annotations
@@ -116,6 +118,9 @@ def run_all(folder: str) -> dict[str, torch.Tensor]:
     out["dvemb"] = dv.attribute(test)
     out["dvemb_self"] = dv.self_attribute(train)
     topk("dvemb", dv.attribute_topk(test, K))
+    dense = _dvemb(pb)
+    dense.cache(method="dense")  # the default here is low-rank (N = 80 < 2 d)
+    out["dvemb_dense"] = dense.attribute(test)
     dvs = _dvemb(pb, cache_dir=os.path.join(folder, "dvemb"), max_memory=20_000)
     dvs.cache()
     out["dvemb_store"] = dvs.attribute(test, out=os.path.join(folder, "dvemb.npy")).clone()
@@ -327,6 +332,7 @@ NAMES = [
     "dvemb",
     "dvemb_self",
     "dvemb_store",
+    "dvemb_dense",
     "knn",
     "knn_self",
     "knn_out",
@@ -359,4 +365,5 @@ def test_stored_runs_equal_in_memory(spawned):
     single, _ = spawned
     _close(single["rps_store"], single["rps"], 1e-6)
     _close(single["dvemb_store"], single["dvemb"], 1e-6)
+    _close(single["dvemb_dense"], single["dvemb"], 1e-8)
     _close(single["rps_other"], single["rps"])

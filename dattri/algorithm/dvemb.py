@@ -127,9 +127,10 @@ class DVEmbAttributor(BaseAttributor):
             tile sizes, and spills the embeddings to a temporary store when they take
             more than half of it. The recursion itself keeps ``d x d`` (or ``N x d``).
 
-    Under torch.distributed every rank runs the recursion (it is sequential in time;
-    with ``cache_dir`` rank 0 runs it and the others read the store) and scores its
-    share of the embedding rows; every rank returns the full result.
+    Under torch.distributed the ranks split the embedding columns of the recursion
+    (it is sequential in time; with ``cache_dir`` rank 0 runs it and the others read
+    the store) and each scores its share of the embedding rows; every rank returns
+    the full result.
     """
 
     #: how attribute() picks training rows instead of a training loader

@@ -28,7 +28,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dattri.algorithm.runtime.distributed import broadcast_object, is_distributed, rank_world
+from dattri.algorithm.runtime.distributed import (
+    broadcast_object,
+    gather_rows,
+    is_distributed,
+    rank_world,
+    shard_range,
+)
 from dattri.algorithm.store.memmap_store import MemmapFeatureStore, StoredRows, parse_store_dtype
 from dattri.algorithm.store.scaled import ScaleOptions
 
@@ -61,28 +67,39 @@ class EmbeddingRecursion:
         dtype: compute dtype.
         device: compute device.
         low_rank: keep ``M = E^T G`` through the processed rows instead of ``d x d``.
+        cols: compute only these embedding columns (rows of ``M``); column ``c`` of
+            ``e_t`` needs row ``c`` of ``M`` only, so ranks can split the columns.
     """
 
     def __init__(
-        self, dim: int, n_rows: int, dtype: torch.dtype, device: torch.device, low_rank: bool
+        self,
+        dim: int,
+        n_rows: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        low_rank: bool,
+        cols: slice | None = None,
     ) -> None:
         self.low_rank = low_rank
+        self.cols = slice(0, dim) if cols is None else cols
+        width = len(range(dim)[self.cols])
         if low_rank:
             self.g_buf = torch.empty(n_rows, dim, dtype=dtype, device=device)
-            self.e_buf = torch.empty(n_rows, dim, dtype=dtype, device=device)
+            self.e_buf = torch.empty(n_rows, width, dtype=dtype, device=device)
             self.pos = n_rows
         else:
-            self.m = torch.zeros(dim, dim, dtype=dtype, device=device)
+            self.m = torch.zeros(width, dim, dtype=dtype, device=device)
 
     def step(self, g: Tensor, eta: float) -> Tensor:
-        """Embeddings ``(B, d)`` of one step's gradients ``g`` (steps in reverse order)."""
+        """Embeddings ``(B, d_cols)`` of one step's gradients ``g`` (steps in reverse order)."""
+        gc = g[:, self.cols]
         if self.low_rank:
-            e = eta * (g - (g @ self.g_buf[self.pos :].T) @ self.e_buf[self.pos :])
+            e = eta * (gc - (g @ self.g_buf[self.pos :].T) @ self.e_buf[self.pos :])
             self.pos -= g.shape[0]
             self.g_buf[self.pos : self.pos + g.shape[0]] = g
             self.e_buf[self.pos : self.pos + g.shape[0]] = e
         else:
-            e = eta * (g - g @ self.m.T)
+            e = eta * (gc - g @ self.m.T)
             self.m += e.T @ g
         return e
 
@@ -131,6 +148,15 @@ def _check_steps(steps: Sequence[Step], method: str) -> tuple[int, torch.dtype, 
     return d, steps[0][1].dtype, low_rank
 
 
+def _check_finite(e: Tensor, epoch: Any) -> None:
+    if not bool(torch.isfinite(e).all()):
+        msg = (
+            f"Non-finite DVEmb values at epoch {epoch}: the learning rates or "
+            "gradients are too large (or contain NaN/inf)."
+        )
+        raise ValueError(msg)
+
+
 def iter_epoch_embeddings(
     steps: Sequence[Step],
     num_samples: int,
@@ -140,6 +166,7 @@ def iter_epoch_embeddings(
     *,
     skip: int = 0,
     state: dict[str, Tensor] | None = None,
+    split: bool = False,
 ) -> Iterator[tuple[int, Any, Tensor, EmbeddingRecursion]]:
     """Yield ``(group, epoch, (num_samples, d) embedding, recursion)``, last epoch first.
 
@@ -152,13 +179,17 @@ def iter_epoch_embeddings(
         skip: number of epoch groups (from the last) already done; ``state`` is the
             recursion state after them.
         state: see ``skip``.
+        split: under torch.distributed, each rank computes its share of the ``d``
+            embedding columns and the columns are gathered after each epoch.
 
     Raises:
         ValueError: on NaN/inf, an unknown method or inconsistent shapes.
     """
     d, dtype, low_rank = _check_steps(steps, method)
     n_rows = sum(g.shape[0] for _, g, _, _ in steps)
-    rec = EmbeddingRecursion(d, n_rows, dtype, torch.device(device), low_rank)
+    split = split and is_distributed()
+    cols = slice(shard_range(d).start, shard_range(d).stop) if split else None
+    rec = EmbeddingRecursion(d, n_rows, dtype, torch.device(device), low_rank, cols)
     if state is not None:
         rec.load(state)
     groups = list(reversed(_epoch_groups(steps)))
@@ -167,17 +198,16 @@ def iter_epoch_embeddings(
     for gi, (epoch, group) in enumerate(groups):
         if gi < skip:
             continue
-        out = torch.zeros(num_samples, d, dtype=dtype, device=device)
+        out = torch.zeros(num_samples, len(range(d)[rec.cols]), dtype=dtype, device=device)
         for _, grads, eta, idx in reversed(group):
             e = rec.step(grads.to(device=device, dtype=dtype), eta)
-            if not bool(torch.isfinite(e).all()):
-                msg = (
-                    f"Non-finite DVEmb values at epoch {epoch}: the learning rates or "
-                    "gradients are too large (or contain NaN/inf)."
-                )
-                raise ValueError(msg)
+            if not split:
+                _check_finite(e, epoch)
             out.index_add_(0, idx.to(device=device, dtype=torch.long), e)
             bar.update(1)
+        if split:  # (n, d) from every rank's columns; NaN anywhere seen by all ranks
+            out = gather_rows(out.T.contiguous()).T.contiguous()
+            _check_finite(out, epoch)
         yield gi, epoch, out, rec
     bar.close()
 
@@ -305,12 +335,13 @@ def cache_embeddings(
     groups = _epoch_groups(steps)
     epochs = [e for e, _ in groups]
     if len(set(map(repr, epochs))) != len(epochs):  # an epoch in several runs of steps
-        msg = "The recorded steps of each epoch must be consecutive to use a store."
+        msg = "The recorded steps of each epoch must be consecutive."
         raise ValueError(msg)
     itemsize = torch.empty((), dtype=dtype).element_size()
     directory = options.store_dir(owner, len(groups) * num_samples * d * itemsize)
-    if directory is None:
-        return dvemb_embeddings(steps, num_samples, device, method, verbose)
+    if directory is None:  # in memory; ranks split the embedding columns
+        its = iter_epoch_embeddings(steps, num_samples, device, method, verbose, split=True)
+        return {epoch: emb for _, epoch, emb, _ in its}
     store_dtype = parse_store_dtype(options.store_dtype, dtype)
     full = {
         "kind": "DVEmb embeddings",
