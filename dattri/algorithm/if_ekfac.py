@@ -23,6 +23,7 @@ L2 penalty inside the loss is not representable: pass it as ``damping`` instead)
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -96,6 +97,8 @@ class IFAttributorEKFAC(IFBase):
         damping: ``> 0`` added to the corrected eigenvalues, or ``0.0``/``None`` for
             ``0.1 * mean(Lambda)`` per module.
         verbose: show progress bars.
+        cache_dir, store_dtype, max_memory: the shared store and memory budget (see
+            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
     """
 
     mean_batch_loss = False  # per-sample gradients only: the reduction cancels
@@ -107,6 +110,10 @@ class IFAttributorEKFAC(IFBase):
         device: str | torch.device = "cpu",
         damping: float | None = 0.0,
         verbose: bool = True,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
         if not isinstance(task, AttributionTask):
             msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
@@ -121,7 +128,15 @@ class IFAttributorEKFAC(IFBase):
         layer_name = []
         for n in modules:
             layer_name += [pname(n, "weight")] + ([pname(n, "bias")] if self._bias[n] else [])
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(
+            task,
+            layer_name=layer_name,
+            device=device,
+            verbose=verbose,
+            cache_dir=cache_dir,
+            store_dtype=store_dtype,
+            max_memory=max_memory,
+        )
         if damping is not None and not (
             isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0
         ):

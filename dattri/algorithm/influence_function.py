@@ -47,6 +47,7 @@ gradient of the training sample).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
@@ -128,6 +129,8 @@ class IFAttributorExplicit(IFBase):
         device: device for the computation.
         regularization: ``lambda >= 0`` added to the Hessian diagonal.
         verbose: show progress bars.
+        cache_dir, store_dtype, max_memory: the shared store and memory budget (see
+            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
     """
 
     shard_cache = True  # torch.distributed: each rank holds its batches, HVPs summed
@@ -139,8 +142,20 @@ class IFAttributorExplicit(IFBase):
         device: str | torch.device = "cpu",
         regularization: float = 0.0,
         verbose: bool = True,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(
+            task,
+            layer_name=layer_name,
+            device=device,
+            verbose=verbose,
+            cache_dir=cache_dir,
+            store_dtype=store_dtype,
+            max_memory=max_memory,
+        )
         self.regularization = _check_reg(regularization)
         self._factors: dict[int, DampedSymmetricInverse] = {}
 
@@ -212,6 +227,8 @@ class IFAttributorCG(IFBase):
         mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
         regularization: ``lambda >= 0``.
         verbose: show progress bars.
+        cache_dir, store_dtype, max_memory: the shared store and memory budget (see
+            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
         preconditioner: None (plain CG), ``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a
             callable ``M^{-1}`` on ``(B, p)`` rows.
         preconditioner_damping: damping of the built preconditioner (default:
@@ -233,8 +250,19 @@ class IFAttributorCG(IFBase):
         *,
         preconditioner: str | Callable[[Tensor], Tensor] | None = None,
         preconditioner_damping: float | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(
+            task,
+            layer_name=layer_name,
+            device=device,
+            verbose=verbose,
+            cache_dir=cache_dir,
+            store_dtype=store_dtype,
+            max_memory=max_memory,
+        )
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             msg = f"max_iter must be a positive integer, got {max_iter!r}."
             raise ValueError(msg)

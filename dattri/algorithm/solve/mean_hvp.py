@@ -137,6 +137,7 @@ class IFBase(BaseInnerProductAttributor):
         layer_name: None (all parameters), one parameter name or a list of names.
         device: device for the computation.
         verbose: show progress bars.
+        **scale: ``cache_dir``, ``store_dtype``, ``max_memory`` (see the base class).
     """
 
     keep_batch_dim = True
@@ -157,8 +158,9 @@ class IFBase(BaseInnerProductAttributor):
         layer_name: str | Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         verbose: bool = True,
+        **scale: Any,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose, **scale)
         self._batches: list[Any] = []
         self._sizes: list[int] = []
         self._n_total: int | None = None  # all ranks' samples when sharded
