@@ -218,3 +218,15 @@ def test_two_ranks_equal_one_process(name: str, reference, two_ranks) -> None:
     attr, train, _ = _make(name)
     attr.cache(train)
     _close(two_ranks[0][f"{name}_self"], attr.self_attribute(train))
+
+
+def test_regularization_is_the_one_damping_name() -> None:
+    by_alias, train, test = _make("ekfac")  # damping=0.1 (upstream's name)
+    _, model, ckpts, _, _ = _problem()
+    task = AttributionTask(_losses(model)[0], model, ckpts[0])
+    by_name = IFAttributorEKFAC(task, regularization=0.1, verbose=False)
+    for attr in (by_alias, by_name):
+        attr.cache(train)
+    torch.testing.assert_close(by_name.attribute(train, test), by_alias.attribute(train, test))
+    with pytest.raises(ValueError, match="regularization=0.2 and damping=0.1 name the same"):
+        IFAttributorEKFAC(task, damping=0.1, regularization=0.2)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from dattri.algorithm.runtime.batching import iterate, move_to_device
 from dattri.algorithm.runtime.distributed import all_reduce_sum, is_distributed, shard_range
+from dattri.algorithm.runtime.validation import resolve_regularization
 from dattri.algorithm.solve.mean_hvp import IFBase
 from dattri.algorithm.store.memmap_store import iter_batches
 from dattri.func.fisher import (
@@ -95,8 +96,9 @@ class IFAttributorEKFAC(IFBase):
             or a list of names (``model.named_modules()`` keys).
         device: device for the computation.
         damping: ``> 0`` added to the corrected eigenvalues, or ``0.0``/``None`` for
-            ``0.1 * mean(Lambda)`` per module.
+            ``0.1 * mean(Lambda)`` per module (upstream's name).
         verbose: show progress bars.
+        regularization: the library-wide name of ``damping`` (pass one of the two).
         cache_dir, store_dtype, max_memory: the shared store and memory budget (see
             :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
     """
@@ -111,6 +113,7 @@ class IFAttributorEKFAC(IFBase):
         damping: float | None = 0.0,
         verbose: bool = True,
         *,
+        regularization: float | None = None,
         cache_dir: str | os.PathLike | None = None,
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
@@ -137,6 +140,7 @@ class IFAttributorEKFAC(IFBase):
             store_dtype=store_dtype,
             max_memory=max_memory,
         )
+        damping = resolve_regularization(regularization, damping, "damping", 0.0)
         if damping is not None and not (
             isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0
         ):

@@ -31,6 +31,7 @@ __all__ = [
     "is_single_pass",
     "require_reiterable",
     "resolve_device",
+    "resolve_regularization",
     "scan_huge_values",
     "validate_loader",
     "warn_topk",
@@ -263,3 +264,36 @@ def first_of(batch: Any) -> Tensor | None:
 
     tensors = tensors_of(batch)
     return tensors[0] if tensors else None
+
+
+def resolve_regularization(
+    regularization: float | None, alias: float | None, alias_name: str, alias_default: float | None
+) -> float | None:
+    """The one damping value of a method that also takes upstream's name for it.
+
+    ``regularization`` (``lambda`` in ``(H + lambda I)^{-1}``) is the library-wide name;
+    ``alias_name`` (e.g. EK-FAC's ``damping``) is upstream's. Passing both, with
+    different values, is refused.
+
+    Args:
+        regularization: the value passed as ``regularization`` (None: not passed).
+        alias: the value passed under ``alias_name``.
+        alias_name: upstream's argument name.
+        alias_default: the alias's default (meaning "not passed").
+
+    Returns:
+        The value to use.
+
+    Raises:
+        ValueError: if both are passed with different values.
+    """
+    if regularization is None:
+        return alias
+    if alias != alias_default and alias != regularization:
+        msg = (
+            f"regularization={regularization!r} and {alias_name}={alias!r} name the same "
+            f"damping; pass only one (regularization is the library-wide name, {alias_name} "
+            "upstream's)."
+        )
+        raise ValueError(msg)
+    return regularization
