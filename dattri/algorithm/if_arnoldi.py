@@ -46,8 +46,10 @@ class IFAttributorArnoldi(IFBase):
         regularization: ``lambda >= 0``; Arnoldi runs on ``H + lambda I``.
         seed: seed of the start vector.
         verbose: show progress bars.
-        cache_dir, store_dtype, max_memory: the shared store and memory budget (see
+        cache_dir: directory of the resumable store of the training rows (see
             :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
     """
 
     cache_on_attribute = False

@@ -58,8 +58,10 @@ class IFAttributorDataInf(IFBase):
         fim_estimate_data_ratio: fraction of the cached loader's batches (the first ones)
             used, in ``(0, 1]``.
         verbose: show progress bars.
-        cache_dir, store_dtype, max_memory: the shared store and memory budget (see
+        cache_dir: directory of the resumable store of the training rows (see
             :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
     """
 
     mean_batch_loss = False  # per-sample gradients only: the reduction cancels

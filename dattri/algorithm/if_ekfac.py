@@ -99,8 +99,10 @@ class IFAttributorEKFAC(IFBase):
             ``0.1 * mean(Lambda)`` per module (upstream's name).
         verbose: show progress bars.
         regularization: the library-wide name of ``damping`` (pass one of the two).
-        cache_dir, store_dtype, max_memory: the shared store and memory budget (see
+        cache_dir: directory of the resumable store of the training rows (see
             :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
     """
 
     mean_batch_loss = False  # per-sample gradients only: the reduction cancels

@@ -94,8 +94,10 @@ class IFAttributorLiSSA(IFBase):
         regularization: if given, overrides ``damping`` with ``regularization / s``.
         seed: seed of the mini-batch sampler and of the power iteration.
         verbose: show progress bars.
-        cache_dir, store_dtype, max_memory: the shared store and memory budget (see
+        cache_dir: directory of the resumable store of the training rows (see
             :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
     """
 
     #: torch.distributed: each rank runs the recursion for its share of the test batches

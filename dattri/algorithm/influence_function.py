@@ -129,8 +129,10 @@ class IFAttributorExplicit(IFBase):
         device: device for the computation.
         regularization: ``lambda >= 0`` added to the Hessian diagonal.
         verbose: show progress bars.
-        cache_dir, store_dtype, max_memory: the shared store and memory budget (see
+        cache_dir: directory of the resumable store of the training rows (see
             :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
     """
 
     shard_cache = True  # torch.distributed: each rank holds its batches, HVPs summed
@@ -227,8 +229,10 @@ class IFAttributorCG(IFBase):
         mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
         regularization: ``lambda >= 0``.
         verbose: show progress bars.
-        cache_dir, store_dtype, max_memory: the shared store and memory budget (see
+        cache_dir: directory of the resumable store of the training rows (see
             :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
         preconditioner: None (plain CG), ``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a
             callable ``M^{-1}`` on ``(B, p)`` rows.
         preconditioner_damping: damping of the built preconditioner (default:
