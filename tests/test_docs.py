@@ -41,6 +41,7 @@ API_PAGES = {
         "dattri.algorithm.runtime.moved",
         "dattri.algorithm.features.representations",
         "dattri.algorithm.store.in_memory",
+        "dattri.algorithm.solve.inverses",
     ],
     "func": [
         "dattri.func.hessian",

@@ -230,3 +230,23 @@ def test_regularization_is_the_one_damping_name() -> None:
     torch.testing.assert_close(by_name.attribute(train, test), by_alias.attribute(train, test))
     with pytest.raises(ValueError, match="regularization=0.2 and damping=0.1 name the same"):
         IFAttributorEKFAC(task, damping=0.1, regularization=0.2)
+
+
+def test_curvature_and_its_inverse_are_operators() -> None:
+    """``MeanLossHVP @ v`` is the explicit Hessian product; ``CGInverse @ v`` its solve."""
+    from dattri.algorithm.solve.inverses import CGInverse
+
+    explicit, train, _ = _make("explicit")
+    explicit.cache(train)
+    hessian = explicit.hessian(0).double()  # H + 1.0 I, dense, float32 products
+    op = explicit.mean_hvp_operator(0, regularization=1.0)
+    v = torch.randn(hessian.shape[0], 3, generator=torch.Generator().manual_seed(0))
+    scale = float(hessian.abs().max() * v.abs().max()) * hessian.shape[0]
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close((op @ v).double(), hessian @ v.double(), rtol=0, atol=scale * eps)
+    torch.testing.assert_close(op @ v[:, 0], (op @ v)[:, 0])
+    inverse = CGInverse(op, max_iter=200, tol=1e-6)
+    x = (inverse @ v).double()
+    residual = (hessian @ x - v.double()).norm(dim=0) / v.double().norm(dim=0)
+    assert bool((residual < 1e-4).all()), residual
+    assert inverse.last_info.converged.all()

@@ -59,9 +59,9 @@ from dattri.algorithm.if_datainf import IFAttributorDataInf
 from dattri.algorithm.if_ekfac import IFAttributorEKFAC
 from dattri.algorithm.if_lissa import IFAttributorLiSSA
 from dattri.algorithm.runtime.batching import iterate
+from dattri.algorithm.solve.inverses import CGInverse
 from dattri.algorithm.solve.mean_hvp import IFBase
 from dattri.algorithm.solve.preconditioners import build_preconditioner, check_preconditioner
-from dattri.func.hessian import cg_solve
 from dattri.func.linalg import DampedSymmetricInverse
 from dattri.task import AttributionTask
 
@@ -274,12 +274,11 @@ class IFAttributorCG(IFBase):
         self.tol = _check_reg(tol, "tol")
         self.mode = _check_mode(mode)
         self.regularization = _check_reg(regularization)
-        self._ops: dict[int, Callable[[Tensor], Tensor]] = {}
+        self._inverses: dict[int, CGInverse] = {}
         self._dtypes: dict[int, torch.dtype] = {}
         self.last_cg_info = None
         self.preconditioner = check_preconditioner(preconditioner)
         self.preconditioner_damping = preconditioner_damping
-        self._preconds: dict[int, Callable[[Tensor], Tensor] | None] = {}
 
     def cache(self, full_train_dataloader: Iterable) -> None:
         """Keep the training batches on ``device`` and build the HVP operators.
@@ -293,31 +292,29 @@ class IFAttributorCG(IFBase):
     def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
         func, params = self._loss_and_params(ckpt_idx)
         self._check_loss(func, params)
-        self._ops[ckpt_idx] = self.mean_hvp_operator(ckpt_idx, self.mode, self.regularization)
         self._dtypes[ckpt_idx] = params.dtype
-        self._preconds[ckpt_idx] = (
-            None
-            if self.preconditioner is None
-            else build_preconditioner(
+        precond = None
+        if self.preconditioner is not None:
+            precond = build_preconditioner(
                 self,
                 self.preconditioner,
                 ckpt_idx,
                 self.preconditioner_damping,
                 self.regularization,
             )
+        self._inverses[ckpt_idx] = CGInverse(
+            self.mean_hvp_operator(ckpt_idx, self.mode, self.regularization),
+            self.max_iter,
+            self.tol,
+            preconditioner=precond,
         )
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """Batched CG solve of ``(H + lambda I) x = g`` for every row, ``(B, p)``."""
         rhs = test_rep.to(self._dtypes[ckpt_idx])
-        sol, info = cg_solve(
-            self._ops[ckpt_idx],
-            rhs,
-            self.max_iter,
-            self.tol,
-            preconditioner=self._preconds.get(ckpt_idx),
-        )
-        self.last_cg_info = info
+        inverse = self._inverses[ckpt_idx]
+        sol = inverse.solve(rhs)
+        info = self.last_cg_info = inverse.last_info
         if not bool(info.converged.all()):
             warnings.warn(
                 f"IFAttributorCG: {int((~info.converged).sum())} of {rhs.shape[0]} solves did "
