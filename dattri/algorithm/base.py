@@ -42,7 +42,12 @@ from dattri.algorithm.runtime.batching import (
 )
 from dattri.algorithm.runtime.distributed import gather_rows, is_distributed, shard_range
 from dattri.algorithm.runtime.loader_args import WRAPPED_METHODS, loader_keywords
-from dattri.algorithm.runtime.validation import require_reiterable, resolve_device, validate_loader
+from dattri.algorithm.runtime.validation import (
+    check_task,
+    require_reiterable,
+    resolve_device,
+    validate_loader,
+)
 from dattri.algorithm.score.tiles import (
     TilePlan,
     iter_loader_tiles,
@@ -202,11 +207,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        check_task(task, layer_name)
         self.task = task
-        task.selected_param_names(layer_name)  # validates the names
         self.layer_name = layer_name
         self.device = resolve_device(device)
         self.verbose = verbose

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from dattri.algorithm.runtime.batching import iterate, move_to_device
 from dattri.algorithm.runtime.distributed import all_reduce_sum, is_distributed, shard_range
-from dattri.algorithm.runtime.validation import resolve_regularization
+from dattri.algorithm.runtime.validation import check_task, resolve_regularization
 from dattri.algorithm.solve.mean_hvp import IFBase
 from dattri.algorithm.store.memmap_store import iter_batches
 from dattri.func.fisher import (
@@ -120,9 +120,7 @@ class IFAttributorEKFAC(IFBase):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        check_task(task)
         modules = _linear_modules(task, module_name)
         trainable = set(task.param_names)
 

@@ -66,6 +66,7 @@ from tqdm.auto import tqdm
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.runtime.batching import check_loader
 from dattri.algorithm.runtime.distributed import rank_world, shard_range
+from dattri.algorithm.runtime.validation import check_task
 from dattri.algorithm.score.tiles import make_sink, parse_memory
 from dattri.model_util.subset_train import (
     SubsetTrainConfig,
@@ -162,9 +163,7 @@ class MAGICAttributor(BaseAttributor):
         check_checkpoint: bool = True,
         verbose: bool = True,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be an AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        check_task(task)
         if not isinstance(train_config, SubsetTrainConfig):
             msg = (
                 "train_config must be a dattri.model_util.SubsetTrainConfig, got "

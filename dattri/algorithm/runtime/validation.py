@@ -27,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "HUGE_INPUT",
+    "check_task",
     "explain_batches",
     "is_single_pass",
     "require_reiterable",
@@ -297,3 +298,27 @@ def resolve_regularization(
         )
         raise ValueError(msg)
     return regularization
+
+
+def check_task(task: Any, layer_name: Any = None) -> Any:
+    """Validate an attributor's ``task`` (and its ``layer_name`` selection) in one place.
+
+    Args:
+        task: must be a :class:`~dattri.task.AttributionTask`.
+        layer_name: None, one parameter name or a list of names of the task's model.
+
+    Returns:
+        ``task``.
+
+    Raises:
+        TypeError: if ``task`` is not an ``AttributionTask``.
+        ValueError: for an unknown or repeated parameter name (the task's message).
+    """
+    from dattri.task import AttributionTask
+
+    if not isinstance(task, AttributionTask):
+        msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
+        raise TypeError(msg)
+    if layer_name is not None:
+        task.selected_param_names(layer_name)
+    return task
