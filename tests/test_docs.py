@@ -37,7 +37,12 @@ FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.D
 API_PAGES = {
     "task": ["dattri.task"],
     "algorithm": ["dattri.algorithm"],
-    "pipeline": ["dattri.algorithm.runtime.moved", "dattri.algorithm.store.in_memory"],
+    "pipeline": [
+        "dattri.algorithm.runtime.moved",
+        "dattri.algorithm.features.representations",
+        "dattri.algorithm.store.in_memory",
+        "dattri.algorithm.solve.inverses",
+    ],
     "func": [
         "dattri.func.hessian",
         "dattri.func.ihvp",

@@ -22,6 +22,7 @@ never needs the full matrix).
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,16 +31,35 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dattri.algorithm.features.representations import TrainRepFeaturizer
 from dattri.algorithm.runtime.batching import (
     ReusableBuffer,
     batch_size_of,
     check_loader,
     iterate,
     move_to_device,
+    slice_batch,
 )
+from dattri.algorithm.runtime.distributed import gather_rows, is_distributed, shard_range
 from dattri.algorithm.runtime.loader_args import WRAPPED_METHODS, loader_keywords
-from dattri.algorithm.runtime.validation import require_reiterable, resolve_device, validate_loader
+from dattri.algorithm.runtime.validation import (
+    check_task,
+    require_reiterable,
+    resolve_device,
+    validate_loader,
+)
+from dattri.algorithm.score.tiles import (
+    TilePlan,
+    iter_loader_tiles,
+    iter_store_tiles,
+    make_sink,
+    plan_tiles,
+    topk_of_tiles,
+)
 from dattri.algorithm.score.topk import TopKAccumulator, TopKResult
+from dattri.algorithm.store.in_memory import ProjectedGradientStore
+from dattri.algorithm.store.memmap_store import batch_plan, iter_batches
+from dattri.algorithm.store.scaled import ScaleOptions, collect_features_scaled
 from dattri.task import AttributionTask
 
 __all__ = ["BaseAttributor", "BaseInnerProductAttributor"]
@@ -154,6 +174,14 @@ class BaseInnerProductAttributor(BaseAttributor):
         layer_name: None (all parameters), one parameter name or a list of names.
         device: device for the computation.
         verbose: show progress bars.
+        cache_dir: directory of a resumable on-disk store of the training rows
+            (``transform_train_rep`` of the per-sample gradients) written by
+            :meth:`cache` and read by :meth:`attribute` for the cached loader (shared by
+            torch.distributed ranks); None: the rows are recomputed per call.
+        store_dtype: storage dtype of that store (e.g. ``"float16"``); default: the
+            model's. Scores are computed in the model's dtype (at least float32).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``): sets the
+            tile sizes and the rows whose per-sample gradients are formed at once.
     """
 
     #: whether the user's loss sees a sample as ``(1, ...)`` (IF convention, upstream
@@ -165,6 +193,10 @@ class BaseInnerProductAttributor(BaseAttributor):
     #: whether the loss is also evaluated on whole batches as their MEAN loss (HVPs):
     #: a sum-reduced loss is then reported.
     mean_batch_loss: bool = False
+    #: whether ``transform_test_rep`` runs no collective, so that under torch.distributed
+    #: each rank may transform its share of the test batches (LiSSA); methods whose
+    #: transform all-reduces over sharded training batches (CG, DataInf) keep False.
+    shard_test_transform: bool = False
 
     def __init__(
         self,
@@ -172,12 +204,13 @@ class BaseInnerProductAttributor(BaseAttributor):
         layer_name: str | Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         verbose: bool = True,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        check_task(task, layer_name)
         self.task = task
-        task.selected_param_names(layer_name)  # validates the names
         self.layer_name = layer_name
         self.device = resolve_device(device)
         self.verbose = verbose
@@ -185,6 +218,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         self._cached = False
         #: per-batch training gradients of the scoring loop (see generate_train_rep)
         self._train_rep_buffer = ReusableBuffer()
+        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
+        self._store: ProjectedGradientStore | None = None
 
     # ----------------------------------------------------------------- phases
     @property
@@ -225,6 +260,26 @@ class BaseInnerProductAttributor(BaseAttributor):
                     raise
                 raise clear from err
         self._cached = True
+        self._store = None
+        if self.scale_options.cache_dir is not None:
+            self._store = collect_features_scaled(
+                TrainRepFeaturizer(self),
+                full_train_dataloader,
+                self.num_checkpoints,
+                self.scale_options,
+                self,
+                kind=f"{type(self).__name__} training rows",
+                verbose=self.verbose,
+                desc="train rows",
+            )
+
+    def train_transform_digest(self, ckpt_idx: int) -> str:
+        """Fingerprint of the state :meth:`transform_train_rep` uses (stored rows).
+
+        The default transform is the identity; subclasses whose train transform has
+        state (Arnoldi's Ritz vectors) return a digest of it.
+        """
+        return "identity"
 
     def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
         """Compute the train-side state of one checkpoint (default: nothing)."""
@@ -305,9 +360,19 @@ class BaseInnerProductAttributor(BaseAttributor):
 
     # ---------------------------------------------------------------- scoring
     def _test_reps(self, test_dataloader: Iterable) -> list[Tensor]:
-        """Transformed test representations per checkpoint, each ``(n_test, d)``."""
+        """Transformed test representations per checkpoint, each ``(n_test, d)``.
+
+        Under torch.distributed with :attr:`shard_test_transform`, each rank transforms
+        its contiguous share of the test batches and the rows are gathered.
+        """
         reps: list[list[Tensor]] = [[] for _ in range(self.num_checkpoints)]
-        for batch in iterate(test_dataloader, "test gradients", self.verbose):
+        shard = self.shard_test_transform and is_distributed()
+        if shard:
+            mine = list(shard_range(len(batch_plan(test_dataloader))))
+            batches = (b for _, b in iter_batches(test_dataloader, mine))
+        else:
+            batches = iter(test_dataloader)
+        for batch in iterate(batches, "test gradients", self.verbose):
             batch = move_to_device(batch, self.device)
             for ckpt_idx in range(self.num_checkpoints):
                 g = self.generate_test_rep(ckpt_idx, batch)
@@ -318,14 +383,25 @@ class BaseInnerProductAttributor(BaseAttributor):
                     if clear is None:
                         raise
                     raise clear from err
-        return [torch.cat(r) for r in reps]
+        if not shard:
+            return [torch.cat(r) for r in reps]
+        out = []
+        for ckpt_idx, r in enumerate(reps):
+            if r:
+                local = torch.cat(r)
+            else:  # this rank had no test batch: an empty block of the right width
+                g = self.generate_test_rep(ckpt_idx, next(iter(test_dataloader)))
+                local = self.transform_test_rep(ckpt_idx, move_to_device(g, self.device))[:0]
+            out.append(gather_rows(local))
+        return out
 
-    def _iter_score_blocks(
+    def _prepare_scoring(
         self,
         train_dataloader: Iterable,
         test_dataloader: Iterable,
-        relatif_method: str | None = None,
-    ) -> Iterator[tuple[int, Tensor]]:
+        relatif_method: str | None,
+    ) -> list[Tensor]:
+        """Check the arguments, cache if needed; the test side ``(n_test, d)`` per ckpt."""
         self._check_relatif(relatif_method)
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
@@ -337,38 +413,103 @@ class BaseInnerProductAttributor(BaseAttributor):
             keep_batch_dim=self.keep_batch_dim,
             target=True,
         )
-        test_reps = self._test_reps(test_dataloader)
-        weights = self.checkpoint_weights()
-        with self._train_rep_buffer.active():
-            yield from self._score_blocks(train_dataloader, test_reps, weights, relatif_method)
+        return self._test_reps(test_dataloader)
 
-    def _score_blocks(
+    def _stored_rows(self, train_dataloader: Iterable, relatif_method: str | None) -> bool:
+        store = self._store
+        return store is not None and store.is_for(train_dataloader) and relatif_method is None
+
+    def _tiles(
         self,
         train_dataloader: Iterable,
         test_reps: list[Tensor],
-        weights: list[float],
         relatif_method: str | None,
-    ) -> Iterator[tuple[int, Tensor]]:
-        row = 0
-        for batch in iterate(train_dataloader, "attribute", self.verbose):
+        shard: bool,
+        test_block: int | None = None,
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        """Score tiles ``(row_start, col_start, (rows, cols))`` (this rank's rows if shard).
+
+        ``S = sum_k w_k T_train,k(g_i)^T T_test,k(g'_j) / d_k(i)`` with the training rows
+        read from the store of :meth:`cache` (``cache_dir``) when ``train_dataloader``
+        is the cached loader, else featurized batch by batch.
+        """
+        weights = self.checkpoint_weights()
+        n_test = test_reps[0].shape[0]
+        block = n_test if test_block is None else test_block
+        if self._stored_rows(train_dataloader, relatif_method):
+            yield from iter_store_tiles(self._store, test_reps, weights, None, block, shard)
+            return
+        n_ckpt = len(weights)
+        grad_rows = self._plan(train_dataloader, n_test).grad_rows
+
+        def featurize(b: int, batch: Any) -> tuple[list[Tensor], Tensor | None]:
             batch = move_to_device(batch, self.device)
-            block = None
-            for ckpt_idx, w in enumerate(weights):
-                rep = self.transform_train_rep(ckpt_idx, self.generate_train_rep(ckpt_idx, batch))
-                part = rep @ test_reps[ckpt_idx].T
-                if relatif_method is not None:
-                    denom = self.relatif_denominator(ckpt_idx, batch, relatif_method)
-                    part = part / denom.unsqueeze(1)
-                part = part * w
-                block = part if block is None else block + part
-            yield row, block
-            row += block.shape[0]
+            # denominators first: their transform may reuse the train-gradient buffer
+            invs = [
+                self.relatif_denominator(k, batch, relatif_method).reciprocal()
+                for k in range(n_ckpt)
+                if relatif_method is not None
+            ]
+            feats = [
+                self._train_rows(k, batch, grad_rows, keep=k < n_ckpt - 1) for k in range(n_ckpt)
+            ]
+            if not invs or n_ckpt == 1:
+                return feats, invs[0] if invs else None
+            return [f * inv.to(f.dtype)[:, None] for f, inv in zip(feats, invs)], None
+
+        with self._train_rep_buffer.active():
+            yield from iter_loader_tiles(
+                train_dataloader, featurize, test_reps, weights, block, shard, self.verbose
+            )
+
+    def _train_rows(self, ckpt_idx: int, batch: Any, grad_rows: int | None, keep: bool) -> Tensor:
+        """``transform_train_rep`` of the batch's gradients, ``grad_rows`` samples at a time.
+
+        ``keep``: the rows must survive the next gradient call (several checkpoints).
+        """
+        n = batch_size_of(batch)
+        if grad_rows is None or grad_rows >= n:
+            rep = self.transform_train_rep(ckpt_idx, self.generate_train_rep(ckpt_idx, batch))
+            return rep.clone() if keep and self._train_rep_buffer.is_active else rep
+        parts = []
+        for start in range(0, n, grad_rows):
+            sub = slice_batch(batch, slice(start, start + grad_rows))
+            parts.append(
+                self.transform_train_rep(ckpt_idx, self.generate_train_rep(ckpt_idx, sub)).clone()
+            )
+        return torch.cat(parts)
+
+    def _plan(self, train_dataloader: Iterable, n_test: int) -> TilePlan:
+        """Tile sizes from ``max_memory`` (whole test set, loader batches without one)."""
+        budget = self.scale_options.max_memory
+        if budget is None:
+            return TilePlan(train_block=0, test_block=n_test)
+        cols, dtype, _ = self.task.grad_layout(self.layer_name)
+        item = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
+        if self._stored_rows(train_dataloader, None):
+            n_train = self._store.num_samples
+        else:
+            n_train = max(batch_plan(train_dataloader))
+        dim = TrainRepFeaturizer(self).out_dim * self.num_checkpoints
+        return plan_tiles(n_train, n_test, dim, budget, num_params=cols, itemsize=item)
+
+    def _iter_score_blocks(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        relatif_method: str | None = None,
+    ) -> Iterator[tuple[int, Tensor]]:
+        test_reps = self._prepare_scoring(train_dataloader, test_dataloader, relatif_method)
+        for row, _, tile in self._tiles(train_dataloader, test_reps, relatif_method, False):
+            yield row, tile
 
     def attribute(
         self,
         train_dataloader: Iterable,
         test_dataloader: Iterable,
         relatif_method: str | None = None,
+        *,
+        out: str | os.PathLike | None = None,
     ) -> Tensor:
         """Score every (train, test) pair.
 
@@ -376,14 +517,28 @@ class BaseInnerProductAttributor(BaseAttributor):
             train_dataloader: training samples (rows), not shuffled.
             test_dataloader: test samples (columns), not shuffled.
             relatif_method: None, ``"l"`` or ``"theta"`` (RelatIF normalisation).
+            out: path of a ``.npy`` score file: tiles are written there and a
+                memory-mapped float32 CPU tensor on it is returned.
 
         Returns:
-            ``(n_train, n_test)`` scores on ``device``.
+            ``(n_train, n_test)`` scores on ``device`` (on CPU with ``out``). With
+            torch.distributed, each rank scores its share of the training rows and every
+            rank returns the whole matrix.
         """
-        blocks = [
-            b for _, b in self._iter_score_blocks(train_dataloader, test_dataloader, relatif_method)
-        ]
-        return torch.cat(blocks, dim=0)
+        test_reps = self._prepare_scoring(train_dataloader, test_dataloader, relatif_method)
+        n_test = test_reps[0].shape[0]
+        if out is None and not is_distributed() and self.scale_options.max_memory is None:
+            tiles = self._tiles(train_dataloader, test_reps, relatif_method, False)
+            return torch.cat([tile for _, _, tile in tiles])
+        if self._stored_rows(train_dataloader, relatif_method):
+            n_train = self._store.num_samples
+        else:
+            n_train = sum(batch_plan(train_dataloader))
+        sink = make_sink(out, n_train, n_test, test_reps[0].dtype, self.device)
+        block = self._plan(train_dataloader, n_test).test_block
+        for row, col, tile in self._tiles(train_dataloader, test_reps, relatif_method, True, block):
+            sink.add(row, col, tile)
+        return sink.finalize()
 
     def attribute_topk(
         self,
@@ -392,13 +547,17 @@ class BaseInnerProductAttributor(BaseAttributor):
         k: int,
         relatif_method: str | None = None,
     ) -> TopKResult:
-        """Per-test top-k helpful/harmful training samples, streamed (see base)."""
-        acc = TopKAccumulator(k)
-        for row_start, block in self._iter_score_blocks(
-            train_dataloader, test_dataloader, relatif_method
-        ):
-            acc.update(block, row_start)
-        return acc.result()
+        """Per-test top-k helpful/harmful training samples, streamed tile by tile.
+
+        Memory is ``O(n_test * k)`` plus one tile; with torch.distributed, ranks score
+        their share of the rows and merge their candidates.
+        """
+        TopKAccumulator(k)  # validates k before any gradient is computed
+        test_reps = self._prepare_scoring(train_dataloader, test_dataloader, relatif_method)
+        n_test = test_reps[0].shape[0]
+        block = self._plan(train_dataloader, n_test).test_block
+        tiles = self._tiles(train_dataloader, test_reps, relatif_method, True, block)
+        return topk_of_tiles(tiles, k, n_test)
 
     def self_attribute(
         self, train_dataloader: Iterable, relatif_method: str | None = None
@@ -410,14 +569,22 @@ class BaseInnerProductAttributor(BaseAttributor):
             relatif_method: None, ``"l"`` or ``"theta"``.
 
         Returns:
-            ``(n_train,)``; equals ``attribute(train, train).diag()``.
+            ``(n_train,)``; equals ``attribute(train, train).diag()``. With
+            torch.distributed, each rank scores its share of the batches.
         """
         self._check_relatif(relatif_method)
         check_loader(train_dataloader, "train_dataloader")
         self._ensure_cached(train_dataloader)
         weights = self.checkpoint_weights()
+        # a test transform that runs collectives must be called by every rank alike
+        shard = is_distributed() and self.shard_test_transform
+        if shard:
+            mine = list(shard_range(len(batch_plan(train_dataloader))))
+            batches = (b for _, b in iter_batches(train_dataloader, mine))
+        else:
+            batches = iter(train_dataloader)
         out = []
-        for batch in iterate(train_dataloader, "self-attribution", self.verbose):
+        for batch in iterate(batches, "self-attribution", self.verbose):
             batch = move_to_device(batch, self.device)
             total: Tensor | None = None
             for ckpt_idx, w in enumerate(weights):
@@ -428,4 +595,7 @@ class BaseInnerProductAttributor(BaseAttributor):
                     val = val / self.relatif_denominator(ckpt_idx, batch, relatif_method)
                 total = w * val if total is None else total + w * val
             out.append(total)
-        return torch.cat(out)
+        if not shard:
+            return torch.cat(out)
+        local = torch.cat(out) if out else torch.zeros(0, device=self.device)
+        return gather_rows(local)

@@ -50,7 +50,7 @@ from dattri.algorithm.features.dvemb_grads import DVEmbGradients, capture_layer_
 from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
 from dattri.algorithm.runtime.distributed import gather_rows
 from dattri.algorithm.runtime.validation import (
-    require_task,
+    check_task,
     required_positional_args,
     scan_huge_values,
     validate_loader,
@@ -148,7 +148,7 @@ class DVEmbAttributor(BaseAttributor):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        require_task(task)
+        check_task(task)
         if factorization_type not in FACTORIZATIONS:
             msg = f"factorization_type must be one of {FACTORIZATIONS}, got {factorization_type!r}."
             raise ValueError(msg)

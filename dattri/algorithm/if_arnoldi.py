@@ -13,12 +13,14 @@ by transforming both sides: train ``g -> sign(lambda) U g / sqrt|lambda|``, test
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from dattri.algorithm.features.representations import tensor_digest
 from dattri.algorithm.solve.mean_hvp import IFBase
 from dattri.func.hessian_arnoldi import top_ritz_pairs
 from dattri.task import AttributionTask
@@ -44,9 +46,16 @@ class IFAttributorArnoldi(IFBase):
         regularization: ``lambda >= 0``; Arnoldi runs on ``H + lambda I``.
         seed: seed of the start vector.
         verbose: show progress bars.
+        cache_dir: directory of the resumable store of the training rows (see
+            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
     """
 
     cache_on_attribute = False
+
+    #: torch.distributed: each rank holds its share of the batches; HVPs are all-reduced
+    shard_cache = True
 
     def __init__(
         self,
@@ -61,8 +70,20 @@ class IFAttributorArnoldi(IFBase):
         regularization: float = 0.0,
         seed: int = 0,
         verbose: bool = True,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(
+            task,
+            layer_name=layer_name,
+            device=device,
+            verbose=verbose,
+            cache_dir=cache_dir,
+            store_dtype=store_dtype,
+            max_memory=max_memory,
+        )
         if not (isinstance(precompute_data_ratio, (int, float)) and 0 < precompute_data_ratio <= 1):
             msg = f"precompute_data_ratio must be in (0, 1], got {precompute_data_ratio!r}."
             raise ValueError(msg)
@@ -133,6 +154,10 @@ class IFAttributorArnoldi(IFBase):
         scale = self.eigenvalues[ckpt_idx].abs().rsqrt()
         # (k, p) @ (p, B), transposed back: ~20% faster than (B, p) @ (p, k) for k << B
         return (evecs @ rep.to(evecs.dtype).T).T * scale
+
+    def train_transform_digest(self, ckpt_idx: int) -> str:
+        """Digest of the Ritz pairs that project the stored training rows."""
+        return tensor_digest(self.eigenvalues[ckpt_idx], self.eigenvectors[ckpt_idx])
 
     def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
         """``sign(lambda) U g / sqrt|lambda|``, ``(B, p) -> (B, k)``."""

@@ -23,6 +23,7 @@ once per ``attribute`` (and once per training batch by ``self_attribute`` and Re
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -57,9 +58,16 @@ class IFAttributorDataInf(IFBase):
         fim_estimate_data_ratio: fraction of the cached loader's batches (the first ones)
             used, in ``(0, 1]``.
         verbose: show progress bars.
+        cache_dir: directory of the resumable store of the training rows (see
+            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
     """
 
     mean_batch_loss = False  # per-sample gradients only: the reduction cancels
+
+    #: torch.distributed: each rank streams its share of the batches; sums all-reduced
+    shard_cache = True
 
     def __init__(
         self,
@@ -69,8 +77,20 @@ class IFAttributorDataInf(IFBase):
         regularization: float | None = 0.0,
         fim_estimate_data_ratio: float = 1.0,
         verbose: bool = True,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(
+            task,
+            layer_name=layer_name,
+            device=device,
+            verbose=verbose,
+            cache_dir=cache_dir,
+            store_dtype=store_dtype,
+            max_memory=max_memory,
+        )
         if regularization is not None and not (
             isinstance(regularization, (int, float))
             and math.isfinite(regularization)

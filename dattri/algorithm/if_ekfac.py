@@ -23,6 +23,7 @@ L2 penalty inside the loss is not representable: pass it as ``damping`` instead)
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from dattri.algorithm.runtime.batching import iterate, move_to_device
 from dattri.algorithm.runtime.distributed import all_reduce_sum, is_distributed, shard_range
+from dattri.algorithm.runtime.validation import check_task, resolve_regularization
 from dattri.algorithm.solve.mean_hvp import IFBase
 from dattri.algorithm.store.memmap_store import iter_batches
 from dattri.func.fisher import (
@@ -94,8 +96,13 @@ class IFAttributorEKFAC(IFBase):
             or a list of names (``model.named_modules()`` keys).
         device: device for the computation.
         damping: ``> 0`` added to the corrected eigenvalues, or ``0.0``/``None`` for
-            ``0.1 * mean(Lambda)`` per module.
+            ``0.1 * mean(Lambda)`` per module (upstream's name).
         verbose: show progress bars.
+        regularization: the library-wide name of ``damping`` (pass one of the two).
+        cache_dir: directory of the resumable store of the training rows (see
+            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
     """
 
     mean_batch_loss = False  # per-sample gradients only: the reduction cancels
@@ -107,10 +114,13 @@ class IFAttributorEKFAC(IFBase):
         device: str | torch.device = "cpu",
         damping: float | None = 0.0,
         verbose: bool = True,
+        *,
+        regularization: float | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        check_task(task)
         modules = _linear_modules(task, module_name)
         trainable = set(task.param_names)
 
@@ -121,7 +131,16 @@ class IFAttributorEKFAC(IFBase):
         layer_name = []
         for n in modules:
             layer_name += [pname(n, "weight")] + ([pname(n, "bias")] if self._bias[n] else [])
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(
+            task,
+            layer_name=layer_name,
+            device=device,
+            verbose=verbose,
+            cache_dir=cache_dir,
+            store_dtype=store_dtype,
+            max_memory=max_memory,
+        )
+        damping = resolve_regularization(regularization, damping, "damping", 0.0)
         if damping is not None and not (
             isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0
         ):

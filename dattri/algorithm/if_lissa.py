@@ -12,6 +12,7 @@ mean-loss Hessian and on a few random mini-batches) so the user need not tune it
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -93,7 +94,14 @@ class IFAttributorLiSSA(IFBase):
         regularization: if given, overrides ``damping`` with ``regularization / s``.
         seed: seed of the mini-batch sampler and of the power iteration.
         verbose: show progress bars.
+        cache_dir: directory of the resumable store of the training rows (see
+            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
     """
+
+    #: torch.distributed: each rank runs the recursion for its share of the test batches
+    shard_test_transform = True
 
     def __init__(
         self,
@@ -110,8 +118,19 @@ class IFAttributorLiSSA(IFBase):
         regularization: float | None = None,
         seed: int = 0,
         verbose: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(
+            task,
+            layer_name=layer_name,
+            device=device,
+            verbose=verbose,
+            cache_dir=cache_dir,
+            store_dtype=store_dtype,
+            max_memory=max_memory,
+        )
         for name, val in (
             ("batch_size", batch_size),
             ("num_repeat", num_repeat),

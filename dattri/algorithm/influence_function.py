@@ -47,6 +47,7 @@ gradient of the training sample).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
@@ -58,9 +59,9 @@ from dattri.algorithm.if_datainf import IFAttributorDataInf
 from dattri.algorithm.if_ekfac import IFAttributorEKFAC
 from dattri.algorithm.if_lissa import IFAttributorLiSSA
 from dattri.algorithm.runtime.batching import iterate
+from dattri.algorithm.solve.inverses import CGInverse
 from dattri.algorithm.solve.mean_hvp import IFBase
 from dattri.algorithm.solve.preconditioners import build_preconditioner, check_preconditioner
-from dattri.func.hessian import cg_solve
 from dattri.func.linalg import DampedSymmetricInverse
 from dattri.task import AttributionTask
 
@@ -128,6 +129,10 @@ class IFAttributorExplicit(IFBase):
         device: device for the computation.
         regularization: ``lambda >= 0`` added to the Hessian diagonal.
         verbose: show progress bars.
+        cache_dir: directory of the resumable store of the training rows (see
+            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
     """
 
     shard_cache = True  # torch.distributed: each rank holds its batches, HVPs summed
@@ -139,8 +144,20 @@ class IFAttributorExplicit(IFBase):
         device: str | torch.device = "cpu",
         regularization: float = 0.0,
         verbose: bool = True,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(
+            task,
+            layer_name=layer_name,
+            device=device,
+            verbose=verbose,
+            cache_dir=cache_dir,
+            store_dtype=store_dtype,
+            max_memory=max_memory,
+        )
         self.regularization = _check_reg(regularization)
         self._factors: dict[int, DampedSymmetricInverse] = {}
 
@@ -212,6 +229,10 @@ class IFAttributorCG(IFBase):
         mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
         regularization: ``lambda >= 0``.
         verbose: show progress bars.
+        cache_dir: directory of the resumable store of the training rows (see
+            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
+        store_dtype: storage dtype of that store (default: the model's).
+        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
         preconditioner: None (plain CG), ``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a
             callable ``M^{-1}`` on ``(B, p)`` rows.
         preconditioner_damping: damping of the built preconditioner (default:
@@ -233,8 +254,19 @@ class IFAttributorCG(IFBase):
         *,
         preconditioner: str | Callable[[Tensor], Tensor] | None = None,
         preconditioner_damping: float | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(
+            task,
+            layer_name=layer_name,
+            device=device,
+            verbose=verbose,
+            cache_dir=cache_dir,
+            store_dtype=store_dtype,
+            max_memory=max_memory,
+        )
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             msg = f"max_iter must be a positive integer, got {max_iter!r}."
             raise ValueError(msg)
@@ -242,12 +274,11 @@ class IFAttributorCG(IFBase):
         self.tol = _check_reg(tol, "tol")
         self.mode = _check_mode(mode)
         self.regularization = _check_reg(regularization)
-        self._ops: dict[int, Callable[[Tensor], Tensor]] = {}
+        self._inverses: dict[int, CGInverse] = {}
         self._dtypes: dict[int, torch.dtype] = {}
         self.last_cg_info = None
         self.preconditioner = check_preconditioner(preconditioner)
         self.preconditioner_damping = preconditioner_damping
-        self._preconds: dict[int, Callable[[Tensor], Tensor] | None] = {}
 
     def cache(self, full_train_dataloader: Iterable) -> None:
         """Keep the training batches on ``device`` and build the HVP operators.
@@ -261,31 +292,29 @@ class IFAttributorCG(IFBase):
     def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
         func, params = self._loss_and_params(ckpt_idx)
         self._check_loss(func, params)
-        self._ops[ckpt_idx] = self.mean_hvp_operator(ckpt_idx, self.mode, self.regularization)
         self._dtypes[ckpt_idx] = params.dtype
-        self._preconds[ckpt_idx] = (
-            None
-            if self.preconditioner is None
-            else build_preconditioner(
+        precond = None
+        if self.preconditioner is not None:
+            precond = build_preconditioner(
                 self,
                 self.preconditioner,
                 ckpt_idx,
                 self.preconditioner_damping,
                 self.regularization,
             )
+        self._inverses[ckpt_idx] = CGInverse(
+            self.mean_hvp_operator(ckpt_idx, self.mode, self.regularization),
+            self.max_iter,
+            self.tol,
+            preconditioner=precond,
         )
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """Batched CG solve of ``(H + lambda I) x = g`` for every row, ``(B, p)``."""
         rhs = test_rep.to(self._dtypes[ckpt_idx])
-        sol, info = cg_solve(
-            self._ops[ckpt_idx],
-            rhs,
-            self.max_iter,
-            self.tol,
-            preconditioner=self._preconds.get(ckpt_idx),
-        )
-        self.last_cg_info = info
+        inverse = self._inverses[ckpt_idx]
+        sol = inverse.solve(rhs)
+        info = self.last_cg_info = inverse.last_info
         if not bool(info.converged.all()):
             warnings.warn(
                 f"IFAttributorCG: {int((~info.converged).sum())} of {rhs.shape[0]} solves did "

@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -64,6 +65,9 @@ from tqdm.auto import tqdm
 
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.runtime.batching import check_loader
+from dattri.algorithm.runtime.distributed import rank_world, shard_range
+from dattri.algorithm.runtime.validation import check_task
+from dattri.algorithm.score.tiles import make_sink, parse_memory
 from dattri.model_util.subset_train import (
     SubsetTrainConfig,
     _batches,
@@ -134,8 +138,8 @@ class MAGICAttributor(BaseAttributor):
             batch size, seed of the batch order, loss, device, dtype).
         init_seed: seed of the initialisation (default ``train_config.seed``, the seed of
             model 0 in ``train_subset_models``).
-        max_memory: bytes for the saved training states plus one test block's adjoints
-            (``None``: ``~2 sqrt(T)`` states). Smaller budgets recompute more.
+        max_memory: bytes (or e.g. ``"2GB"``) for the saved training states plus one
+            test block's adjoints (``None``: ``~2 sqrt(T)`` states). Smaller budgets recompute more.
         test_block_size: test samples per reverse pass (vectorised with ``vmap``).
         cache_dir: optional directory: the replayed checkpoints and every finished test
             block's scores are saved there, and a later run with the same settings
@@ -153,15 +157,13 @@ class MAGICAttributor(BaseAttributor):
         train_config: SubsetTrainConfig,
         init_seed: int | None = None,
         *,
-        max_memory: int | None = None,
+        max_memory: int | str | None = None,
         test_block_size: int = 32,
         cache_dir: str | Path | None = None,
         check_checkpoint: bool = True,
         verbose: bool = True,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be an AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        check_task(task)
         if not isinstance(train_config, SubsetTrainConfig):
             msg = (
                 "train_config must be a dattri.model_util.SubsetTrainConfig, got "
@@ -174,14 +176,11 @@ class MAGICAttributor(BaseAttributor):
         if isinstance(test_block_size, bool) or int(test_block_size) < 1:
             msg = f"test_block_size must be a positive integer, got {test_block_size!r}."
             raise ValueError(msg)
-        if max_memory is not None and max_memory <= 0:
-            msg = f"max_memory must be a positive number of bytes or None, got {max_memory!r}."
-            raise ValueError(msg)
         self.task = task
         self.model_factory = model_factory
         self.config = train_config
         self.init_seed = int(train_config.seed if init_seed is None else init_seed)
-        self.max_memory = max_memory
+        self.max_memory = parse_memory(max_memory)
         self.test_block_size = int(test_block_size)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.check_checkpoint = check_checkpoint
@@ -357,7 +356,7 @@ class MAGICAttributor(BaseAttributor):
         return True
 
     def _save_checkpoints(self) -> None:
-        if self.cache_dir is None:
+        if self.cache_dir is None or rank_world()[0] != 0:  # ranks replay the same run
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         cpu = [([t.cpu() for t in p], [t.cpu() for t in s]) for p, s in self._ckpts]
@@ -453,13 +452,24 @@ class MAGICAttributor(BaseAttributor):
         self.peak_memory = max(self.peak_memory, self.peak_states * self._state_bytes + adj_bytes)
         return -w_bar
 
-    def attribute(self, train_dataloader: Iterable, test_dataloader: Iterable) -> Tensor:
+    def attribute(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        *,
+        out: str | os.PathLike | None = None,
+    ) -> Tensor:
         """``(n_train, n_test)`` scores ``-d target(z_j) / d w_i`` at ``w = 1``.
+
+        Test blocks are reverse passes of their own: under torch.distributed each rank
+        runs its contiguous share of them (every rank returns the whole matrix).
 
         Args:
             train_dataloader: the training data of :meth:`cache` (same samples, same
                 order).
             test_dataloader: test samples ``(inputs, targets)`` (columns).
+            out: path of a ``.npy`` score file: each finished test block is written there
+                and a memory-mapped float32 CPU tensor on it is returned.
 
         Returns:
             ``(n_train, n_test)`` scores (larger = more helpful), in
@@ -487,15 +497,14 @@ class MAGICAttributor(BaseAttributor):
         )
         n_test = int(test[0].shape[0])
         self.peak_memory = self.peak_states = self.forward_steps = self.reverse_steps = 0
-        blocks = list(range(0, n_test, self.test_block_size))
-        out = []
-        with tqdm(
-            total=len(blocks) * self._T, desc="MAGIC reverse", disable=not self.verbose
-        ) as bar:
-            for s in blocks:
+        starts = range(0, n_test, self.test_block_size)
+        mine = shard_range(len(starts))
+        sink = make_sink(out, self._n, n_test, self.config.dtype, "cpu")
+        with tqdm(total=len(mine) * self._T, desc="MAGIC reverse", disable=not self.verbose) as bar:
+            for s in starts[mine.start : mine.stop]:
                 fields = tuple(f[s : s + self.test_block_size] for f in test)
-                out.append(self._block_with_resume(fields, bar))
-        return torch.cat(out, dim=1).cpu()
+                sink.add(0, s, self._block_with_resume(fields, bar).cpu())
+        return sink.finalize()
 
     def self_attribute(self, train_dataloader: Iterable) -> Tensor:
         """``(n_train,)`` self-influence ``-d loss_i(theta_T(w)) / d w_i`` at ``w = 1``.

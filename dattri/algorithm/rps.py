@@ -39,7 +39,7 @@ from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.features.last_layer import LastLayerFeaturizer
 from dattri.algorithm.runtime.batching import check_loader
 from dattri.algorithm.runtime.distributed import gather_rows, is_distributed
-from dattri.algorithm.runtime.validation import require_reiterable, require_task, resolve_device
+from dattri.algorithm.runtime.validation import check_task, require_reiterable, resolve_device
 from dattri.algorithm.score.tiles import iter_row_batches, make_sink, plan_tiles, topk_of_tiles
 from dattri.algorithm.score.topk import TopKResult
 from dattri.algorithm.store.in_memory import ProjectedGradientStore
@@ -103,7 +103,7 @@ class RPSAttributor(BaseAttributor):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        require_task(task)
+        check_task(task)
         check_rps_settings(l2_strength, epoch, solver)
         self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
         self.task = task

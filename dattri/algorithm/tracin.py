@@ -23,7 +23,7 @@ from torch import Tensor
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.features.gradients import GradientFeaturizer, resolve_projection
 from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
-from dattri.algorithm.runtime.validation import resolve_device, validate_loader
+from dattri.algorithm.runtime.validation import check_task, resolve_device, validate_loader
 from dattri.algorithm.score.tiles import (
     iter_loader_tiles,
     iter_store_tiles,
@@ -100,9 +100,7 @@ class TracInAttributor(BaseAttributor):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        check_task(task, layer_name)
         self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
         if not isinstance(normalized_grad, bool):
             msg = f"normalized_grad must be a bool, got {type(normalized_grad).__name__}."
@@ -128,7 +126,6 @@ class TracInAttributor(BaseAttributor):
             raise ValueError(msg)
         from dattri.params.projection import TracInProjectionParams
 
-        task.selected_param_names(layer_name)  # validates the names
         self.task = task
         self.weight_list = weights
         self.normalized_grad = normalized_grad

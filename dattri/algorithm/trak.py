@@ -24,7 +24,7 @@ from torch import Tensor
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.features.gradients import GradientFeaturizer, resolve_projection
 from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
-from dattri.algorithm.runtime.validation import resolve_device, validate_loader
+from dattri.algorithm.runtime.validation import check_task, resolve_device, validate_loader
 from dattri.algorithm.score.tiles import (
     BUDGET_SHARES,
     iter_loader_tiles,
@@ -190,9 +190,7 @@ class TRAKAttributor(BaseAttributor):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        check_task(task, layer_name)
         self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
         if not callable(correct_probability_func):
             msg = (
@@ -211,7 +209,6 @@ class TRAKAttributor(BaseAttributor):
             raise ValueError(msg)
         from dattri.params.projection import TRAKProjectionParams
 
-        task.selected_param_names(layer_name)  # validates the names
         self.task = task
         self.correct_probability_func = correct_probability_func
         self.layer_name = layer_name

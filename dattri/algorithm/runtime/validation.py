@@ -28,12 +28,13 @@ from torch import Tensor
 
 __all__ = [
     "HUGE_INPUT",
+    "check_task",
     "explain_batches",
     "is_single_pass",
     "require_reiterable",
-    "require_task",
     "required_positional_args",
     "resolve_device",
+    "resolve_regularization",
     "scan_huge_values",
     "validate_loader",
     "warn_topk",
@@ -268,13 +269,61 @@ def first_of(batch: Any) -> Tensor | None:
     return tensors[0] if tensors else None
 
 
-def require_task(task: Any) -> None:
-    """Raise a ``TypeError`` unless ``task`` is an :class:`~dattri.task.AttributionTask`."""
+def resolve_regularization(
+    regularization: float | None, alias: float | None, alias_name: str, alias_default: float | None
+) -> float | None:
+    """The one damping value of a method that also takes upstream's name for it.
+
+    ``regularization`` (``lambda`` in ``(H + lambda I)^{-1}``) is the library-wide name;
+    ``alias_name`` (e.g. EK-FAC's ``damping``) is upstream's. Passing both, with
+    different values, is refused.
+
+    Args:
+        regularization: the value passed as ``regularization`` (None: not passed).
+        alias: the value passed under ``alias_name``.
+        alias_name: upstream's argument name.
+        alias_default: the alias's default (meaning "not passed").
+
+    Returns:
+        The value to use.
+
+    Raises:
+        ValueError: if both are passed with different values.
+    """
+    if regularization is None:
+        return alias
+    if alias != alias_default and alias != regularization:
+        msg = (
+            f"regularization={regularization!r} and {alias_name}={alias!r} name the same "
+            f"damping; pass only one (regularization is the library-wide name, {alias_name} "
+            "upstream's)."
+        )
+        raise ValueError(msg)
+    return regularization
+
+
+def check_task(task: Any, layer_name: Any = None) -> Any:
+    """Validate an attributor's ``task`` (and its ``layer_name`` selection) in one place.
+
+    Args:
+        task: must be a :class:`~dattri.task.AttributionTask`.
+        layer_name: None, one parameter name or a list of names of the task's model.
+
+    Returns:
+        ``task``.
+
+    Raises:
+        TypeError: if ``task`` is not an ``AttributionTask``.
+        ValueError: for an unknown or repeated parameter name (the task's message).
+    """
     from dattri.task import AttributionTask
 
     if not isinstance(task, AttributionTask):
         msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
         raise TypeError(msg)
+    if layer_name is not None:
+        task.selected_param_names(layer_name)
+    return task
 
 
 def required_positional_args(func: Callable) -> int:

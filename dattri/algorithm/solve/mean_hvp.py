@@ -31,6 +31,7 @@ from dattri.task import AttributionTask
 
 __all__ = [
     "IFBase",
+    "MeanLossHVP",
     "check_finite_rep",
     "dict_or_tuple_fields",
     "materialize_batches",
@@ -137,6 +138,7 @@ class IFBase(BaseInnerProductAttributor):
         layer_name: None (all parameters), one parameter name or a list of names.
         device: device for the computation.
         verbose: show progress bars.
+        **scale: ``cache_dir``, ``store_dtype``, ``max_memory`` (see the base class).
     """
 
     keep_batch_dim = True
@@ -157,8 +159,9 @@ class IFBase(BaseInnerProductAttributor):
         layer_name: str | Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         verbose: bool = True,
+        **scale: Any,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose, **scale)
         self._batches: list[Any] = []
         self._sizes: list[int] = []
         self._n_total: int | None = None  # all ranks' samples when sharded
@@ -239,7 +242,8 @@ class IFBase(BaseInnerProductAttributor):
                 the cap are re-linearised on every product).
 
         Returns:
-            ``op(mat)`` mapping ``(k, p)`` to ``(k, p)``.
+            A :class:`MeanLossHVP`: ``op(rows)`` maps ``(k, p)`` to ``(k, p)``,
+            ``op @ v`` takes ``(p,)`` or ``(p, k)``.
         """
         func, params = self._loss_and_params(ckpt_idx)
         n = self.n_cached
@@ -255,14 +259,18 @@ class IFBase(BaseInnerProductAttributor):
             limit = self.linearization_budget_bytes // max(per_batch, 1)
             kept = {} if limit > 0 else None
 
-        def op(mat: Tensor) -> Tensor:
-            self.task.load_checkpoint(ckpt_idx)  # buffers come from the loaded model
-            out = _mean_batch_hvp(func, params, batches, n, mode, mat, kept, limit)
-            if self._n_total is not None:  # sharded over ranks: sum the local parts
-                out = all_reduce_sum(out)
-            return out.add_(mat, alpha=regularization) if regularization else out
-
-        return op
+        return MeanLossHVP(
+            func,
+            params,
+            batches,
+            n,
+            mode,
+            regularization,
+            load=lambda: self.task.load_checkpoint(ckpt_idx),
+            sharded=self._n_total is not None,
+            kept=kept,
+            limit=limit,
+        )
 
     # ------------------------------------------------------- representations
     def generate_train_rep(self, ckpt_idx: int, data: Any) -> Tensor:
@@ -278,6 +286,61 @@ class IFBase(BaseInnerProductAttributor):
             return super().generate_test_rep(ckpt_idx, data)
         except NonFiniteGradientError as err:
             raise ValueError(_nonfinite_message("target gradients")) from err
+
+
+class MeanLossHVP:
+    """``H + lambda I`` of the mean training loss over cached batches, as an operator.
+
+    ``H v = sum_b (B_b / n) H_b v`` with ``H_b`` the Hessian of ``func(params, batch_b)``
+    (a batch mean); under torch.distributed each rank holds its share of the batches
+    (``sharded``) and the parts are all-reduced, so every rank must apply it alike.
+
+    Args:
+        func: ``func(params, batch)``, the mean loss of a batch.
+        params: the flat parameters ``(p,)``.
+        batches: ``(batch, size)`` pairs.
+        n: number of samples over all batches (and ranks).
+        mode: ``"rev-rev"`` or ``"rev-fwd"``.
+        regularization: ``lambda >= 0``.
+        load: called before every product (loads the checkpoint's buffers).
+        sharded: all-reduce the product over torch.distributed ranks.
+        kept: storage of reused batch linearisations (None: re-linearise every time).
+        limit: number of batches whose linearisation is kept.
+    """
+
+    def __init__(
+        self,
+        func: Callable,
+        params: Tensor,
+        batches: Sequence[tuple[Any, int]],
+        n: int,
+        mode: str,
+        regularization: float = 0.0,
+        *,
+        load: Callable[[], None] | None = None,
+        sharded: bool = False,
+        kept: dict[int, Callable[[Tensor], Tensor]] | None = None,
+        limit: int = 0,
+    ) -> None:
+        self.func, self.params, self.batches, self.n = func, params, batches, n
+        self.mode, self.regularization = mode, regularization
+        self._load, self._sharded, self._kept, self._limit = load, sharded, kept, limit
+        self.shape = (params.numel(), params.numel())
+
+    def __call__(self, mat: Tensor) -> Tensor:
+        """``rows (H + lambda I)`` for ``(k, p)`` rows (``H`` is symmetric)."""
+        if self._load is not None:
+            self._load()
+        out = _mean_batch_hvp(
+            self.func, self.params, self.batches, self.n, self.mode, mat, self._kept, self._limit
+        )
+        if self._sharded:  # each rank holds its share of the batches: sum the parts
+            out = all_reduce_sum(out)
+        return out.add_(mat, alpha=self.regularization) if self.regularization else out
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        """``(H + lambda I) v`` for ``v`` of shape ``(p,)`` or ``(p, k)``."""
+        return self(v[None])[0] if v.dim() == 1 else self(v.T).T
 
 
 def _mean_batch_hvp(
