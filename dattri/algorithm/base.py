@@ -52,8 +52,8 @@ from dattri.algorithm.score.tiles import (
     TilePlan,
     iter_loader_tiles,
     iter_store_tiles,
-    make_sink,
     plan_tiles,
+    scores_of_tiles,
     topk_of_tiles,
 )
 from dattri.algorithm.score.topk import TopKAccumulator, TopKResult
@@ -534,11 +534,9 @@ class BaseInnerProductAttributor(BaseAttributor):
             n_train = self._store.num_samples
         else:
             n_train = sum(batch_plan(train_dataloader))
-        sink = make_sink(out, n_train, n_test, test_reps[0].dtype, self.device)
         block = self._plan(train_dataloader, n_test).test_block
-        for row, col, tile in self._tiles(train_dataloader, test_reps, relatif_method, True, block):
-            sink.add(row, col, tile)
-        return sink.finalize()
+        tiles = self._tiles(train_dataloader, test_reps, relatif_method, True, block)
+        return scores_of_tiles(tiles, out, n_train, n_test, test_reps[0].dtype, self.device)
 
     def attribute_topk(
         self,

@@ -34,6 +34,7 @@ the tiles of its own rows. There are no train-side features to store, so
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -53,8 +54,8 @@ from dattri.algorithm.runtime.distributed import gather_rows, is_distributed
 from dattri.algorithm.runtime.validation import resolve_device
 from dattri.algorithm.score.tiles import (
     iter_row_batches,
-    make_sink,
     parse_memory,
+    scores_of_tiles,
     topk_of_tiles,
 )
 from dattri.algorithm.score.topk import TopKResult
@@ -342,19 +343,15 @@ class KNNShapleyAttributor(BaseAttributor):
         n_train, n_test, _, tiles = self._iter_tiles(
             train_dataloader, test_dataloader, train_labels, test_labels
         )
-        sink = None
-        for row, col, tile in tiles:
-            if sink is None:
-                shape = (n_test, n_train) if transpose else (n_train, n_test)
-                sink = make_sink(out, *shape, tile.dtype, self.device)
-            if transpose:
-                sink.add(col, row, tile.T)
-            else:
-                sink.add(row, col, tile)
-        if sink is None:
+        first = next(tiles, None)  # the values' dtype follows the distances'
+        if first is None:
             msg = "test_dataloader yielded no sample."
             raise ValueError(msg)
-        return sink.finalize()
+        dtype, tiles = first[2].dtype, itertools.chain([first], tiles)
+        if transpose:  # upstream's (n_test, n_train) layout
+            tiles = ((col, row, tile.T) for row, col, tile in tiles)
+            n_train, n_test = n_test, n_train
+        return scores_of_tiles(tiles, out, n_train, n_test, dtype, self.device)
 
     def attribute(
         self,

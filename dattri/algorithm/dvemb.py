@@ -58,8 +58,8 @@ from dattri.algorithm.runtime.validation import (
 from dattri.algorithm.score.tiles import (
     iter_row_batches,
     iter_store_tiles,
-    make_sink,
     plan_tiles,
+    scores_of_tiles,
     topk_of_tiles,
 )
 from dattri.algorithm.score.topk import TopKResult
@@ -471,10 +471,7 @@ class DVEmbAttributor(BaseAttributor):
             ValueError: for an unknown epoch or out-of-range indices.
         """
         rows, test, tiles = self._tiles(test_dataloader, epoch, train_data_indices)
-        sink = make_sink(out, rows.shape[0], test.shape[0], rows.dtype, rows.device)
-        for row, col, tile in tiles:
-            sink.add(row, col, tile)
-        return sink.finalize()
+        return scores_of_tiles(tiles, out, rows.shape[0], test.shape[0], rows.dtype, rows.device)
 
     def attribute_topk(
         self,

@@ -40,7 +40,12 @@ from dattri.algorithm.features.last_layer import LastLayerFeaturizer
 from dattri.algorithm.runtime.batching import check_loader
 from dattri.algorithm.runtime.distributed import gather_rows, is_distributed
 from dattri.algorithm.runtime.validation import check_task, require_reiterable, resolve_device
-from dattri.algorithm.score.tiles import iter_row_batches, make_sink, plan_tiles, topk_of_tiles
+from dattri.algorithm.score.tiles import (
+    iter_row_batches,
+    plan_tiles,
+    scores_of_tiles,
+    topk_of_tiles,
+)
 from dattri.algorithm.score.topk import TopKResult
 from dattri.algorithm.store.in_memory import ProjectedGradientStore
 from dattri.algorithm.store.memmap_store import batch_plan
@@ -298,10 +303,7 @@ class RPSAttributor(BaseAttributor):
         self._ensure_cached(train_dataloader)
         tests = self._tests(test_dataloader)
         n, tiles = self._iter_tiles(train_dataloader, tests)
-        sink = make_sink(out, n, tests[0][0].shape[0], self._out_dtype, self.device)
-        for row, col, tile in tiles:
-            sink.add(row, col, tile)
-        return sink.finalize()
+        return scores_of_tiles(tiles, out, n, tests[0][0].shape[0], self._out_dtype, self.device)
 
     def attribute_topk(
         self, train_dataloader: Iterable, test_dataloader: Iterable, k: int

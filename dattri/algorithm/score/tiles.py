@@ -53,6 +53,7 @@ __all__ = [
     "merge_topk",
     "parse_memory",
     "plan_tiles",
+    "scores_of_tiles",
     "topk_of_tiles",
 ]
 
@@ -365,6 +366,34 @@ def topk_of_tiles(tiles: Iterable[tuple[int, int, Tensor]], k: int, n_test: int)
         The merged ``(n_test, k)`` :class:`~dattri.algorithm.score.topk.TopKResult`.
     """
     sink = TopKSink(k, n_test)
+    for row, col, tile in tiles:
+        sink.add(row, col, tile)
+    return sink.finalize()
+
+
+def scores_of_tiles(
+    tiles: Iterable[tuple[int, int, Tensor]],
+    out: str | os.PathLike | None,
+    n_train: int,
+    n_test: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> Tensor:
+    """Collect ``(row_start, col_start, tile)`` score tiles into :func:`make_sink`'s sink.
+
+    Args:
+        tiles: score tiles (this rank's share under torch.distributed).
+        out: None (in memory) or the path of a ``.npy`` score file.
+        n_train: rows of the result.
+        n_test: columns of the result.
+        dtype: dtype of the in-memory result.
+        device: device of the in-memory result.
+
+    Returns:
+        The ``(n_train, n_test)`` scores (a memory-mapped float32 CPU tensor with ``out``),
+        identical on every rank.
+    """
+    sink = make_sink(out, n_train, n_test, dtype, device)
     for row, col, tile in tiles:
         sink.add(row, col, tile)
     return sink.finalize()
