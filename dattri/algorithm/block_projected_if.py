@@ -460,8 +460,9 @@ class BlockProjectedIFAttributor(BaseAttributor):
         )
         budget = self.scale_options.max_memory
         if budget is not None:
-            plan = plan_tiles(1, 1, 1, budget, num_params=self.featurizer.sample_numel, itemsize=8)
-            self.featurizer.grad_rows = plan.grad_rows
+            f = self.featurizer
+            plan = plan_tiles(1, 1, f.out_dim, budget, num_params=f.sample_numel, itemsize=8)
+            f.grad_rows = plan.grad_rows
         self._store = self.preconditioner = None
         first: list[int] = []
         source = full_train_dataloader
