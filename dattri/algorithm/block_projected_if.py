@@ -586,18 +586,20 @@ class BlockProjectedIFAttributor(BaseAttributor):
     def attribute_topk(
         self, train_dataloader: Iterable, test_dataloader: Iterable, k: int
     ) -> TopKResult:
-        """Per-test top-k helpful/harmful training samples, streamed tile by tile.
+        """The ``k`` most helpful and most harmful training rows of every test sample.
 
-        Memory is ``O(n_test * k)`` plus one tile; with torch.distributed, ranks score
-        their share of the rows and merge their candidates.
+        The score tiles of :meth:`attribute` are merged into a running top-k as they
+        are produced (``O(n_test * k)`` memory besides one tile); under
+        torch.distributed each rank keeps the candidates of its own rows and the
+        candidates are merged.
 
         Args:
-            train_dataloader: training samples.
+            train_dataloader: training samples (cached rows when it is the cached loader).
             test_dataloader: test samples.
-            k: training samples per side.
+            k: rows per side.
 
         Returns:
-            A :class:`~dattri.algorithm.score.topk.TopKResult` with ``(n_test, k)`` tensors.
+            A :class:`~dattri.algorithm.score.topk.TopKResult` of ``(n_test, k)`` tensors.
         """
         check_loader(train_dataloader, "train_dataloader")
         self._ensure_cached(train_dataloader)

@@ -51,13 +51,12 @@ def _intermediate_side(k: Any, blowup_factor: Any) -> int:
 
 
 class FactGraSSAttributor(BlockProjectedIFAttributor):
-    """FactGraSS attributor.
+    """FactGraSS attributor: factorised random masks, then an SJLT per layer.
+
+    The arguments other than ``proj_params`` and ``blowup_factor`` are those of
+    :class:`BlockProjectedIFAttributor`.
 
     Args:
-        task: the attribution task (see :class:`BlockProjectedIFAttributor`, like
-            ``layer_names``, ``hessian``, ``damping``, ``device``, ``offload``,
-            ``cache_dir``, ``chunk_size``, ``verbose``, ``store_dtype`` and
-            ``max_memory``).
         proj_params: ``FactGrassProjectionParams`` (or a dict):
             ``proj_dim_per_layer`` (final dimension per layer, default 4096) and
             ``proj_seed`` (seeds both the masks and the SJLT). ``proj_type`` is not

@@ -53,13 +53,11 @@ def perfect_square_root(value: Any, what: str) -> int:
 
 
 class LoGraAttributor(BlockProjectedIFAttributor):
-    """LoGra attributor.
+    """LoGra attributor: Gaussian Kronecker factors, no second stage.
+
+    Every argument but ``proj_params`` is that of :class:`BlockProjectedIFAttributor`.
 
     Args:
-        task: the attribution task (see :class:`BlockProjectedIFAttributor`, like
-            ``layer_names``, ``hessian``, ``damping``, ``device``, ``offload``,
-            ``cache_dir``, ``chunk_size``, ``verbose``, ``store_dtype`` and
-            ``max_memory``).
         proj_params: ``LoGraProjectionParams`` (or a dict): ``proj_dim_per_layer``
             (perfect square, default 4096 -> 64 x 64 factors), ``proj_seed``,
             ``proj_type`` of the factors (``"normal"`` default, ``"rademacher"``,
