@@ -174,6 +174,20 @@ def test_out_file_topk_and_self_attribute(name, reference, tmp_path):
     torch.testing.assert_close(att.compute_self_attribution(), diag, rtol=TOL, atol=TOL)
 
 
+def test_single_pass_iterators(reference):
+    """Generators: cached once; an uncached one is read once and scored."""
+    _, train, test = _problem()
+    full = reference["logra"]["scores"]
+    att = _make("logra")
+    gen = iter(list(train))
+    att.cache(gen)
+    torch.testing.assert_close(att.attribute(gen, test), full, rtol=TOL, atol=TOL)
+    other = iter(list(DataLoader(train.dataset, batch_size=5)))
+    torch.testing.assert_close(att.attribute(other, iter(list(test))), full, rtol=TOL, atol=TOL)
+    diag = reference["logra"]["train_train"].diagonal()
+    torch.testing.assert_close(att.self_attribute(iter(list(train))), diag, rtol=TOL, atol=TOL)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_max_memory_plans_tiles_within_the_budget(name, reference, tmp_path):
     _, train, test = _problem()

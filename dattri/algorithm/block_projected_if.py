@@ -387,12 +387,17 @@ class BlockProjectedIFAttributor(BaseAttributor):
                 self.task, test_dataloader, "test_dataloader", keep_batch_dim=True, target=True
             )
             test = self._features(test_dataloader, True, "test gradients")
-        return self._precondition(test)
+        return self._precondition(test.to(self._score_dtype()))
 
     def _test_block(self, n_test: int) -> int:
-        """Set the store's row block (``max_memory`` or ``chunk_size``); return the test block."""
-        store, budget = self._store, self.scale_options.max_memory
-        if budget is None:
+        """Set the store's row block (``max_memory`` or ``chunk_size``); return the test block.
+
+        Args:
+            n_test: test columns of the tiles (1 for row-wise passes: Fisher sums,
+                self-influence).
+        """
+        store = self._store
+        if self.scale_options.max_memory is None:
             store.block_rows = self.chunk_size * store.state["first_batch"]
             return n_test
         plan = self.tile_plan(n_test)
@@ -404,10 +409,16 @@ class BlockProjectedIFAttributor(BaseAttributor):
 
         The budget holds the preconditioned test rows (``n_test x D``) and the
         factorised Fisher blocks (``sum_l k_l^2``), float64, plus the planned tiles.
+
+        Args:
+            n_test: number of test columns.
+
+        Returns:
+            The plan (``train_block``, ``test_block``).
         """
         store = self._require_cache("tile_plan")
         d = self.featurizer.out_dim
-        blocks = self.preconditioner.nbytes if self.preconditioner is not None else 0
+        blocks = 8 * sum(k * k for k in self.layer_dims) if self.hessian == "eFIM" else 0
         return plan_tiles(
             store.num_samples,
             n_test,
@@ -428,11 +439,24 @@ class BlockProjectedIFAttributor(BaseAttributor):
 
         def featurize(b: int, batch: Any) -> tuple[list[Tensor], None]:
             batch = move_to_device(batch, self.device)
-            return [self.featurizer(0, batch, where=f" {b} of train")], None
+            rows = self.featurizer(0, batch, where=f" {b} of train")
+            return [rows.to(self._score_dtype())], None
 
         yield from iter_loader_tiles(
             train_dataloader, featurize, [test], None, test.shape[0], shard, self.verbose
         )
+
+    def _train_rows(self, train_dataloader: Iterable) -> tuple[Iterable, bool]:
+        """``(loader, cached)``; an uncached single-pass iterator is read into a list.
+
+        Its batches are needed twice (their sizes, then their gradients).
+        """
+        check_loader(train_dataloader, "train_dataloader")
+        self._ensure_cached(train_dataloader)
+        cached = self._cached(train_dataloader)
+        if not cached and is_single_pass(train_dataloader):
+            train_dataloader = list(train_dataloader)
+        return train_dataloader, cached
 
     def _score_dtype(self) -> torch.dtype:
         return torch.promote_types(self.task.get_param(0)[0].dtype, torch.float32)
@@ -484,8 +508,10 @@ class BlockProjectedIFAttributor(BaseAttributor):
             verbose=self.verbose,
             desc="caching gradients",
         )
-        if self.offload == "cpu" and isinstance(store.features[0], Tensor):
-            store.features = [HostRows(store.features[0], self.device)]
+        rows = store.features[0]
+        if isinstance(rows, Tensor):  # in memory: scored in float32 at least
+            rows = rows.to(self._score_dtype())
+            store.features = [HostRows(rows, self.device) if self.offload == "cpu" else rows]
         store.loader = full_train_dataloader
         store.state["first_batch"] = first[0] if first else batch_plan(full_train_dataloader)[0]
         self._store = store
@@ -504,7 +530,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
     def _fisher_sums(self) -> list[Tensor]:
         """``sum_i c_il c_il^T`` per layer (float64), this rank's rows all-reduced."""
         store = self._store
-        store.block_rows = self.chunk_size * store.state["first_batch"]
+        self._test_block(1)
         acc = [torch.zeros(d, d, dtype=torch.float64, device=self.device) for d in self.layer_dims]
         blocks = list(store.row_blocks(self.featurizer.out_dim, shard=True))
         for rows in iterate(blocks, "Fisher", self.verbose):
@@ -573,10 +599,8 @@ class BlockProjectedIFAttributor(BaseAttributor):
             torch.distributed every rank scores its share of the training rows and
             returns the full matrix.
         """
-        check_loader(train_dataloader, "train_dataloader")
-        self._ensure_cached(train_dataloader)
+        train_dataloader, cached = self._train_rows(train_dataloader)
         test = self._test_side(test_dataloader)
-        cached = self._cached(train_dataloader)
         n_train = self._store.num_samples if cached else sum(batch_plan(train_dataloader))
         sink = make_sink(out, n_train, test.shape[0], self._score_dtype(), self.device)
         for row, col, tile in self._iter_tiles(train_dataloader, test, shard=True):
@@ -601,22 +625,22 @@ class BlockProjectedIFAttributor(BaseAttributor):
         Returns:
             A :class:`~dattri.algorithm.score.topk.TopKResult` of ``(n_test, k)`` tensors.
         """
-        check_loader(train_dataloader, "train_dataloader")
-        self._ensure_cached(train_dataloader)
+        train_dataloader, _ = self._train_rows(train_dataloader)
         test = self._test_side(test_dataloader)
         tiles = self._iter_tiles(train_dataloader, test, shard=True)
         return topk_of_tiles(tiles, k, test.shape[0])
 
     def _self_scores(self, rows: Iterator[tuple[Tensor, Tensor]]) -> Tensor:
         """``c_i . F^-1 t_i`` of ``(train rows, target rows)`` pairs, gathered over ranks."""
-        vals = [(f * self._precondition(t)).sum(dim=1) for f, t in rows]
-        local = torch.cat(vals) if vals else torch.zeros(0, dtype=self._score_dtype())
-        return gather_rows(local.to(self.device, self._score_dtype()))
+        dtype = self._score_dtype()
+        vals = [(f.to(dtype) * self._precondition(t.to(dtype))).sum(dim=1) for f, t in rows]
+        local = torch.cat(vals) if vals else torch.zeros(0, dtype=dtype)
+        return gather_rows(local.to(self.device))
 
     def _stored_pairs(self) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's stored row blocks, as ``(rows, rows)``."""
         store = self._store
-        store.block_rows = self.chunk_size * store.state["first_batch"]
+        self._test_block(1)
         for rows in store.row_blocks(self.featurizer.out_dim, shard=True):
             block = store.features[0][rows]
             yield block, block
@@ -639,11 +663,16 @@ class BlockProjectedIFAttributor(BaseAttributor):
         Returns:
             ``(n_train,)`` on ``device``.
         """
-        check_loader(train_dataloader, "train_dataloader")
-        self._ensure_cached(train_dataloader)
-        cached = self._cached(train_dataloader)
+        train_dataloader, cached = self._train_rows(train_dataloader)
         if cached and self._target_is_loss():
             return self.compute_self_attribution()
+        if cached and is_single_pass(train_dataloader):
+            msg = (
+                "self_attribute needs the target gradients of the training samples, but "
+                "train_dataloader is the single-pass iterator already read by cache(): "
+                "cache and self-attribute a re-iterable loader (a DataLoader or a list)."
+            )
+            raise ValueError(msg)
         sizes = batch_plan(train_dataloader)
         starts = [sum(sizes[:b]) for b in range(len(sizes))]
         mine = list(shard_range(len(sizes)))
