@@ -196,7 +196,7 @@ def test_max_memory_plans_tiles_within_the_budget(name, reference, tmp_path):
     att.cache(train)
     d = att.featurizer.out_dim
     plan = att.tile_plan(N_TEST)
-    reserved = N_TEST * d * 8 + att.preconditioner.nbytes  # test rows, Fisher factors
+    reserved = N_TEST * d * 8 + 8 * sum(k * k for k in att.layer_dims)  # test rows, Fisher
     share = (budget - reserved) // BUDGET_SHARES
     assert plan.train_block * d * 8 <= share  # training rows of a tile
     assert plan.test_block * d * 8 <= share  # test rows of a tile

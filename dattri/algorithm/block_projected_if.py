@@ -151,37 +151,36 @@ def stable_inverse(fisher: Tensor, damping: float, rank: int | None = None) -> T
 class BlockInverse:
     """Block-diagonal ``diag_l (F_l + lambda_l I)^-1`` applied to ``(m, D)`` rows.
 
-    ``rows @ op`` multiplies each layer's columns by its block (an identity block is
-    None); results keep the dtype of ``rows``.
+    ``rows @ op`` multiplies each layer's columns by its (symmetrised, dense) inverse
+    in ``dtype``; an identity block is None. Results keep the dtype of ``rows``.
 
     Args:
         offsets: ``(start, stop)`` columns of every layer.
         blocks: per layer, a :class:`~dattri.func.linalg.DampedSymmetricInverse` or None.
+        dtype: dtype of the products (float32, or float64 for float64 models).
     """
 
     def __init__(
-        self, offsets: Sequence[tuple[int, int]], blocks: Sequence[DampedSymmetricInverse | None]
+        self,
+        offsets: Sequence[tuple[int, int]],
+        blocks: Sequence[DampedSymmetricInverse | None],
+        dtype: torch.dtype,
     ) -> None:
         self.offsets = list(offsets)
-        self.blocks = list(blocks)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the factorisations."""
-        return sum(8 * (e - s) ** 2 for (s, e), b in zip(self.offsets, self.blocks) if b)
+        self.inverses = list(blocks)
+        self.matrices: list[Tensor | None] = []
+        for block in blocks:
+            mat = None if block is None else block.matrix()
+            self.matrices.append(None if mat is None else ((mat + mat.T) / 2).to(dtype))
 
     def __rmatmul__(self, rows: Tensor) -> Tensor:
-        if all(b is None for b in self.blocks):
+        if all(m is None for m in self.matrices):
             return rows
-        parts = [
-            rows[:, s:e] if b is None else b.solve(rows[:, s:e])
-            for (s, e), b in zip(self.offsets, self.blocks, strict=True)
-        ]
+        parts = []
+        for (s, e), mat in zip(self.offsets, self.matrices, strict=True):
+            block = rows[:, s:e]
+            parts.append(block if mat is None else (block.to(mat.dtype) @ mat).to(rows.dtype))
         return torch.cat(parts, dim=1)
-
-    def matrices(self) -> list[Tensor | None]:
-        """Dense ``(k_l, k_l)`` inverses (None for identity blocks)."""
-        return [None if b is None else b.matrix() for b in self.blocks]
 
 
 def _check_damping(damping: Any) -> float | None:
@@ -528,15 +527,18 @@ class BlockProjectedIFAttributor(BaseAttributor):
         return out
 
     def _fisher_sums(self) -> list[Tensor]:
-        """``sum_i c_il c_il^T`` per layer (float64), this rank's rows all-reduced."""
+        """``sum_i c_il c_il^T`` per layer, this rank's rows all-reduced.
+
+        Each row block's product is formed in the score dtype and summed in float64.
+        """
         store = self._store
         self._test_block(1)
         acc = [torch.zeros(d, d, dtype=torch.float64, device=self.device) for d in self.layer_dims]
         blocks = list(store.row_blocks(self.featurizer.out_dim, shard=True))
         for rows in iterate(blocks, "Fisher", self.verbose):
-            block = store.features[0][rows].to(torch.float64)
+            block = store.features[0][rows].to(self._score_dtype())
             for (s, e), a in zip(self.featurizer.offsets, acc, strict=True):
-                a.addmm_(block[:, s:e].T, block[:, s:e])
+                a.add_((block[:, s:e].T @ block[:, s:e]).to(torch.float64))
         return all_reduce_sum(acc)
 
     def compute_preconditioners(self, damping: float | None = None) -> None:
@@ -563,7 +565,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
                 damped_fisher_inverse(a / n, damping, rank)
                 for a, rank in zip(self._fisher_sums(), ranks, strict=True)
             ]
-        self.preconditioner = BlockInverse(self.featurizer.offsets, blocks)
+        self.preconditioner = BlockInverse(self.featurizer.offsets, blocks, self._score_dtype())
         self._damping_used = f"auto ({DEFAULT_DAMPING} * tr(F) / rank)" if auto else damping
 
     def compute_ifvp(self) -> None:
