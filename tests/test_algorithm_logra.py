@@ -695,7 +695,7 @@ def test_cuda_matches_cpu(offload, tmp_path):
                 device=device,
                 damping=0.05,
                 offload=offload,
-                cache_dir=tmp_path / device,
+                cache_dir=tmp_path / device / cls.__name__ if offload == "disk" else None,
                 verbose=False,
                 **kw,
             )

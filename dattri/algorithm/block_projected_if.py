@@ -497,20 +497,22 @@ class BlockProjectedIFAttributor(BaseAttributor):
                     yield batch
 
             source = recording(source)
+        # in memory: each batch's rows go to the host right away with offload="cpu",
+        # and are kept in the score dtype (float32 at least)
+        where, dtype = "cpu" if self.offload == "cpu" else self.device, self._score_dtype()
         store = collect_features_scaled(
             self.featurizer,
             source,
             1,
             self.scale_options,
             self,
+            transform=lambda rows: rows.to(where, dtype),
             kind="BlockProjectedIF compressed gradients",
             verbose=self.verbose,
             desc="caching gradients",
         )
-        rows = store.features[0]
-        if isinstance(rows, Tensor):  # in memory: scored in float32 at least
-            rows = rows.to(self._score_dtype())
-            store.features = [HostRows(rows, self.device) if self.offload == "cpu" else rows]
+        if self.offload == "cpu" and isinstance(store.features[0], Tensor):
+            store.features = [HostRows(store.features[0], self.device)]
         store.loader = full_train_dataloader
         store.state["first_batch"] = first[0] if first else batch_plan(full_train_dataloader)[0]
         self._store = store
