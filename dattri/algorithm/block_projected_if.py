@@ -54,7 +54,12 @@ from dattri.algorithm.runtime.batching import (
     move_to_device,
 )
 from dattri.algorithm.runtime.distributed import all_reduce_sum, gather_rows, shard_range
-from dattri.algorithm.runtime.validation import is_single_pass, resolve_device, validate_loader
+from dattri.algorithm.runtime.validation import (
+    check_task,
+    is_single_pass,
+    resolve_device,
+    validate_loader,
+)
 from dattri.algorithm.score.tiles import (
     iter_loader_tiles,
     iter_store_tiles,
@@ -276,9 +281,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        check_task(task)
         if hessian not in HESSIANS:
             msg = f"hessian must be one of {HESSIANS}, got {hessian!r}."
             raise ValueError(msg)
@@ -363,6 +366,11 @@ class BlockProjectedIFAttributor(BaseAttributor):
         )
         self.cache(train_dataloader)
 
+    def _check_loader(self, loader: Iterable, name: str, target: bool) -> None:
+        """The loader is usable and the loss (``target``: the target) runs on its first batch."""
+        check_loader(loader, name)
+        validate_loader(self.task, loader, name, keep_batch_dim=True, target=target)
+
     def _precondition(self, rows: Tensor) -> Tensor:
         """``F^-1 rows`` block by block (``(m, D)`` in, ``(m, D)`` out)."""
         if self.preconditioner is None:
@@ -377,14 +385,11 @@ class BlockProjectedIFAttributor(BaseAttributor):
 
     def _test_side(self, test_dataloader: Iterable) -> Tensor:
         """``(n_test, D)`` preconditioned target gradients ``F^-1 c_j``."""
-        check_loader(test_dataloader, "test_dataloader")
         if self._cached(test_dataloader) and self._target_is_loss():
             rows = self._store.features[0]
             test = getattr(rows, "materialize", lambda: rows)()
         else:
-            validate_loader(
-                self.task, test_dataloader, "test_dataloader", keep_batch_dim=True, target=True
-            )
+            self._check_loader(test_dataloader, "test_dataloader", target=True)
             test = self._features(test_dataloader, True, "test gradients")
         return self._precondition(test.to(self._score_dtype()))
 
@@ -473,14 +478,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
             full_train_dataloader: the training data (not shuffled); its rows are the
                 rows of :meth:`attribute` when the same loader object is passed there.
         """
-        check_loader(full_train_dataloader, "full_train_dataloader")
-        validate_loader(
-            self.task,
-            full_train_dataloader,
-            "full_train_dataloader",
-            keep_batch_dim=True,
-            target=False,
-        )
+        self._check_loader(full_train_dataloader, "full_train_dataloader", target=False)
         budget = self.scale_options.max_memory
         if budget is not None:
             f = self.featurizer

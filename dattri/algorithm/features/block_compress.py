@@ -19,6 +19,11 @@ Factor types: ``"normal"`` (i.i.d. N(0, 1/k) entries, so ``E[P^T P] = I``),
 ``torch.Generator`` seeded with ``proj_seed + 10_000 * layer_index`` (``+1`` for the
 input factor, ``+2`` for the projector), so they do not depend on the device, dtype
 or global RNG.
+
+:class:`BlockFeaturizer` turns one batch into the concatenated compressed rows
+``[c_1 | ... | c_L]`` with the interface of
+:class:`~dattri.algorithm.features.gradients.GradientFeaturizer`, so the shared stores
+(memory, host memory, the resumable memmap store) keep them.
 """
 
 from __future__ import annotations
