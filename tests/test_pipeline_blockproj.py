@@ -33,6 +33,7 @@ from dattri.algorithm.block_projected_if import BlockProjectedIFAttributor
 from dattri.algorithm.factgrass import FactGraSSAttributor
 from dattri.algorithm.logra import LoGraAttributor
 from dattri.algorithm.score.tiles import BUDGET_SHARES
+from dattri.algorithm.store.host_rows import HostRows
 from dattri.algorithm.store.memmap_store import StoredRows
 from dattri.task import AttributionTask
 from tests.problems import cached_random_mlp
@@ -203,6 +204,9 @@ def test_max_memory_plans_tiles_within_the_budget(name, reference, tmp_path):
     assert plan.train_block * plan.test_block * 8 <= share  # the score tile
     assert reserved + 6 * share <= budget  # with room for a transient copy of each
     assert plan.train_block < N_TRAIN and plan.test_block < N_TEST  # really tiled
+    # rows over half the budget are spilled to a temporary memmap store
+    spilled = 2 * N_TRAIN * d * 8 > budget
+    assert isinstance(att._store.features[0], StoredRows if spilled else HostRows)
     grad_rows = att.featurizer.grad_rows  # samples compressed at once
     assert grad_rows is not None
     assert grad_rows == max(1, budget // BUDGET_SHARES // (3 * 8 * att.featurizer.sample_numel))
