@@ -393,7 +393,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
             test = self._features(test_dataloader, True, "test gradients")
         return self._precondition(test.to(self._score_dtype()))
 
-    def _test_block(self, n_test: int) -> int:
+    def _plan_rows(self, n_test: int) -> int:
         """Set the store's row block (``max_memory`` or ``chunk_size``); return the test block.
 
         Args:
@@ -437,7 +437,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
     ) -> Iterator[tuple[int, int, Tensor]]:
         """``(row_start, col_start, tile)`` of ``S = C_train F^-1 C_test^T``."""
         if self._cached(train_dataloader):
-            block = self._test_block(test.shape[0])
+            block = self._plan_rows(test.shape[0])
             yield from iter_store_tiles(self._store, [test], None, None, block, shard)
             return
 
@@ -532,7 +532,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
         Each row block's product is formed in the score dtype and summed in float64.
         """
         store = self._store
-        self._test_block(1)
+        self._plan_rows(1)
         acc = [torch.zeros(d, d, dtype=torch.float64, device=self.device) for d in self.layer_dims]
         blocks = list(store.row_blocks(self.featurizer.out_dim, shard=True))
         for rows in iterate(blocks, "Fisher", self.verbose):
@@ -642,7 +642,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
     def _stored_pairs(self) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's stored row blocks, as ``(rows, rows)``."""
         store = self._store
-        self._test_block(1)
+        self._plan_rows(1)
         for rows in store.row_blocks(self.featurizer.out_dim, shard=True):
             block = store.features[0][rows]
             yield block, block
