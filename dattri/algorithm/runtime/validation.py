@@ -2,6 +2,7 @@
 
 Every attributor calls these helpers instead of keeping its own copies:
 
+* :func:`check_task` - the ``task`` argument is an :class:`~dattri.task.AttributionTask`;
 * :func:`resolve_device` - ``device="cuda"`` without CUDA is a clear error;
 * :func:`require_reiterable` - a single-pass generator where the data is read twice;
 * :func:`validate_loader` - the user's functions on the first batch of a loader
@@ -42,6 +43,22 @@ __all__ = [
 #: products of two such gradients reach ``1e16``, beyond the float64 precision (``2e-16``)
 #: left for the O(1) contributions of the other samples, and overflow float32 at ``1e19``.
 HUGE_INPUT = 1e8
+
+
+def check_task(task: Any) -> None:
+    """Raise a TypeError unless ``task`` is a :class:`~dattri.task.AttributionTask`.
+
+    Args:
+        task: the ``task`` argument of an attributor.
+
+    Raises:
+        TypeError: naming the type received.
+    """
+    from dattri.task import AttributionTask
+
+    if not isinstance(task, AttributionTask):
+        msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
+        raise TypeError(msg)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -63,7 +63,7 @@ class ProjectedGradientStore:
         step = self.block_rows or max(1, min(n, max_elems // max(n_cols, 1)))
         starts = range(0, n, step)
         if shard:
-            from dattri.algorithm.distributed import shard_range
+            from dattri.algorithm.runtime.distributed import shard_range
 
             mine = shard_range(len(starts))
             starts = starts[mine.start : mine.stop]
