@@ -45,22 +45,6 @@ __all__ = [
 HUGE_INPUT = 1e8
 
 
-def check_task(task: Any) -> None:
-    """Raise a TypeError unless ``task`` is a :class:`~dattri.task.AttributionTask`.
-
-    Args:
-        task: the ``task`` argument of an attributor.
-
-    Raises:
-        TypeError: naming the type received.
-    """
-    from dattri.task import AttributionTask
-
-    if not isinstance(task, AttributionTask):
-        msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-        raise TypeError(msg)
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     """``torch.device(device)``, raising a clear error if its backend is unavailable.
 
