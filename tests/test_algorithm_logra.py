@@ -7,8 +7,8 @@ compressed with the attributor's own projection matrices.
 
 import copy
 import warnings
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from dattri.algorithm.block_projected_if import BlockProjectedIFAttributor, stable_inverse
 from dattri.algorithm.factgrass import FactGraSSAttributor
 from dattri.algorithm.logra import LoGraAttributor
+from dattri.algorithm.store.host_rows import HostRows
+from dattri.algorithm.store.memmap_store import StoredRows
 from dattri.task import AttributionTask
 from tests.problems import cached_random_mlp
 
@@ -308,6 +310,7 @@ def test_block_projected_generic_two_stage():
 
 @pytest.mark.parametrize("offload", ["none", "cpu", "disk"])
 def test_offload_modes_identical_and_disk_only_in_cache_dir(offload, tmp_path, monkeypatch):
+    """offload="none"/"cpu" keep the rows in (host) memory; "disk" is the memmap store."""
     pb = _mlp_problem()
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -318,20 +321,24 @@ def test_offload_modes_identical_and_disk_only_in_cache_dir(offload, tmp_path, m
     train, test = _loaders(pb, bs_train=7)  # uneven batches
     ref.cache(train)
     expected = ref.attribute(train, test)
-    att = LoGraAttributor(_task(pb.model), offload=offload, cache_dir=cache_dir, chunk_size=1, **kw)
+    folder = cache_dir if offload == "disk" else None
+    att = LoGraAttributor(_task(pb.model), offload=offload, cache_dir=folder, chunk_size=1, **kw)
     att.cache(train)
     torch.testing.assert_close(att.attribute(train, test), expected, rtol=0, atol=0)
     torch.testing.assert_close(
         att.compute_self_attribution(), torch.diagonal(ref.attribute(train, train))
     )
     assert list(cwd.iterdir()) == []
+    rows = att._store.features[0]
     if offload == "disk":
         names = sorted(p.name for p in cache_dir.iterdir())
-        assert "train_grads.bin" in names and "train_ifvp.bin" in names
-        assert "block_projected_if_metadata.json" in names
-        assert (cache_dir / "train_grads.bin").stat().st_size == 24 * 18 * 8
+        assert "manifest.json" in names and "features_0.npy" in names
+        stored = np.load(cache_dir / "features_0.npy", mmap_mode="r")
+        assert stored.shape == (24, 18) and stored.dtype == np.float64
+        assert isinstance(rows, StoredRows)
     else:
         assert not cache_dir.exists()
+        assert isinstance(rows, HostRows if offload == "cpu" else torch.Tensor)
 
 
 def test_disk_requires_cache_dir_and_bad_args():
@@ -610,31 +617,29 @@ def test_auto_damping_uses_attainable_rank_of_the_compression():
     )
 
 
-def test_cache_dir_metadata_is_not_reloaded(tmp_path):
+def test_cache_dir_of_other_settings_is_refused(tmp_path):
+    """One store format: a cache_dir written for other layers is refused, not reused."""
     pb = _mlp_problem()
     train, test = _loaders(pb)
-    a = LoGraAttributor(
-        _task(pb.model),
-        layer_names=["0"],
-        offload="disk",
-        cache_dir=tmp_path,
-        proj_params=IDENTITY,
-        verbose=False,
-    )
-    a.cache(train)
-    # a second attributor with other layers in the same folder is not confused
-    b = LoGraAttributor(
-        _task(pb.model),
-        layer_names=["2"],
-        offload="disk",
-        cache_dir=tmp_path,
-        proj_params=IDENTITY,
-        verbose=False,
-    )
+
+    def make(layers, folder):
+        return LoGraAttributor(
+            _task(pb.model),
+            layer_names=layers,
+            offload="disk",
+            cache_dir=folder,
+            proj_params=IDENTITY,
+            verbose=False,
+        )
+
+    make(["0"], tmp_path / "a").cache(train)
+    with pytest.raises(ValueError, match="other settings"):
+        make(["2"], tmp_path / "a").cache(train)
+    b = make(["2"], tmp_path / "b")
     b.cache(train)
     assert b.layer_dims == [21]
     assert b.attribute(train, test).shape == (24, 6)
-    assert Path(tmp_path / "block_projected_if_metadata.json").exists()
+    assert (tmp_path / "b" / "manifest.json").exists()
 
 
 def test_default_and_object_params():
@@ -690,7 +695,7 @@ def test_cuda_matches_cpu(offload, tmp_path):
                 device=device,
                 damping=0.05,
                 offload=offload,
-                cache_dir=tmp_path / device,
+                cache_dir=tmp_path / device / cls.__name__ if offload == "disk" else None,
                 verbose=False,
                 **kw,
             )

@@ -216,7 +216,7 @@ INTERNAL_MODULES = {
     "dattri.algorithm.runtime.loader_args": "train=/test= keywords (issue #18)",
     "dattri.algorithm.runtime.batching": "loader/batch helpers shared by the attributors",
     "dattri.algorithm.features.block_compress": "LoGra compressor internals",
-    "dattri.algorithm.store.block_rows": "LoGra offload stores",
+    "dattri.algorithm.store.host_rows": "LoGra's offload='cpu' rows",
     "dattri.algorithm.solve.preconditioners": "builds IFAttributorCG's preconditioner= argument",
     "dattri.algorithm.solve.mean_hvp": "influence-function base class internals",
     "dattri.algorithm.features.gradients": "TracIn/TRAK feature store",

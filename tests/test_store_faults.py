@@ -262,8 +262,9 @@ def test_npy_header_damage_and_missing_file_are_named(tmp_path):
 
 
 # ------------------------------------------------------------------------ LoGra
-def test_logra_disk_folder_is_never_reused(tmp_path):
-    """LoGra rewrites its ``offload="disk"`` files on every cache(): stale ones are ignored."""
+def test_logra_disk_store_is_checked_like_every_store(tmp_path):
+    """LoGra's ``offload="disk"`` is the shared memmap store: damaged rows are
+    recomputed (with a warning), a store written from other data is refused."""
     from dattri.algorithm.logra import LoGraAttributor
     from dattri.task import AttributionTask
 
@@ -283,16 +284,19 @@ def test_logra_disk_folder_is_never_reused(tmp_path):
     x = sw.data()[0].clone()
     x[13] += 1.0
     changed, _ = _loaders(x)
-    first = make(offload="disk", cache_dir=tmp_path)
-    first.cache(train)
-    first._close_stores()
-    with open(tmp_path / "train_grads.bin", "r+b") as fh:  # damage the old rows
-        fh.write(b"\x00" * 64)
+    make(offload="disk", cache_dir=tmp_path).cache(train)
+    rows = np.load(tmp_path / "features_0.npy", mmap_mode="r+")
+    rows[2] = 0.0  # damage one stored row
+    rows.flush()
+    del rows
     ref = make(offload="none")
-    ref.cache(changed)
+    ref.cache(train)
     again = make(offload="disk", cache_dir=tmp_path)
-    again.cache(changed)
-    assert torch.equal(again.attribute(changed, test), ref.attribute(changed, test))
+    with pytest.warns(UserWarning, match="fail their checksums"):
+        again.cache(train)
+    assert torch.equal(again.attribute(train, test), ref.attribute(train, test))
+    with pytest.raises(ValueError, match="training data differ"):
+        make(offload="disk", cache_dir=tmp_path).cache(changed)
 
 
 # ------------------------------------------------------------------ the hash helpers

@@ -134,10 +134,34 @@ class BaseAttributor(ABC):
         Returns:
             A :class:`~dattri.algorithm.score.topk.TopKResult` with ``(n_test, k)`` tensors.
         """
+        iter_tiles = getattr(self, "_iter_tiles", None)
+        if iter_tiles is not None:  # tiles of this rank's rows, merged over ranks
+            check_loader(test_dataloader, "test_dataloader")
+            tiles = iter_tiles(train_dataloader, test_dataloader, shard=True)
+            return topk_of_tiles(tiles, k, sum(batch_plan(test_dataloader)))
         acc = TopKAccumulator(k)
         for row_start, block in self._iter_score_blocks(train_dataloader, test_dataloader):
             acc.update(block, row_start)
         return acc.result()
+
+    def _setup(
+        self,
+        task: AttributionTask,
+        layer_name: str | Sequence[str] | None,
+        device: str | torch.device,
+        verbose: bool,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
+    ) -> None:
+        """Check and keep the arguments every attributor shares (in one place)."""
+        check_task(task, layer_name)
+        self.task = task
+        self.layer_name = layer_name
+        self.device = resolve_device(device)
+        self.verbose = verbose
+        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
 
     @loader_keywords
     def self_attribute(self, train_dataloader: Iterable) -> Tensor:
@@ -209,16 +233,12 @@ class BaseInnerProductAttributor(BaseAttributor):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        check_task(task, layer_name)
-        self.task = task
-        self.layer_name = layer_name
-        self.device = resolve_device(device)
-        self.verbose = verbose
+        scale = {"cache_dir": cache_dir, "store_dtype": store_dtype, "max_memory": max_memory}
+        self._setup(task, layer_name, device, verbose, **scale)
         self.full_train_dataloader: Iterable | None = None
         self._cached = False
         #: per-batch training gradients of the scoring loop (see generate_train_rep)
         self._train_rep_buffer = ReusableBuffer()
-        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
         self._store: ProjectedGradientStore | None = None
 
     # ----------------------------------------------------------------- phases

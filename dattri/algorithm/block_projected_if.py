@@ -18,11 +18,13 @@ then amplifies noise directions and LDS collapses (0.46 instead of 0.75 on digit
 ``hessian="Identity"`` uses ``F_l^-1 = I``. The score of training sample ``i`` on test
 sample ``j`` is
 
-``S[i, j] = sum_l IFVP_il . c_jl``,  ``IFVP_il = F_l^-1 c_il``,
+``S[i, j] = sum_l c_il . F_l^-1 c_jl``  (``= IFVP_il . c_jl``, ``F_l`` symmetric),
 
 where ``c_jl`` is the compressed gradient of the task's *target* function on the test
 sample (the loss when the task has no target). No minus sign and no ``1/n``: larger =
-more helpful, like the other influence attributors.
+more helpful, like the other influence attributors. Only the training rows ``c_il`` are
+stored (memory, host memory or the shared memmap store); the block inverse is applied
+to the test side, once per ``attribute`` call.
 
 Only checkpoint 0 of the task is used (as upstream).
 """
@@ -30,9 +32,9 @@ Only checkpoint 0 of the task is used (as upstream).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,26 +43,39 @@ from torch import Tensor
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.features.block_compress import (
     FACTOR_TYPES,
-    LayerCompressor,
-    build_compressors,
-    functional_loss,
+    BlockFeaturizer,
     read_params,
     resolve_layer_names,
 )
-from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
-from dattri.algorithm.runtime.validation import resolve_device, validate_loader
-from dattri.algorithm.store.block_rows import (
-    OFFLOAD_MODES,
-    MatrixStore,
-    RowStore,
-    write_metadata,
+from dattri.algorithm.runtime.batching import (
+    batch_size_of,
+    check_loader,
+    iterate,
+    move_to_device,
 )
+from dattri.algorithm.runtime.distributed import all_reduce_sum, gather_rows, shard_range
+from dattri.algorithm.runtime.validation import (
+    check_task,
+    is_single_pass,
+    resolve_device,
+    validate_loader,
+)
+from dattri.algorithm.score.tiles import (
+    iter_loader_tiles,
+    iter_store_tiles,
+    make_sink,
+    plan_tiles,
+    topk_of_tiles,
+)
+from dattri.algorithm.score.topk import TopKResult
+from dattri.algorithm.store.host_rows import OFFLOAD_MODES, HostRows
+from dattri.algorithm.store.in_memory import ProjectedGradientStore, collect_features
+from dattri.algorithm.store.memmap_store import batch_plan, iter_batches
+from dattri.algorithm.store.scaled import ScaleOptions, collect_features_scaled
 from dattri.func.linalg import DampedSymmetricInverse
-from dattri.func.per_sample_grad import per_sample_kron_projected
-from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
 
-__all__ = ["DEFAULT_DAMPING", "BlockProjectedIFAttributor", "stable_inverse"]
+__all__ = ["DEFAULT_DAMPING", "BlockInverse", "BlockProjectedIFAttributor", "stable_inverse"]
 
 HESSIANS = ("Identity", "eFIM")
 #: automatic damping (``damping=None``): ``lambda_l = DEFAULT_DAMPING * tr(F_l) / r_l``,
@@ -84,20 +99,26 @@ _PROJECTOR_DEFAULTS = {
 }
 
 
-def stable_inverse(fisher: Tensor, damping: float, rank: int | None = None) -> Tensor:
-    """Inverse of ``fisher + damping * tr(fisher) / r * I`` (relative damping).
+def damped_fisher_inverse(
+    fisher: Tensor, damping: float, rank: int | None = None, stacklevel: int = 3
+) -> DampedSymmetricInverse:
+    """``(F + damping * tr(F) / r * I)^-1`` (relative damping) as an operator.
 
     Args:
-        fisher: symmetric PSD ``(d, d)`` matrix.
+        fisher: symmetric PSD ``(d, d)`` matrix ``F``.
         damping: relative damping ``>= 0`` (absolute ``damping`` if the trace is 0).
         rank: ``r``, the number of eigenvalues the trace is averaged over; None = ``d``
-            (upstream's convention). Pass the attainable rank of ``fisher`` to damp by
-            a multiple of its mean non-zero eigenvalue.
+            (upstream's convention). Pass the attainable rank of ``F`` to damp by a
+            multiple of its mean non-zero eigenvalue.
+        stacklevel: of the pseudo-inverse warning, as seen from the caller.
 
     Returns:
-        ``(d, d)`` symmetric inverse, same dtype as ``fisher``. Falls back to an
-        eigen-decomposition pseudo-inverse (with a warning) when the damped matrix
-        is not positive definite.
+        A :class:`~dattri.func.linalg.DampedSymmetricInverse` (Cholesky; an
+        eigen-decomposition pseudo-inverse, with a warning, when the damped matrix is
+        not positive definite).
+
+    Raises:
+        ValueError: if ``rank`` is not None or a positive int.
     """
     d = fisher.shape[0]
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -105,26 +126,70 @@ def stable_inverse(fisher: Tensor, damping: float, rank: int | None = None) -> T
         raise ValueError(msg)
     trace = float(torch.trace(fisher))
     shift = damping * trace / (d if rank is None else min(rank, d)) if trace > 0 else damping
-    inv = DampedSymmetricInverse(
+    return DampedSymmetricInverse(
         fisher,
         shift,
         singular="pinv",
         check_finite=None,
         what=f"The damped Fisher (damping={damping})",
         fix="increase damping",
-        stacklevel=3,
-    ).matrix()
+        stacklevel=stacklevel + 1,
+    )
+
+
+def stable_inverse(fisher: Tensor, damping: float, rank: int | None = None) -> Tensor:
+    """Dense inverse of ``fisher + damping * tr(fisher) / r * I`` (upstream's helper).
+
+    Args:
+        fisher: symmetric PSD ``(d, d)`` matrix.
+        damping: relative damping ``>= 0`` (absolute ``damping`` if the trace is 0).
+        rank: see :func:`damped_fisher_inverse`.
+
+    Returns:
+        ``(d, d)`` symmetric inverse, same dtype as ``fisher`` (the pseudo-inverse,
+        with a warning, when the damped matrix is not positive definite).
+    """
+    inv = damped_fisher_inverse(fisher, damping, rank, stacklevel=3).matrix()
     return (inv + inv.T) / 2
 
 
-def _check_damping(damping: Any) -> float | None:
-    """Validate a damping value.
+class BlockInverse:
+    """Block-diagonal ``diag_l (F_l + lambda_l I)^-1`` applied to ``(m, D)`` rows.
+
+    ``rows @ op`` multiplies each layer's columns by its (symmetrised, dense) inverse
+    in ``dtype``; an identity block is None. Results keep the dtype of ``rows``.
 
     Args:
-        damping: None or a non-negative number.
+        offsets: ``(start, stop)`` columns of every layer.
+        blocks: per layer, a :class:`~dattri.func.linalg.DampedSymmetricInverse` or None.
+        dtype: dtype of the products (float32, or float64 for float64 models).
+    """
 
-    Returns:
-        The value as float (or None).
+    def __init__(
+        self,
+        offsets: Sequence[tuple[int, int]],
+        blocks: Sequence[DampedSymmetricInverse | None],
+        dtype: torch.dtype,
+    ) -> None:
+        self.offsets = list(offsets)
+        self.inverses = list(blocks)
+        self.matrices: list[Tensor | None] = []
+        for block in blocks:
+            mat = None if block is None else block.matrix()
+            self.matrices.append(None if mat is None else ((mat + mat.T) / 2).to(dtype))
+
+    def __rmatmul__(self, rows: Tensor) -> Tensor:
+        if all(m is None for m in self.matrices):
+            return rows
+        parts = []
+        for (s, e), mat in zip(self.offsets, self.matrices, strict=True):
+            block = rows[:, s:e]
+            parts.append(block if mat is None else (block.to(mat.dtype) @ mat).to(rows.dtype))
+        return torch.cat(parts, dim=1)
+
+
+def _check_damping(damping: Any) -> float | None:
+    """Validate a damping value (None or a finite float ``>= 0``).
 
     Raises:
         TypeError: If not a number.
@@ -143,6 +208,12 @@ def _check_damping(damping: Any) -> float | None:
 
 class BlockProjectedIFAttributor(BaseAttributor):
     """Influence functions on block-wise (per-layer) compressed gradients.
+
+    The pipeline: :class:`~dattri.algorithm.features.block_compress.BlockFeaturizer`
+    (featurize) -> the shared row stores (memory, host memory or the resumable memmap
+    store) -> :class:`BlockInverse` (precondition: the damped per-layer empirical
+    Fisher, applied to the test side) -> score tiles into a sink (tensor, ``.npy``
+    file or streaming top-k).
 
     Args:
         task: the attribution task. Its loss may be eager ``loss(model, batch,
@@ -170,15 +241,23 @@ class BlockProjectedIFAttributor(BaseAttributor):
             ``proj_dim`` (-1 = none), ``proj_type`` (any type of
             :func:`dattri.func.projection.random_project`, e.g. ``"sjlt"``;
             ``"identity"`` = none), ``proj_seed``, ``proj_max_batch_size``.
-        offload: where compressed gradients, IFVPs and preconditioners live:
-            ``"none"`` (device), ``"cpu"`` or ``"disk"`` (memory-mapped files in
-            ``cache_dir``).
-        cache_dir: folder for ``offload="disk"`` (created if missing; files are
-            overwritten by a new ``cache``; use one folder per attributor). Nothing
-            is written elsewhere, and nothing is ever read back from a previous run.
-        chunk_size: number of training batches processed together when streaming
-            stored gradients (Fisher, IFVP and scoring blocks).
+        offload: where the compressed training gradients live without ``cache_dir``:
+            ``"none"`` (device) or ``"cpu"`` (host memory, moved to the device block
+            by block). ``"disk"`` means the memmap store in ``cache_dir`` (required).
+        cache_dir: directory of the resumable on-disk store of the compressed
+            training gradients (the memmap + manifest store shared with TRAK/TracIn
+            and torch.distributed ranks). When given, the rows go there whatever
+            ``offload``; an interrupted :meth:`cache` resumes, a store written for
+            other data or settings is refused.
+        chunk_size: training batches scored together (row blocks of
+            ``chunk_size x`` the first batch size) when ``max_memory`` is not set.
         verbose: show progress bars.
+        store_dtype: storage dtype of the on-disk store (e.g. ``"float16"``);
+            default: the model's. Scores are computed in the model's dtype (at least
+            float32).
+        max_memory: budget of the working buffers (bytes or e.g. ``"2GB"``): sets the
+            tile sizes and the samples compressed at once, and spills the rows to a
+            temporary store if needed.
 
     Raises:
         ValueError: for an unknown ``hessian``/``offload``, ``offload="disk"``
@@ -195,13 +274,14 @@ class BlockProjectedIFAttributor(BaseAttributor):
         sparsifier_params: Any = None,
         projector_params: Any = None,
         offload: str = "cpu",
-        cache_dir: str | Path | None = None,
+        cache_dir: str | os.PathLike | None = None,
         chunk_size: int = 16,
         verbose: bool = True,
+        *,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        if not isinstance(task, AttributionTask):
-            msg = f"task must be a dattri.task.AttributionTask, got {type(task).__name__}."
-            raise TypeError(msg)
+        check_task(task)
         if hessian not in HESSIANS:
             msg = f"hessian must be one of {HESSIANS}, got {hessian!r}."
             raise ValueError(msg)
@@ -209,17 +289,18 @@ class BlockProjectedIFAttributor(BaseAttributor):
             msg = f"offload must be one of {OFFLOAD_MODES}, got {offload!r}."
             raise ValueError(msg)
         if offload == "disk" and cache_dir is None:
-            msg = "cache_dir must be provided when offload='disk' (a folder for the memmaps)."
+            msg = "cache_dir must be provided when offload='disk' (the folder of the store)."
             raise ValueError(msg)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             msg = f"chunk_size must be a positive int, got {chunk_size!r}."
             raise ValueError(msg)
+        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
         self.task = task
         self.hessian = hessian
         self.damping = _check_damping(damping)
         self.device = resolve_device(device)
         self.offload = offload
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dir = cache_dir
         self.chunk_size = chunk_size
         self.verbose = verbose
         self.sparsifier_params = read_params(
@@ -246,175 +327,195 @@ class BlockProjectedIFAttributor(BaseAttributor):
         self.model = task.get_model()
         self.model.to(self.device)
         self.layer_names = resolve_layer_names(self.model, layer_names)
-        # validate the loss formats early ("Wrong loss function format")
-        functional_loss(task.original_loss_func, self.model, self.device, "loss_func")
-        functional_loss(task.original_target_func, self.model, self.device, "target_func")
-        dtype = next(iter(task.get_param_dict(0).values())).dtype
-        self.compressors: list[LayerCompressor] = build_compressors(
+        self.featurizer = BlockFeaturizer(
+            task,
             self.model,
             self.layer_names,
             self.sparsifier_params,
             self.projector_params,
             self.device,
-            dtype,
         )
-        self.layer_dims = [c.dim for c in self.compressors]
-        self.total_proj_dim = sum(self.layer_dims)
+        self.compressors = self.featurizer.compressors
+        self.layer_dims = self.featurizer.layer_dims
+        self.total_proj_dim = self.featurizer.out_dim
         self.full_train_dataloader: Iterable | None = None
-        self._grads: RowStore | None = None
-        self._ifvp: RowStore | None = None
-        self._precond: MatrixStore | None = None
-        self._batch_sizes: list[int] = []
+        self._store: ProjectedGradientStore | None = None
+        self.preconditioner: BlockInverse | None = None
         self._damping_used: float | str | None = None
 
     # ----------------------------------------------------------------- helpers
-    @property
-    def _offsets(self) -> list[tuple[int, int]]:
-        out, start = [], 0
-        for d in self.layer_dims:
-            out.append((start, start + d))
-            start += d
-        return out
-
-    @property
-    def _block_rows(self) -> int:
-        first = self._batch_sizes[0] if self._batch_sizes else 64
-        return max(1, self.chunk_size * first)
-
-    def _disk_dir(self) -> Path | None:
-        """The cache folder (created) for ``offload="disk"``, else None."""
-        if self.offload != "disk":
-            return None
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        return self.cache_dir
-
-    def _path(self, name: str) -> Path | None:
-        folder = self._disk_dir()
-        return None if folder is None else folder / name
-
-    def _compress(self, batch: Any, target: bool) -> Tensor:
-        """Compressed per-sample gradients of one (device) batch, ``(B, total_proj_dim)``.
-
-        Args:
-            batch: the batch on ``device``.
-            target: use the task's target function instead of the loss.
-
-        Returns:
-            ``(B, total_proj_dim)``, layers concatenated in ``layer_names`` order.
-        """
-        params = self.task.get_param_dict(0)
-        model = self.task.get_model()
-        func = self.task.original_target_func if target else self.task.original_loss_func
-        loss = functional_loss(func, model, self.device, "target_func" if target else "loss_func")
-        with explained_errors(model, batch, "a test batch" if target else "a training batch"):
-            kron = per_sample_kron_projected(
-                model,
-                loss,
-                params,
-                batch,
-                self.layer_names,
-                {c.name: c.proj_in for c in self.compressors},
-                {c.name: c.proj_out for c in self.compressors},
-                keep_batch_dim=True,
-            )
-        return torch.cat([c.finish(kron[c.name]) for c in self.compressors], dim=1)
-
     def _target_is_loss(self) -> bool:
         return self.task.original_target_func is self.task.original_loss_func
 
-    def _require_cache(self, what: str) -> None:
-        if self._grads is None:
+    def _cached(self, loader: Iterable | None) -> bool:
+        return self._store is not None and self._store.is_for(loader)
+
+    def _require_cache(self, what: str) -> ProjectedGradientStore:
+        if self._store is None:
             msg = f"{what} needs cached gradients: call attributor.cache(full_train_dataloader)."
             raise ValueError(msg)
+        return self._store
 
-    def _preconditioners(self) -> list[Tensor | None]:
-        if self._precond is None:
+    def _ensure_cached(self, train_dataloader: Iterable) -> None:
+        if self._store is not None:
+            return
+        warnings.warn(
+            f"{type(self).__name__}: cache() was not called; caching on train_dataloader.",
+            UserWarning,
+            stacklevel=4,
+        )
+        self.cache(train_dataloader)
+
+    def _check_loader(self, loader: Iterable, name: str, target: bool) -> None:
+        """The loader is usable and the loss (``target``: the target) runs on its first batch."""
+        check_loader(loader, name)
+        validate_loader(self.task, loader, name, keep_batch_dim=True, target=target)
+
+    def _precondition(self, rows: Tensor) -> Tensor:
+        """``F^-1 rows`` block by block (``(m, D)`` in, ``(m, D)`` out)."""
+        if self.preconditioner is None:
             self.compute_preconditioners()
-        return [self._precond.get(i) for i in range(len(self.layer_names))]
+        return rows @ self.preconditioner
 
-    def _apply_precond(self, rows: Tensor, precs: list[Tensor | None]) -> Tensor:
-        """``F_l^-1 c_il`` for a block of compressed gradients.
+    def _features(self, loader: Iterable, target: bool, desc: str) -> Tensor:
+        """``(n, D)`` compressed gradients of a whole loader (kept in memory)."""
+        return collect_features(
+            self.featurizer, loader, 1, target=target, verbose=self.verbose, desc=desc
+        ).features[0]
+
+    def _test_side(self, test_dataloader: Iterable) -> Tensor:
+        """``(n_test, D)`` preconditioned target gradients ``F^-1 c_j``."""
+        if self._cached(test_dataloader) and self._target_is_loss():
+            rows = self._store.features[0]
+            test = getattr(rows, "materialize", lambda: rows)()
+        else:
+            self._check_loader(test_dataloader, "test_dataloader", target=True)
+            test = self._features(test_dataloader, True, "test gradients")
+        return self._precondition(test.to(self._score_dtype()))
+
+    def _plan_rows(self, n_test: int) -> int:
+        """Set the store's row block (``max_memory`` or ``chunk_size``); return the test block.
 
         Args:
-            rows: ``(B, total_proj_dim)``.
-            precs: per-layer inverses (None = identity).
+            n_test: test columns of the tiles (1 for row-wise passes: Fisher sums,
+                self-influence).
+        """
+        store = self._store
+        if self.scale_options.max_memory is None:
+            store.block_rows = self.chunk_size * store.state["first_batch"]
+            return n_test
+        plan = self.tile_plan(n_test)
+        store.block_rows = plan.train_block
+        return plan.test_block
+
+    def tile_plan(self, n_test: int) -> Any:
+        """The :class:`~dattri.algorithm.score.tiles.TilePlan` of scoring ``n_test`` columns.
+
+        The budget holds the preconditioned test rows (``n_test x D``) and the
+        factorised Fisher blocks (``sum_l k_l^2``), float64, plus the planned tiles.
+
+        Args:
+            n_test: number of test columns.
 
         Returns:
-            ``(B, total_proj_dim)`` in the dtype of ``rows``.
+            The plan (``train_block``, ``test_block``).
         """
-        if all(p is None for p in precs):
-            return rows
-        parts = []
-        for (s, e), prec in zip(self._offsets, precs, strict=True):
-            block = rows[:, s:e]
-            parts.append(block if prec is None else (block.to(prec.dtype) @ prec).to(rows.dtype))
-        return torch.cat(parts, dim=1)
-
-    def _close_stores(self) -> None:
-        ifvp, grads = self._ifvp, self._grads
-        self._ifvp = self._grads = None
-        if ifvp is not None and ifvp is not grads:
-            ifvp.close()
-        if grads is not None:
-            grads.close()
-
-    def _write_metadata(self) -> None:
-        if self.offload != "disk" or self._grads is None:
-            return
-        ifvp = self._ifvp.path.name if self._ifvp is not None and self._ifvp.path else None
-        write_metadata(
-            self.cache_dir,
-            {
-                "format": "dattri.BlockProjectedIFAttributor",
-                "version": 1,
-                "layer_names": self.layer_names,
-                "layer_dims": self.layer_dims,
-                "n_train": self._grads.n,
-                "batch_sizes": self._batch_sizes,
-                "dtype": str(self._grads.dtype).replace("torch.", ""),
-                "row_layout": "row-major (n_train, sum(layer_dims)), layers concatenated",
-                "hessian": self.hessian,
-                "damping": self._damping_used,
-                "files": {
-                    "train_grads": self._grads.path.name,
-                    "train_ifvp": ifvp,
-                    "preconditioners": "preconditioner_<layer index>.npy (eFIM only)",
-                },
-            },
+        store = self._require_cache("tile_plan")
+        d = self.featurizer.out_dim
+        blocks = 8 * sum(k * k for k in self.layer_dims) if self.hessian == "eFIM" else 0
+        return plan_tiles(
+            store.num_samples,
+            n_test,
+            d,
+            self.scale_options.max_memory,
+            itemsize=8,
+            reserved=n_test * d * 8 + blocks,
         )
+
+    def _iter_tiles(
+        self, train_dataloader: Iterable, test: Tensor, shard: bool
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        """``(row_start, col_start, tile)`` of ``S = C_train F^-1 C_test^T``."""
+        if self._cached(train_dataloader):
+            block = self._plan_rows(test.shape[0])
+            yield from iter_store_tiles(self._store, [test], None, None, block, shard)
+            return
+
+        def featurize(b: int, batch: Any) -> tuple[list[Tensor], None]:
+            batch = move_to_device(batch, self.device)
+            rows = self.featurizer(0, batch, where=f" {b} of train")
+            return [rows.to(self._score_dtype())], None
+
+        yield from iter_loader_tiles(
+            train_dataloader, featurize, [test], None, test.shape[0], shard, self.verbose
+        )
+
+    def _train_rows(self, train_dataloader: Iterable) -> tuple[Iterable, bool]:
+        """``(loader, cached)``; an uncached single-pass iterator is read into a list.
+
+        Its batches are needed twice (their sizes, then their gradients).
+        """
+        check_loader(train_dataloader, "train_dataloader")
+        self._ensure_cached(train_dataloader)
+        cached = self._cached(train_dataloader)
+        if not cached and is_single_pass(train_dataloader):
+            train_dataloader = list(train_dataloader)
+        return train_dataloader, cached
+
+    def _score_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.task.get_param(0)[0].dtype, torch.float32)
 
     # ------------------------------------------------------------------ phases
     def cache(self, full_train_dataloader: Iterable) -> None:
-        """Compress and store the training gradients, then the Fisher inverse and IFVPs.
+        """Compress and store the training gradients, then factorise the Fisher blocks.
+
+        With ``cache_dir`` the rows go to the resumable memmap store (a second call
+        after an interruption continues where it stopped); under torch.distributed
+        every rank compresses its share of the batches and the Fisher sums are
+        all-reduced, so every rank holds the same preconditioner.
 
         Args:
             full_train_dataloader: the training data (not shuffled); its rows are the
                 rows of :meth:`attribute` when the same loader object is passed there.
         """
-        check_loader(full_train_dataloader, "full_train_dataloader")
-        validate_loader(
-            self.task,
-            full_train_dataloader,
-            "full_train_dataloader",
-            keep_batch_dim=True,
-            target=False,
+        self._check_loader(full_train_dataloader, "full_train_dataloader", target=False)
+        budget = self.scale_options.max_memory
+        if budget is not None:
+            f = self.featurizer
+            plan = plan_tiles(1, 1, f.out_dim, budget, num_params=f.sample_numel, itemsize=8)
+            f.grad_rows = plan.grad_rows
+        self._store = self.preconditioner = None
+        first: list[int] = []
+        source = full_train_dataloader
+        if is_single_pass(source):  # read once: note the first batch size on the way
+
+            def recording(loader: Iterable) -> Iterator[Any]:
+                for batch in loader:
+                    first.append(batch_size_of(batch))
+                    yield batch
+
+            source = recording(source)
+        # in memory: each batch's rows go to the host right away with offload="cpu",
+        # and are kept in the score dtype (float32 at least)
+        where, dtype = "cpu" if self.offload == "cpu" else self.device, self._score_dtype()
+        store = collect_features_scaled(
+            self.featurizer,
+            source,
+            1,
+            self.scale_options,
+            self,
+            transform=lambda rows: rows.to(where, dtype),
+            kind="BlockProjectedIF compressed gradients",
+            verbose=self.verbose,
+            desc="caching gradients",
         )
-        self._close_stores()
-        self._precond = None
-        grads = RowStore(self.offload, self.device, self._path("train_grads.bin"))
-        sizes = []
-        for batch in iterate(full_train_dataloader, "caching gradients", self.verbose):
-            rows = self._compress(move_to_device(batch, self.device), target=False)
-            grads.append(rows)
-            sizes.append(int(rows.shape[0]))
-        if not sizes:
-            msg = "full_train_dataloader yielded no batch."
-            raise ValueError(msg)
-        grads.finalize()
-        self._grads, self._batch_sizes = grads, sizes
+        if self.offload == "cpu" and isinstance(store.features[0], Tensor):
+            store.features = [HostRows(store.features[0], self.device)]
+        store.loader = full_train_dataloader
+        store.state["first_batch"] = first[0] if first else batch_plan(full_train_dataloader)[0]
+        self._store = store
         self.full_train_dataloader = full_train_dataloader
         self.compute_preconditioners()
-        self.compute_ifvp()
 
     def _attainable_ranks(self, n: int) -> list[int]:
         """Upper bound of ``rank(F_l)`` per layer: ``min(k_l, n, rank of the compression)``."""
@@ -425,132 +526,126 @@ class BlockProjectedIFAttributor(BaseAttributor):
             out.append(max(1, min(c.dim, n, min(k_out, d_out) * min(k_in, d_in))))
         return out
 
+    def _fisher_sums(self) -> list[Tensor]:
+        """``sum_i c_il c_il^T`` per layer, this rank's rows all-reduced.
+
+        Each row block's product is formed in the score dtype and summed in float64.
+        """
+        store = self._store
+        self._plan_rows(1)
+        acc = [torch.zeros(d, d, dtype=torch.float64, device=self.device) for d in self.layer_dims]
+        blocks = list(store.row_blocks(self.featurizer.out_dim, shard=True))
+        for rows in iterate(blocks, "Fisher", self.verbose):
+            block = store.features[0][rows].to(self._score_dtype())
+            for (s, e), a in zip(self.featurizer.offsets, acc, strict=True):
+                a.add_((block[:, s:e].T @ block[:, s:e]).to(torch.float64))
+        return all_reduce_sum(acc)
+
     def compute_preconditioners(self, damping: float | None = None) -> None:
-        """Compute the per-layer inverse (damped) Fisher of the cached gradients.
+        """Factorise the per-layer damped Fisher of the cached gradients.
 
         Args:
             damping: relative damping ``damping * tr(F_l) / k_l``; None = the
                 constructor's, and if that is None too the automatic
                 ``DEFAULT_DAMPING * tr(F_l) / r_l`` (``r_l`` = attainable rank).
-                Cached IFVPs are recomputed on next use.
         """
-        self._require_cache("compute_preconditioners")
+        store = self._require_cache("compute_preconditioners")
         damping = _check_damping(damping)
         if damping is None:
             damping = self.damping
         auto = damping is None
         if auto:
             damping = DEFAULT_DAMPING
-        store = MatrixStore(self.offload, self.device, self._disk_dir(), "preconditioner")
         if self.hessian == "Identity":
-            for i in range(len(self.layer_names)):
-                store.put(i, None)
+            blocks = [None] * len(self.layer_names)
         else:
-            acc = [
-                torch.zeros(d, d, dtype=torch.float64, device=self.device) for d in self.layer_dims
+            n = store.num_samples
+            ranks = self._attainable_ranks(n) if auto else [None] * len(self.layer_names)
+            blocks = [
+                damped_fisher_inverse(a / n, damping, rank)
+                for a, rank in zip(self._fisher_sums(), ranks, strict=True)
             ]
-            n_blocks = -(-self._grads.n // self._block_rows)
-            blocks = self._grads.iter_blocks(self._block_rows)
-            for _, rows in iterate(blocks, "Fisher", self.verbose, total=n_blocks):
-                work = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
-                for (s, e), a in zip(self._offsets, acc, strict=True):
-                    block = work[:, s:e]
-                    a.add_((block.T @ block).to(torch.float64))
-            n = self._grads.n
-            ranks = self._attainable_ranks(n) if auto else [None] * len(acc)
-            for i, (a, rank) in enumerate(zip(acc, ranks, strict=True)):
-                inv = stable_inverse(a / n, damping, rank=rank)
-                dtype = torch.float64 if self._grads.dtype == torch.float64 else torch.float32
-                store.put(i, inv.to(dtype))
-        self._precond = store
+        self.preconditioner = BlockInverse(self.featurizer.offsets, blocks, self._score_dtype())
         self._damping_used = f"auto ({DEFAULT_DAMPING} * tr(F) / rank)" if auto else damping
-        if self._ifvp is not None and self._ifvp is not self._grads:
-            self._ifvp.close()
-        self._ifvp = None
 
     def compute_ifvp(self) -> None:
-        """Compute and store ``IFVP_il = F_l^-1 c_il`` for every cached sample."""
+        """Make sure the preconditioner is ready (upstream's IFVP step).
+
+        ``IFVP = F^-1 c`` is not stored: the (symmetric) preconditioner is applied to
+        the test side, ``c_i . (F^-1 c_j)``, so only the compressed gradients are kept.
+        """
         self._require_cache("compute_ifvp")
-        precs = self._preconditioners()
-        if self._ifvp is not None and self._ifvp is not self._grads:
-            self._ifvp.close()
-        if all(p is None for p in precs):
-            self._ifvp = self._grads
-        else:
-            store = RowStore(self.offload, self.device, self._path("train_ifvp.bin"))
-            for _, rows in self._grads.iter_blocks(self._block_rows):
-                store.append(self._apply_precond(rows, precs))
-            store.finalize()
-            self._ifvp = store
-        self._write_metadata()
+        if self.preconditioner is None:
+            self.compute_preconditioners()
 
-    def _ifvp_store(self) -> RowStore:
-        if self._ifvp is None:
-            self.compute_ifvp()
-        return self._ifvp
-
-    def _ensure_cached(self, train_dataloader: Iterable) -> None:
-        if self._grads is not None:
-            return
-        warnings.warn(
-            f"{type(self).__name__}: cache() was not called; caching on train_dataloader.",
-            UserWarning,
-            stacklevel=4,
-        )
-        self.cache(train_dataloader)
-
-    def _test_reps(self, test_dataloader: Iterable) -> Tensor:
-        validate_loader(
-            self.task, test_dataloader, "test_dataloader", keep_batch_dim=True, target=True
-        )
-        reps = [
-            self._compress(move_to_device(batch, self.device), target=True)
-            for batch in iterate(test_dataloader, "test gradients", self.verbose)
-        ]
-        return torch.cat(reps)
-
-    def _train_ifvp_blocks(self, train_dataloader: Iterable) -> Iterator[tuple[int, Tensor]]:
-        """IFVP rows of the training loader: cached if it is the cached loader."""
-        if train_dataloader is self.full_train_dataloader:
-            yield from self._ifvp_store().iter_blocks(self._block_rows)
-            return
-        precs = self._preconditioners()
-        row = 0
-        for batch in iterate(train_dataloader, "train gradients", self.verbose):
-            rows = self._compress(move_to_device(batch, self.device), target=False)
-            yield row, self._apply_precond(rows, precs)
-            row += rows.shape[0]
-
-    @staticmethod
-    def _dot(a: Tensor, b: Tensor) -> Tensor:
-        if a.dtype not in (torch.float32, torch.float64):
-            a, b = a.float(), b.float()
-        return a @ b.to(a.dtype).T
-
-    def _iter_score_blocks(
-        self, train_dataloader: Iterable, test_dataloader: Iterable
-    ) -> Iterator[tuple[int, Tensor]]:
-        check_loader(train_dataloader, "train_dataloader")
-        check_loader(test_dataloader, "test_dataloader")
-        self._ensure_cached(train_dataloader)
-        test = self._test_reps(test_dataloader)
-        for row, ifvp in self._train_ifvp_blocks(train_dataloader):
-            yield row, self._dot(ifvp, test)
-
-    def attribute(self, train_dataloader: Iterable, test_dataloader: Iterable) -> Tensor:
+    def attribute(
+        self,
+        train_dataloader: Iterable,
+        test_dataloader: Iterable,
+        *,
+        out: str | os.PathLike | None = None,
+    ) -> Tensor:
         """Influence of every training sample on every test sample.
 
         Args:
             train_dataloader: training samples (rows). If it is the loader object given
-                to :meth:`cache`, the stored IFVPs are used; any other loader has its
-                gradients computed and preconditioned with the cached Fisher. If
+                to :meth:`cache`, the stored gradients are used; any other loader has
+                its gradients computed batch by batch against the cached Fisher. If
                 :meth:`cache` was not called, it is called on this loader (warning).
             test_dataloader: test samples (columns), gradients of the target function.
+            out: path of a ``.npy`` score file: tiles are written there and a
+                memory-mapped float32 CPU tensor on it is returned.
 
         Returns:
-            ``(n_train, n_test)`` scores on ``device``; larger = more helpful.
+            ``(n_train, n_test)`` scores on ``device``; larger = more helpful. With
+            torch.distributed every rank scores its share of the training rows and
+            returns the full matrix.
         """
-        return torch.cat([b for _, b in self._iter_score_blocks(train_dataloader, test_dataloader)])
+        train_dataloader, cached = self._train_rows(train_dataloader)
+        test = self._test_side(test_dataloader)
+        n_train = self._store.num_samples if cached else sum(batch_plan(train_dataloader))
+        sink = make_sink(out, n_train, test.shape[0], self._score_dtype(), self.device)
+        for row, col, tile in self._iter_tiles(train_dataloader, test, shard=True):
+            sink.add(row, col, tile)
+        return sink.finalize()
+
+    def attribute_topk(
+        self, train_dataloader: Iterable, test_dataloader: Iterable, k: int
+    ) -> TopKResult:
+        """The ``k`` most helpful and most harmful training rows of every test sample.
+
+        The score tiles of :meth:`attribute` are merged into a running top-k as they
+        are produced (``O(n_test * k)`` memory besides one tile); under
+        torch.distributed each rank keeps the candidates of its own rows and the
+        candidates are merged.
+
+        Args:
+            train_dataloader: training samples (cached rows when it is the cached loader).
+            test_dataloader: test samples.
+            k: rows per side.
+
+        Returns:
+            A :class:`~dattri.algorithm.score.topk.TopKResult` of ``(n_test, k)`` tensors.
+        """
+        train_dataloader, _ = self._train_rows(train_dataloader)
+        test = self._test_side(test_dataloader)
+        tiles = self._iter_tiles(train_dataloader, test, shard=True)
+        return topk_of_tiles(tiles, k, test.shape[0])
+
+    def _self_scores(self, rows: Iterator[tuple[Tensor, Tensor]]) -> Tensor:
+        """``c_i . F^-1 t_i`` of ``(train rows, target rows)`` pairs, gathered over ranks."""
+        dtype = self._score_dtype()
+        vals = [(f.to(dtype) * self._precondition(t.to(dtype))).sum(dim=1) for f, t in rows]
+        local = torch.cat(vals) if vals else torch.zeros(0, dtype=dtype)
+        return gather_rows(local.to(self.device))
+
+    def _stored_pairs(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's stored row blocks, as ``(rows, rows)``."""
+        store = self._store
+        self._plan_rows(1)
+        for rows in store.row_blocks(self.featurizer.out_dim, shard=True):
+            block = store.features[0][rows]
+            yield block, block
 
     def compute_self_attribution(self) -> Tensor:
         """Self-influence ``sum_l c_il^T F_l^-1 c_il`` of every cached training sample.
@@ -559,18 +654,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
             ``(n_train,)`` on ``device``.
         """
         self._require_cache("compute_self_attribution")
-        ifvp = self._ifvp_store()
-        out = []
-        for start, grads in self._grads.iter_blocks(self._block_rows):
-            rows = ifvp.rows(start, start + grads.shape[0])
-            out.append(self._dot_rows(rows, grads))
-        return torch.cat(out)
-
-    @staticmethod
-    def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
-        if a.dtype not in (torch.float32, torch.float64):
-            a, b = a.float(), b.float()
-        return (a * b.to(a.dtype)).sum(dim=1)
+        return self._self_scores(self._stored_pairs())
 
     def self_attribute(self, train_dataloader: Iterable) -> Tensor:
         """Score each training sample against itself (diagonal of ``attribute(train, train)``).
@@ -581,22 +665,31 @@ class BlockProjectedIFAttributor(BaseAttributor):
         Returns:
             ``(n_train,)`` on ``device``.
         """
-        check_loader(train_dataloader, "train_dataloader")
-        self._ensure_cached(train_dataloader)
-        if train_dataloader is self.full_train_dataloader and self._target_is_loss():
+        train_dataloader, cached = self._train_rows(train_dataloader)
+        if cached and self._target_is_loss():
             return self.compute_self_attribution()
-        out = []
-        cached = train_dataloader is self.full_train_dataloader
-        precs = None if cached else self._preconditioners()
-        row = 0
-        for batch in iterate(train_dataloader, "self-attribution", self.verbose):
-            batch = move_to_device(batch, self.device)
-            target = self._compress(batch, target=True)
-            b = target.shape[0]
-            if cached:
-                ifvp = self._ifvp_store().rows(row, row + b)
-            else:
-                ifvp = self._apply_precond(self._compress(batch, target=False), precs)
-            out.append(self._dot_rows(ifvp, target))
-            row += b
-        return torch.cat(out)
+        if cached and is_single_pass(train_dataloader):
+            msg = (
+                "self_attribute needs the target gradients of the training samples, but "
+                "train_dataloader is the single-pass iterator already read by cache(): "
+                "cache and self-attribute a re-iterable loader (a DataLoader or a list)."
+            )
+            raise ValueError(msg)
+        sizes = batch_plan(train_dataloader)
+        starts = [sum(sizes[:b]) for b in range(len(sizes))]
+        mine = list(shard_range(len(sizes)))
+
+        def pairs() -> Iterator[tuple[Tensor, Tensor]]:
+            batches = iter_batches(train_dataloader, mine)
+            for b, batch in iterate(batches, "self-attribution", self.verbose, total=len(mine)):
+                batch = move_to_device(batch, self.device)
+                where = f" {b} of train"
+                if cached:
+                    start = starts[b]
+                    f = self._store.features[0][start : start + sizes[b]]
+                else:
+                    f = self.featurizer(0, batch, where=where)
+                t = self.featurizer(0, batch, target=True, where=where)
+                yield f, t
+
+        return self._self_scores(pairs())

@@ -13,9 +13,8 @@ by transforming both sides: train ``g -> sign(lambda) U g / sqrt|lambda|``, test
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -24,6 +23,11 @@ from dattri.algorithm.features.representations import tensor_digest
 from dattri.algorithm.solve.mean_hvp import IFBase
 from dattri.func.hessian_arnoldi import top_ritz_pairs
 from dattri.task import AttributionTask
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from dattri.algorithm.store.scaled import ScaleKwargs
 
 __all__ = ["IFAttributorArnoldi"]
 
@@ -46,10 +50,8 @@ class IFAttributorArnoldi(IFBase):
         regularization: ``lambda >= 0``; Arnoldi runs on ``H + lambda I``.
         seed: seed of the start vector.
         verbose: show progress bars.
-        cache_dir: directory of the resumable store of the training rows (see
-            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
-        store_dtype: storage dtype of that store (default: the model's).
-        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
+        **scale: ``cache_dir``, ``store_dtype``, ``max_memory``: the shared store and
+            budget of :class:`~dattri.algorithm.base.BaseInnerProductAttributor`.
     """
 
     cache_on_attribute = False
@@ -70,20 +72,9 @@ class IFAttributorArnoldi(IFBase):
         regularization: float = 0.0,
         seed: int = 0,
         verbose: bool = True,
-        *,
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
-        super().__init__(
-            task,
-            layer_name=layer_name,
-            device=device,
-            verbose=verbose,
-            cache_dir=cache_dir,
-            store_dtype=store_dtype,
-            max_memory=max_memory,
-        )
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose, **scale)
         if not (isinstance(precompute_data_ratio, (int, float)) and 0 < precompute_data_ratio <= 1):
             msg = f"precompute_data_ratio must be in (0, 1], got {precompute_data_ratio!r}."
             raise ValueError(msg)

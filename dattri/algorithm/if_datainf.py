@@ -23,9 +23,8 @@ once per ``attribute`` (and once per training batch by ``self_attribute`` and Re
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -35,6 +34,11 @@ from dattri.algorithm.runtime.distributed import all_reduce_sum
 from dattri.algorithm.solve.mean_hvp import IFBase, dict_or_tuple_fields
 from dattri.func.fisher import ifvp_datainf
 from dattri.task import AttributionTask
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from dattri.algorithm.store.scaled import ScaleKwargs
 
 __all__ = ["IFAttributorDataInf"]
 
@@ -58,10 +62,8 @@ class IFAttributorDataInf(IFBase):
         fim_estimate_data_ratio: fraction of the cached loader's batches (the first ones)
             used, in ``(0, 1]``.
         verbose: show progress bars.
-        cache_dir: directory of the resumable store of the training rows (see
-            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
-        store_dtype: storage dtype of that store (default: the model's).
-        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
+        **scale: ``cache_dir``, ``store_dtype``, ``max_memory``: the shared store and
+            budget of :class:`~dattri.algorithm.base.BaseInnerProductAttributor`.
     """
 
     mean_batch_loss = False  # per-sample gradients only: the reduction cancels
@@ -77,20 +79,9 @@ class IFAttributorDataInf(IFBase):
         regularization: float | None = 0.0,
         fim_estimate_data_ratio: float = 1.0,
         verbose: bool = True,
-        *,
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
-        super().__init__(
-            task,
-            layer_name=layer_name,
-            device=device,
-            verbose=verbose,
-            cache_dir=cache_dir,
-            store_dtype=store_dtype,
-            max_memory=max_memory,
-        )
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose, **scale)
         if regularization is not None and not (
             isinstance(regularization, (int, float))
             and math.isfinite(regularization)

@@ -23,8 +23,8 @@ L2 penalty inside the loss is not representable: pass it as ``damping`` instead)
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,11 @@ from dattri.func.layer_grads import layer_kind, matrix_shape
 from dattri.func.per_sample_grad import per_sample_layer_factors
 from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from dattri.algorithm.store.scaled import ScaleKwargs
 
 __all__ = ["IFAttributorEKFAC"]
 
@@ -99,10 +104,8 @@ class IFAttributorEKFAC(IFBase):
             ``0.1 * mean(Lambda)`` per module (upstream's name).
         verbose: show progress bars.
         regularization: the library-wide name of ``damping`` (pass one of the two).
-        cache_dir: directory of the resumable store of the training rows (see
-            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
-        store_dtype: storage dtype of that store (default: the model's).
-        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
+        **scale: ``cache_dir``, ``store_dtype``, ``max_memory``: the shared store and
+            budget of :class:`~dattri.algorithm.base.BaseInnerProductAttributor`.
     """
 
     mean_batch_loss = False  # per-sample gradients only: the reduction cancels
@@ -116,9 +119,7 @@ class IFAttributorEKFAC(IFBase):
         verbose: bool = True,
         *,
         regularization: float | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
         check_task(task)
         modules = _linear_modules(task, module_name)
@@ -131,15 +132,7 @@ class IFAttributorEKFAC(IFBase):
         layer_name = []
         for n in modules:
             layer_name += [pname(n, "weight")] + ([pname(n, "bias")] if self._bias[n] else [])
-        super().__init__(
-            task,
-            layer_name=layer_name,
-            device=device,
-            verbose=verbose,
-            cache_dir=cache_dir,
-            store_dtype=store_dtype,
-            max_memory=max_memory,
-        )
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose, **scale)
         damping = resolve_regularization(regularization, damping, "damping", 0.0)
         if damping is not None and not (
             isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0

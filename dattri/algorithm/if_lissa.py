@@ -12,10 +12,9 @@ mean-loss Hessian and on a few random mini-batches) so the user need not tune it
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -23,6 +22,11 @@ from torch import Tensor
 from dattri.algorithm.solve.mean_hvp import IFBase, dict_or_tuple_fields
 from dattri.func.hessian import hvp_at_x, ihvp_at_x_lissa
 from dattri.task import AttributionTask
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from dattri.algorithm.store.scaled import ScaleKwargs
 
 __all__ = ["IFAttributorLiSSA", "top_eigenvalue"]
 
@@ -94,10 +98,8 @@ class IFAttributorLiSSA(IFBase):
         regularization: if given, overrides ``damping`` with ``regularization / s``.
         seed: seed of the mini-batch sampler and of the power iteration.
         verbose: show progress bars.
-        cache_dir: directory of the resumable store of the training rows (see
-            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
-        store_dtype: storage dtype of that store (default: the model's).
-        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
+        **scale: ``cache_dir``, ``store_dtype``, ``max_memory``: the shared store and
+            budget of :class:`~dattri.algorithm.base.BaseInnerProductAttributor`.
     """
 
     #: torch.distributed: each rank runs the recursion for its share of the test batches
@@ -118,19 +120,9 @@ class IFAttributorLiSSA(IFBase):
         regularization: float | None = None,
         seed: int = 0,
         verbose: bool = True,
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
-        super().__init__(
-            task,
-            layer_name=layer_name,
-            device=device,
-            verbose=verbose,
-            cache_dir=cache_dir,
-            store_dtype=store_dtype,
-            max_memory=max_memory,
-        )
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose, **scale)
         for name, val in (
             ("batch_size", batch_size),
             ("num_repeat", num_repeat),

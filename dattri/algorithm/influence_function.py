@@ -47,9 +47,9 @@ gradient of the training sample).
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -129,10 +129,8 @@ class IFAttributorExplicit(IFBase):
         device: device for the computation.
         regularization: ``lambda >= 0`` added to the Hessian diagonal.
         verbose: show progress bars.
-        cache_dir: directory of the resumable store of the training rows (see
-            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
-        store_dtype: storage dtype of that store (default: the model's).
-        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
+        **scale: ``cache_dir``, ``store_dtype``, ``max_memory``: the shared store and
+            budget of :class:`~dattri.algorithm.base.BaseInnerProductAttributor`.
     """
 
     shard_cache = True  # torch.distributed: each rank holds its batches, HVPs summed
@@ -144,20 +142,9 @@ class IFAttributorExplicit(IFBase):
         device: str | torch.device = "cpu",
         regularization: float = 0.0,
         verbose: bool = True,
-        *,
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
-        super().__init__(
-            task,
-            layer_name=layer_name,
-            device=device,
-            verbose=verbose,
-            cache_dir=cache_dir,
-            store_dtype=store_dtype,
-            max_memory=max_memory,
-        )
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose, **scale)
         self.regularization = _check_reg(regularization)
         self._factors: dict[int, DampedSymmetricInverse] = {}
 
@@ -229,10 +216,8 @@ class IFAttributorCG(IFBase):
         mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
         regularization: ``lambda >= 0``.
         verbose: show progress bars.
-        cache_dir: directory of the resumable store of the training rows (see
-            :class:`~dattri.algorithm.base.BaseInnerProductAttributor`).
-        store_dtype: storage dtype of that store (default: the model's).
-        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``).
+        **scale: ``cache_dir``, ``store_dtype``, ``max_memory``: the shared store and
+            budget of :class:`~dattri.algorithm.base.BaseInnerProductAttributor`.
         preconditioner: None (plain CG), ``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a
             callable ``M^{-1}`` on ``(B, p)`` rows.
         preconditioner_damping: damping of the built preconditioner (default:
@@ -254,19 +239,9 @@ class IFAttributorCG(IFBase):
         *,
         preconditioner: str | Callable[[Tensor], Tensor] | None = None,
         preconditioner_damping: float | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
-        super().__init__(
-            task,
-            layer_name=layer_name,
-            device=device,
-            verbose=verbose,
-            cache_dir=cache_dir,
-            store_dtype=store_dtype,
-            max_memory=max_memory,
-        )
+        super().__init__(task, layer_name=layer_name, device=device, verbose=verbose, **scale)
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             msg = f"max_iter must be a positive integer, got {max_iter!r}."
             raise ValueError(msg)
@@ -329,3 +304,8 @@ class IFAttributorCG(IFBase):
 
 # Upstream's module-level names (solver table and LiSSA collate function).
 from dattri.algorithm.solve.ihvp_solvers import SUPPORTED_IHVP_SOLVER, _lissa_collate_fn  # noqa: E402, F401
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from dattri.algorithm.store.scaled import ScaleKwargs

@@ -5,37 +5,25 @@ Choe et al. (2024), "What is Your Data Worth to GPT?". Each layer gradient ``G``
 ``P_out G P_in^T`` with Gaussian factors of ``k = sqrt(proj_dim_per_layer)`` rows each
 (so ``proj_dim_per_layer`` coordinates per layer), computed from layer activations and
 output gradients without forming ``G``. Scores use the per-layer empirical Fisher of
-the compressed gradients (see :class:`BlockProjectedIFAttributor`).
+the compressed gradients (see :class:`BlockProjectedIFAttributor`). This file only
+chooses the compression; the pipeline is the base class's.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from dattri.algorithm.block_projected_if import BlockProjectedIFAttributor
-from dattri.algorithm.features.block_compress import FACTOR_TYPES, read_params
+from dattri.algorithm.features.block_compress import FACTOR_TYPES, method_params
 from dattri.task import AttributionTask
 
 __all__ = ["LoGraAttributor"]
-
-_DEFAULTS = {
-    "proj_dim_per_layer": 4096,
-    "proj_type": "normal",
-    "proj_seed": 0,
-    "proj_max_batch_size": 64,
-}
-
-
-def _default_params() -> Any:
-    from dattri.params.projection import LoGraProjectionParams
-
-    return LoGraProjectionParams()
 
 
 def perfect_square_root(value: Any, what: str) -> int:
@@ -65,27 +53,16 @@ def perfect_square_root(value: Any, what: str) -> int:
 
 
 class LoGraAttributor(BlockProjectedIFAttributor):
-    """LoGra attributor.
+    """LoGra attributor: Gaussian Kronecker factors, no second stage.
+
+    Every argument but ``proj_params`` is that of :class:`BlockProjectedIFAttributor`.
 
     Args:
-        task: the attribution task (eager ``loss(model, batch, device)`` or functional
-            ``loss(params, data)``; see :class:`BlockProjectedIFAttributor`).
-        layer_names: ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` module names; None =
-            every ``nn.Linear``.
-        hessian: ``"eFIM"`` or ``"Identity"``.
-        damping: relative damping ``damping * tr(F)/d`` (upstream's meaning); None =
-            automatic, the mean non-zero eigenvalue of each layer's Fisher (see
-            :data:`~dattri.algorithm.block_projected_if.DEFAULT_DAMPING`).
-        device: compute device.
         proj_params: ``LoGraProjectionParams`` (or a dict): ``proj_dim_per_layer``
             (perfect square, default 4096 -> 64 x 64 factors), ``proj_seed``,
             ``proj_type`` of the factors (``"normal"`` default, ``"rademacher"``,
             ``"random_mask"``, or ``"identity"`` = exact full layer gradients, for
             which ``proj_dim_per_layer`` is not used).
-        offload: ``"none"``, ``"cpu"`` or ``"disk"``.
-        cache_dir: folder for ``offload="disk"``.
-        chunk_size: training batches streamed together from the store.
-        verbose: show progress bars.
 
     Raises:
         ValueError: if ``proj_dim_per_layer`` is not a perfect square.
@@ -100,51 +77,50 @@ class LoGraAttributor(BlockProjectedIFAttributor):
         device: str | torch.device = "cpu",
         proj_params: Any = None,
         offload: str = "cpu",
-        cache_dir: str | Path | None = None,
+        cache_dir: str | os.PathLike | None = None,
         chunk_size: int = 16,
         verbose: bool = True,
+        *,
+        store_dtype: str | torch.dtype | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
-        self.proj_params = proj_params if proj_params is not None else _default_params()
-        p = read_params(self.proj_params, _DEFAULTS, "proj_params")
+        self.proj_params, p = method_params(proj_params, "LoGraProjectionParams", "normal")
         if p["proj_type"] not in FACTOR_TYPES:
             msg = (
                 f"LoGra projects with Kronecker factors; proj_type must be one of "
                 f"{FACTOR_TYPES}, got {p['proj_type']!r}."
             )
             raise ValueError(msg)
-        k = (
-            None
-            if p["proj_type"] == "identity"
-            else perfect_square_root(p["proj_dim_per_layer"], "proj_dim_per_layer")
-        )
+        dim = p["proj_dim_per_layer"]
+        k = None if p["proj_type"] == "identity" else perfect_square_root(dim, "proj_dim_per_layer")
+        sparsifier = {"proj_dim": k, "proj_type": p["proj_type"], "proj_seed": p["proj_seed"]}
         super().__init__(
             task,
-            layer_names=layer_names,
-            hessian=hessian,
-            damping=damping,
-            device=device,
-            sparsifier_params={
-                "proj_dim": k,
-                "proj_type": p["proj_type"],
-                "proj_seed": p["proj_seed"],
-            },
-            projector_params=None,
-            offload=offload,
-            cache_dir=cache_dir,
-            chunk_size=chunk_size,
-            verbose=verbose,
+            layer_names,
+            hessian,
+            damping,
+            device,
+            sparsifier,
+            None,
+            offload,
+            cache_dir,
+            chunk_size,
+            verbose,
+            store_dtype=store_dtype,
+            max_memory=max_memory,
         )
-        if k is not None:
-            modules = dict(self.model.named_modules())
-            sizes = {n: sum(q.numel() for q in modules[n].parameters()) for n in self.layer_names}
-            small = {n: s for n, s in sizes.items() if s < p["proj_dim_per_layer"]}
-            if small:
-                warnings.warn(
-                    f"LoGra: proj_dim_per_layer={p['proj_dim_per_layer']} exceeds the number "
-                    f"of parameters of layer(s) {small}: the projection is larger than the "
-                    "gradient it compresses (memory and time grow as proj_dim_per_layer^2 "
-                    "per layer for nothing). Pass a proj_dim_per_layer below the layer "
-                    "sizes, or proj_type='identity'.",
-                    UserWarning,
-                    stacklevel=2,
-                )
+        if k is None:
+            return
+        modules = dict(self.model.named_modules())
+        sizes = {n: sum(q.numel() for q in modules[n].parameters()) for n in self.layer_names}
+        small = {n: s for n, s in sizes.items() if s < dim}
+        if small:
+            warnings.warn(
+                f"LoGra: proj_dim_per_layer={dim} exceeds the number "
+                f"of parameters of layer(s) {small}: the projection is larger than the "
+                "gradient it compresses (memory and time grow as proj_dim_per_layer^2 "
+                "per layer for nothing). Pass a proj_dim_per_layer below the layer "
+                "sizes, or proj_type='identity'.",
+                UserWarning,
+                stacklevel=2,
+            )

@@ -23,18 +23,16 @@ from torch import Tensor
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.features.gradients import GradientFeaturizer, resolve_projection
 from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
-from dattri.algorithm.runtime.validation import check_task, resolve_device, validate_loader
+from dattri.algorithm.runtime.validation import validate_loader
 from dattri.algorithm.score.tiles import (
     iter_loader_tiles,
     iter_store_tiles,
     make_sink,
     plan_tiles,
-    topk_of_tiles,
 )
-from dattri.algorithm.score.topk import TopKResult
 from dattri.algorithm.store.in_memory import ProjectedGradientStore, collect_features
 from dattri.algorithm.store.memmap_store import batch_plan
-from dattri.algorithm.store.scaled import ScaleOptions, collect_features_scaled
+from dattri.algorithm.store.scaled import collect_features_scaled
 from dattri.task import AttributionTask
 
 __all__ = ["TracInAttributor"]
@@ -100,8 +98,8 @@ class TracInAttributor(BaseAttributor):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        check_task(task, layer_name)
-        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
+        scale = {"cache_dir": cache_dir, "store_dtype": store_dtype, "max_memory": max_memory}
+        self._setup(task, layer_name, device, verbose, **scale)
         if not isinstance(normalized_grad, bool):
             msg = f"normalized_grad must be a bool, got {type(normalized_grad).__name__}."
             raise TypeError(msg)
@@ -126,12 +124,8 @@ class TracInAttributor(BaseAttributor):
             raise ValueError(msg)
         from dattri.params.projection import TracInProjectionParams
 
-        self.task = task
         self.weight_list = weights
         self.normalized_grad = normalized_grad
-        self.layer_name = layer_name
-        self.device = resolve_device(device)
-        self.verbose = verbose
         self.proj_params = resolve_projection(proj_params, projector_kwargs, TracInProjectionParams)
         self.featurizer = GradientFeaturizer(task, layer_name, self.proj_params, self.device)
         self._store: ProjectedGradientStore | None = None
@@ -324,26 +318,6 @@ class TracInAttributor(BaseAttributor):
             part = w * torch.cat(parts)
             out_scores = part if out_scores is None else out_scores + part
         return out_scores.cpu()
-
-    def attribute_topk(
-        self, train_dataloader: Iterable, test_dataloader: Iterable, k: int
-    ) -> TopKResult:
-        """Per-test top-k helpful/harmful training samples, streamed tile by tile.
-
-        Memory is ``O(n_test * k)`` plus one tile; with torch.distributed, ranks score
-        their share of the rows and merge their candidates.
-
-        Args:
-            train_dataloader: training samples.
-            test_dataloader: test samples.
-            k: training samples per side.
-
-        Returns:
-            A :class:`~dattri.algorithm.score.topk.TopKResult` with ``(n_test, k)`` tensors.
-        """
-        check_loader(test_dataloader, "test_dataloader")
-        tiles = self._iter_tiles(train_dataloader, test_dataloader, shard=True)
-        return topk_of_tiles(tiles, k, sum(batch_plan(test_dataloader)))
 
     def self_attribute(self, train_dataloader: Iterable) -> Tensor:
         """Score each training sample against itself, for any number of batches.

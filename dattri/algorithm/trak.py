@@ -24,19 +24,17 @@ from torch import Tensor
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.features.gradients import GradientFeaturizer, resolve_projection
 from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
-from dattri.algorithm.runtime.validation import check_task, resolve_device, validate_loader
+from dattri.algorithm.runtime.validation import validate_loader
 from dattri.algorithm.score.tiles import (
     BUDGET_SHARES,
     iter_loader_tiles,
     iter_store_tiles,
     make_sink,
     plan_tiles,
-    topk_of_tiles,
 )
-from dattri.algorithm.score.topk import TopKResult
 from dattri.algorithm.store.in_memory import ProjectedGradientStore, collect_features
 from dattri.algorithm.store.memmap_store import batch_plan
-from dattri.algorithm.store.scaled import ScaleOptions, collect_features_scaled
+from dattri.algorithm.store.scaled import collect_features_scaled
 from dattri.func.linalg import DampedSymmetricInverse
 from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
@@ -190,8 +188,8 @@ class TRAKAttributor(BaseAttributor):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        check_task(task, layer_name)
-        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
+        scale = {"cache_dir": cache_dir, "store_dtype": store_dtype, "max_memory": max_memory}
+        self._setup(task, layer_name, device, verbose, **scale)
         if not callable(correct_probability_func):
             msg = (
                 "correct_probability_func must be callable: f(params_dict, sample) -> "
@@ -209,12 +207,8 @@ class TRAKAttributor(BaseAttributor):
             raise ValueError(msg)
         from dattri.params.projection import TRAKProjectionParams
 
-        self.task = task
         self.correct_probability_func = correct_probability_func
-        self.layer_name = layer_name
-        self.device = resolve_device(device)
         self.regularization = None if regularization is None else float(regularization)
-        self.verbose = verbose
         self.proj_params = resolve_projection(proj_params, projector_kwargs, TRAKProjectionParams)
         scale = 1.0 / float(task.num_params(layer_name)) ** 0.5
         self.featurizer = GradientFeaturizer(
@@ -474,26 +468,6 @@ class TRAKAttributor(BaseAttributor):
         for row, col, tile in self._iter_tiles(train_dataloader, test_dataloader, shard=True):
             sink.add(row, col, tile)
         return sink.finalize()
-
-    def attribute_topk(
-        self, train_dataloader: Iterable | None, test_dataloader: Iterable, k: int
-    ) -> TopKResult:
-        """Per-test top-k helpful/harmful training samples, streamed tile by tile.
-
-        Memory is ``O(n_test * k)`` plus one tile; with torch.distributed, ranks score
-        their share of the rows and merge their candidates.
-
-        Args:
-            train_dataloader: training samples, or None after :meth:`cache`.
-            test_dataloader: test samples.
-            k: training samples per side.
-
-        Returns:
-            A :class:`~dattri.algorithm.score.topk.TopKResult` with ``(n_test, k)`` tensors.
-        """
-        check_loader(test_dataloader, "test_dataloader")
-        tiles = self._iter_tiles(train_dataloader, test_dataloader, shard=True)
-        return topk_of_tiles(tiles, k, sum(batch_plan(test_dataloader)))
 
     def self_attribute(self, train_dataloader: Iterable | None = None) -> Tensor:
         """Score each training sample against itself.

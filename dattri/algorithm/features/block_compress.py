@@ -19,12 +19,18 @@ Factor types: ``"normal"`` (i.i.d. N(0, 1/k) entries, so ``E[P^T P] = I``),
 ``torch.Generator`` seeded with ``proj_seed + 10_000 * layer_index`` (``+1`` for the
 input factor, ``+2`` for the projector), so they do not depend on the device, dtype
 or global RNG.
+
+:class:`BlockFeaturizer` turns one batch into the concatenated compressed rows
+``[c_1 | ... | c_L]`` with the interface of
+:class:`~dattri.algorithm.features.gradients.GradientFeaturizer`, so the shared stores
+(memory, host memory, the resumable memmap store) keep them.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +39,12 @@ from torch import Tensor, nn
 
 from dattri.algorithm.runtime.validation import required_positional_args
 from dattri.func.layer_grads import layer_kind, matrix_shape
+from dattri.func.layer_projection import per_sample_kron_projected
+from dattri.loss_checks import explained_errors
 
 __all__ = [
     "FACTOR_TYPES",
+    "BlockFeaturizer",
     "LayerCompressor",
     "build_compressors",
     "factor_matrix",
@@ -379,3 +388,155 @@ def functional_loss(
         "positional arguments."
     )
     raise ValueError(msg)
+
+
+class BlockFeaturizer:
+    """Compressed per-sample gradients of one batch: the featurizer of the block family.
+
+    ``features(0, batch) = [c_1 | ... | c_L]`` (``(B, sum_l k_l)``), the layer-wise
+    compressed gradients (:class:`LayerCompressor`) of the task's loss (or of its
+    target with ``target=True``) at checkpoint 0, layers concatenated in
+    ``layer_names`` order. It has the interface of
+    :class:`~dattri.algorithm.features.gradients.GradientFeaturizer` (call, ``out_dim``,
+    ``settings``, ``reuse_buffers``, ``grad_rows``), so the shared stores
+    (:func:`~dattri.algorithm.store.scaled.collect_features_scaled`) keep its rows.
+    Samples are seen as ``(1, ...)`` (``keep_batch_dim=True``).
+
+    Args:
+        task: the attribution task (checkpoint 0 is used).
+        model: the task's model, on ``device``.
+        layer_names: validated module names.
+        sparsifier: first-stage settings (see :func:`build_compressors`).
+        projector: second-stage settings (see :func:`build_compressors`).
+        device: compute device.
+    """
+
+    def __init__(
+        self,
+        task: Any,
+        model: nn.Module,
+        layer_names: Sequence[str],
+        sparsifier: Mapping[str, Any],
+        projector: Mapping[str, Any],
+        device: torch.device,
+    ) -> None:
+        self.task = task
+        self.device = torch.device(device)
+        self.layer_names = list(layer_names)
+        self.sparsifier, self.projector = dict(sparsifier), dict(projector)
+        # validate the loss formats early ("Wrong loss function format")
+        self._losses = {
+            target: functional_loss(
+                task.original_target_func if target else task.original_loss_func,
+                model,
+                self.device,
+                "target_func" if target else "loss_func",
+            )
+            for target in (False, True)
+        }
+        dtype = next(iter(task.get_param_dict(0).values())).dtype
+        self.compressors = build_compressors(
+            model, self.layer_names, self.sparsifier, self.projector, self.device, dtype
+        )
+        self.layer_dims = [c.dim for c in self.compressors]
+        #: at most this many samples are compressed at once (None: whole batches).
+        self.grad_rows: int | None = None
+
+    @property
+    def out_dim(self) -> int:
+        """Feature dimension ``D = sum_l k_l``."""
+        return sum(self.layer_dims)
+
+    @property
+    def offsets(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` columns of every layer in a feature row."""
+        out, start = [], 0
+        for d in self.layer_dims:
+            out.append((start, start + d))
+            start += d
+        return out
+
+    @property
+    def sample_numel(self) -> int:
+        """Elements held per sample while compressing (for a memory budget).
+
+        Per layer: the captured input and output gradient (one position), their
+        projections and the ``k_out * k_in`` outer product, summed over layers.
+        """
+        total = 0
+        for c in self.compressors:
+            (k_out, d_out), (k_in, d_in) = c.proj_out.shape, c.proj_in.shape
+            total += d_out + d_in + k_out + k_in + k_out * k_in + c.dim
+        return total
+
+    def reuse_buffers(self) -> AbstractContextManager[None]:
+        """No scratch buffer to reuse (the full gradients are never formed)."""
+        return nullcontext()
+
+    def __call__(self, ckpt_idx: int, batch: Any, target: bool = False, where: str = "") -> Tensor:
+        """Compressed gradients ``(B, out_dim)`` of one (device) batch.
+
+        Args:
+            ckpt_idx: must be 0 (the family uses checkpoint 0).
+            batch: the batch on ``device``.
+            target: the task's target function instead of the loss.
+            where: position of the batch, for error messages.
+
+        Returns:
+            ``(B, out_dim)`` in the model's dtype.
+        """
+        if ckpt_idx != 0:
+            msg = f"The block-compressed features use checkpoint 0 only, got {ckpt_idx}."
+            raise ValueError(msg)
+        model = self.task.get_model()
+        what = "a test batch" if target else "a training batch"
+        with explained_errors(model, batch, f"{what}{where}"):
+            kron = per_sample_kron_projected(
+                model,
+                self._losses[target],
+                self.task.get_param_dict(0),
+                batch,
+                self.layer_names,
+                {c.name: c.proj_in for c in self.compressors},
+                {c.name: c.proj_out for c in self.compressors},
+                keep_batch_dim=True,
+                chunk_size=self.grad_rows if self.grad_rows else None,
+            )
+        return torch.cat([c.finish(kron[c.name]) for c in self.compressors], dim=1)
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-serialisable description of the features (for a store manifest)."""
+        return {
+            "layers": self.layer_names,
+            "layer_dims": self.layer_dims,
+            "sparsifier": {k: str(v) for k, v in sorted(self.sparsifier.items())},
+            "projector": {k: str(v) for k, v in sorted(self.projector.items())},
+            "out_dim": self.out_dim,
+        }
+
+
+def method_params(
+    proj_params: Any, params_class: str, proj_type: str
+) -> tuple[Any, dict[str, Any]]:
+    """The ``proj_params`` of LoGra / FactGraSS and the settings read from it.
+
+    Args:
+        proj_params: None (the defaults of ``params_class``), a dict or a params object.
+        params_class: name of the default class in :mod:`dattri.params.projection`.
+        proj_type: the method's default ``proj_type``.
+
+    Returns:
+        ``(proj_params object or dict, {"proj_dim_per_layer", "proj_type",
+        "proj_seed", "proj_max_batch_size"})``.
+    """
+    if proj_params is None:
+        from dattri.params import projection
+
+        proj_params = getattr(projection, params_class)()
+    defaults = {
+        "proj_dim_per_layer": 4096,
+        "proj_type": proj_type,
+        "proj_seed": 0,
+        "proj_max_batch_size": 64,
+    }
+    return proj_params, read_params(proj_params, defaults, "proj_params")

@@ -30,7 +30,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "feature_store": ("store.memmap_store",),
     "store_integrity": ("store.integrity",),
     "scaled_features": ("store.scaled",),
-    "block_projected_store": ("store.block_rows",),
+    "block_projected_store": ("store.host_rows",),
     "if_base": ("solve.mean_hvp",),
     "if_precondition": ("solve.preconditioners",),
     "if_solvers": ("solve.ihvp_solvers",),

@@ -2,6 +2,7 @@
 
 Every attributor calls these helpers instead of keeping its own copies:
 
+* :func:`check_task` - the ``task`` argument is an :class:`~dattri.task.AttributionTask`;
 * :func:`resolve_device` - ``device="cuda"`` without CUDA is a clear error;
 * :func:`require_reiterable` - a single-pass generator where the data is read twice;
 * :func:`validate_loader` - the user's functions on the first batch of a loader

@@ -5,6 +5,6 @@
   memmap + manifest store (``cache_dir``), shared by torch.distributed ranks;
 * :mod:`~dattri.algorithm.store.scaled`: picks one of them from ``ScaleOptions``
   (``cache_dir``, ``store_dtype``, ``max_memory``) and shards the work over ranks;
-* :mod:`~dattri.algorithm.store.block_rows`: LoGra's cpu/disk offload of layer blocks;
+* :mod:`~dattri.algorithm.store.host_rows`: rows in host memory (LoGra's ``offload="cpu"``);
 * :mod:`~dattri.algorithm.store.integrity`: fingerprints and row checksums.
 """

@@ -25,7 +25,7 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -49,7 +49,15 @@ from dattri.algorithm.store.memmap_store import (
     parse_store_dtype,
 )
 
-__all__ = ["ScaleOptions", "collect_features_scaled"]
+__all__ = ["ScaleKwargs", "ScaleOptions", "collect_features_scaled"]
+
+
+class ScaleKwargs(TypedDict, total=False):
+    """The keyword arguments of :class:`ScaleOptions` every attributor accepts."""
+
+    cache_dir: str | os.PathLike | None
+    store_dtype: str | torch.dtype | None
+    max_memory: int | str | None
 
 
 @dataclass
