@@ -64,7 +64,6 @@ from dattri.algorithm.score.tiles import (
 )
 from dattri.algorithm.score.topk import TopKResult
 from dattri.algorithm.store.in_memory import ProjectedGradientStore
-from dattri.algorithm.store.scaled import ScaleOptions
 from dattri.task import AttributionTask
 
 __all__ = ["DVEmbAttributor"]
@@ -152,17 +151,16 @@ class DVEmbAttributor(BaseAttributor):
         if factorization_type not in FACTORIZATIONS:
             msg = f"factorization_type must be one of {FACTORIZATIONS}, got {factorization_type!r}."
             raise ValueError(msg)
-        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
-        self.task = task
         self.model = task.get_model()
         try:
-            self.device = next(self.model.parameters()).device
+            device = next(self.model.parameters()).device  # the live model's
         except StopIteration as exc:
             msg = "The task's model has no parameters."
             raise ValueError(msg) from exc
+        scale = {"cache_dir": cache_dir, "store_dtype": store_dtype, "max_memory": max_memory}
+        self._setup(task, None, device, verbose, **scale)
         self.factorization_type = factorization_type
         self.use_factorization = factorization_type != "none"
-        self.verbose = verbose
         want = 3 if self.use_factorization else 2
         for what, func in (
             ("loss", task.original_loss_func),

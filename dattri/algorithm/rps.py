@@ -39,7 +39,7 @@ from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.features.last_layer import LastLayerFeaturizer
 from dattri.algorithm.runtime.batching import check_loader
 from dattri.algorithm.runtime.distributed import gather_rows, is_distributed
-from dattri.algorithm.runtime.validation import check_task, require_reiterable, resolve_device
+from dattri.algorithm.runtime.validation import require_reiterable
 from dattri.algorithm.score.tiles import (
     iter_row_batches,
     plan_tiles,
@@ -49,7 +49,7 @@ from dattri.algorithm.score.tiles import (
 from dattri.algorithm.score.topk import TopKResult
 from dattri.algorithm.store.in_memory import ProjectedGradientStore
 from dattri.algorithm.store.memmap_store import batch_plan
-from dattri.algorithm.store.scaled import ScaleOptions, collect_features_scaled
+from dattri.algorithm.store.scaled import collect_features_scaled
 from dattri.algorithm.utils import check_rps_settings, rps_alpha, rps_finetune_theta
 from dattri.loss_checks import train_mode_ok
 from dattri.task import AttributionTask
@@ -108,16 +108,13 @@ class RPSAttributor(BaseAttributor):
         store_dtype: str | torch.dtype | None = None,
         max_memory: int | str | None = None,
     ) -> None:
-        check_task(task)
+        scale = {"cache_dir": cache_dir, "store_dtype": store_dtype, "max_memory": max_memory}
+        self._setup(task, None, device, verbose, **scale)
         check_rps_settings(l2_strength, epoch, solver)
-        self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
-        self.task = task
         self.final_linear_layer_name = final_linear_layer_name
         self.normalize_preactivate = normalize_preactivate
         self.l2_strength = float(l2_strength)
         self.epoch = epoch
-        self.device = resolve_device(device)
-        self.verbose = verbose
         self.label_key = label_key
         self.solver = solver
         self.loss_func = task.get_target_func(flatten=False)
