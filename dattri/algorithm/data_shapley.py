@@ -37,7 +37,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -60,6 +60,11 @@ from dattri.algorithm.score.tiles import (
 )
 from dattri.algorithm.score.topk import TopKResult
 from dattri.algorithm.store.memmap_store import batch_plan
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from dattri.algorithm.store.scaled import ScaleKwargs
 
 __all__ = ["KNNShapleyAttributor", "default_dist_func", "knn_shapley_values"]
 
@@ -152,11 +157,11 @@ class KNNShapleyAttributor(BaseAttributor):
         label_key: label entry of dict batches.
         device: device for the distances and values.
         verbose: show progress bars.
-        cache_dir: not applicable (raises ``ValueError``): nothing is cached.
-        store_dtype: not applicable (raises ``ValueError``).
-        max_memory: budget of the per-test-block buffers (distances, sort and values:
-            about ``64 * n_train`` bytes per test sample); test batches are split into
-            blocks that fit. The training batches themselves are held in memory.
+        **scale: ``max_memory``, the budget of the per-test-block buffers (distances,
+            sort and values: about ``64 * n_train`` bytes per test sample; test batches
+            are split into blocks that fit; the training batches themselves are held
+            in memory). ``cache_dir`` and ``store_dtype`` do not apply (nothing is
+            cached): a ``ValueError`` says so.
     """
 
     def __init__(
@@ -168,12 +173,13 @@ class KNNShapleyAttributor(BaseAttributor):
         label_key: str = "labels",
         device: str | torch.device = "cpu",
         verbose: bool = True,
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
-        for name, value in (("cache_dir", cache_dir), ("store_dtype", store_dtype)):
-            if value is not None:
+        for name, value in scale.items():
+            if name not in ("cache_dir", "store_dtype", "max_memory"):
+                msg = f"KNNShapleyAttributor got an unexpected keyword argument {name!r}."
+                raise TypeError(msg)
+            if name != "max_memory" and value is not None:
                 msg = (
                     f"KNNShapleyAttributor does not take {name}: it has no train-side "
                     "features to store (distances are computed on the batches at "
@@ -200,7 +206,7 @@ class KNNShapleyAttributor(BaseAttributor):
         self.device = resolve_device(device)
         self.verbose = verbose
         #: working-memory budget in bytes (None: one test batch at a time)
-        self.max_memory = parse_memory(max_memory)
+        self.max_memory = parse_memory(scale.get("max_memory"))
 
     def cache(self, full_train_dataloader: Iterable | None = None) -> None:
         """Nothing to precompute (KNN-Shapley is computed at attribution time).

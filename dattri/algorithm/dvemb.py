@@ -33,7 +33,7 @@ import os
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -65,6 +65,11 @@ from dattri.algorithm.score.tiles import (
 from dattri.algorithm.score.topk import TopKResult
 from dattri.algorithm.store.in_memory import ProjectedGradientStore
 from dattri.task import AttributionTask
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from dattri.algorithm.store.scaled import ScaleKwargs
 
 __all__ = ["DVEmbAttributor"]
 
@@ -118,13 +123,13 @@ class DVEmbAttributor(BaseAttributor):
         factorization_type: ``"none"``, ``"kronecker"`` or ``"elementwise"``.
         layer_names: module names (or, in ``"none"`` mode, also parameter names).
         verbose: show progress bars.
-        cache_dir: directory of a resumable on-disk store of the embeddings written by
-            :meth:`cache` (one ``(n, d)`` array per epoch, plus the recursion state
-            after the last finished epoch).
-        store_dtype: storage dtype of that store; default: the gradients' dtype.
-        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``): sets the
-            tile sizes, and spills the embeddings to a temporary store when they take
-            more than half of it. The recursion itself keeps ``d x d`` (or ``N x d``).
+        **scale: ``cache_dir`` (a resumable on-disk store of the embeddings written by
+            :meth:`cache`: one ``(n, d)`` array per epoch, plus the recursion state
+            after the last finished epoch), ``store_dtype`` (its storage dtype; default
+            the gradients') and ``max_memory`` (budget of the scoring buffers, e.g.
+            ``"2GB"``: tile sizes, and a temporary store for the embeddings when they
+            take more than half of it; the recursion itself keeps ``d x d`` or
+            ``N x d``).
 
     Under torch.distributed the ranks split the embedding columns of the recursion
     (it is sequential in time; with ``cache_dir`` rank 0 runs it and the others read
@@ -143,9 +148,7 @@ class DVEmbAttributor(BaseAttributor):
         layer_names: str | Sequence[str] | None = None,
         *,
         verbose: bool = True,
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
         check_task(task)
         if factorization_type not in FACTORIZATIONS:
@@ -157,7 +160,6 @@ class DVEmbAttributor(BaseAttributor):
         except StopIteration as exc:
             msg = "The task's model has no parameters."
             raise ValueError(msg) from exc
-        scale = {"cache_dir": cache_dir, "store_dtype": store_dtype, "max_memory": max_memory}
         self._setup(task, None, device, verbose, **scale)
         self.factorization_type = factorization_type
         self.use_factorization = factorization_type != "none"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,11 @@ from dattri.algorithm.store.scaled import collect_features_scaled
 from dattri.algorithm.utils import check_rps_settings, rps_alpha, rps_finetune_theta
 from dattri.loss_checks import train_mode_ok
 from dattri.task import AttributionTask
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from dattri.algorithm.store.scaled import ScaleKwargs
 
 __all__ = ["RPSAttributor"]
 
@@ -84,12 +90,12 @@ class RPSAttributor(BaseAttributor):
         label_key: label entry of dict batches.
         solver: ``"lbfgs"`` (default) or ``"gd"``, see
             :func:`~dattri.algorithm.utils.rps_finetune_theta`.
-        cache_dir: directory of a resumable on-disk store of the training rows
-            ``[f_i, phi_i]`` written by :meth:`cache` (shared by torch.distributed ranks).
-        store_dtype: storage dtype of that store; default: the model's.
-        max_memory: budget of the scoring buffers (bytes or e.g. ``"2GB"``): sets the
-            tile sizes and spills the rows to a temporary store if needed. The fit
-            itself holds the ``(n, d)`` features.
+        **scale: ``cache_dir`` (a resumable on-disk store of the training rows
+            ``[f_i, phi_i]`` written by :meth:`cache`, shared by torch.distributed
+            ranks), ``store_dtype`` (its storage dtype; default the model's) and
+            ``max_memory`` (budget of the scoring buffers, e.g. ``"2GB"``: tile sizes,
+            and a temporary store for the rows if needed; the fit itself holds the
+            ``(n, d)`` features).
     """
 
     def __init__(
@@ -104,11 +110,8 @@ class RPSAttributor(BaseAttributor):
         *,
         label_key: str = "labels",
         solver: str = "lbfgs",
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
-        scale = {"cache_dir": cache_dir, "store_dtype": store_dtype, "max_memory": max_memory}
         self._setup(task, None, device, verbose, **scale)
         check_rps_settings(l2_strength, epoch, solver)
         self.final_linear_layer_name = final_linear_layer_name
