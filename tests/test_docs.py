@@ -42,6 +42,7 @@ API_PAGES = {
         "dattri.algorithm.features.representations",
         "dattri.algorithm.store.in_memory",
         "dattri.algorithm.solve.inverses",
+        "dattri.algorithm.solve.block_inverse",
     ],
     "func": [
         "dattri.func.hessian",
@@ -217,6 +218,7 @@ INTERNAL_MODULES = {
     "dattri.algorithm.runtime.batching": "loader/batch helpers shared by the attributors",
     "dattri.algorithm.features.block_compress": "LoGra compressor internals",
     "dattri.algorithm.store.host_rows": "LoGra's offload='cpu' rows",
+    "dattri.algorithm.store.layout": "the memmap store's on-disk format helpers",
     "dattri.algorithm.solve.preconditioners": "builds IFAttributorCG's preconditioner= argument",
     "dattri.algorithm.solve.mean_hvp": "influence-function base class internals",
     "dattri.algorithm.features.gradients": "TracIn/TRAK feature store",

@@ -8,7 +8,7 @@ batch dimension first.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "ReusableBuffer",
+    "batch_plan",
     "batch_size_of",
     "check_loader",
+    "iter_batches",
     "iterate",
     "move_to_device",
     "slice_batch",
@@ -200,3 +202,57 @@ def slice_batch(batch: Any, rows: slice) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(slice_batch(v, rows) for v in batch)
     return batch
+
+
+def batch_plan(loader: Iterable) -> list[int]:
+    """Size of every batch of ``loader``, in order.
+
+    For a map-style ``DataLoader`` the sizes come from its batch sampler (no data is
+    loaded); any other iterable is iterated once.
+
+    Raises:
+        ValueError: if the loader shuffles (rows would not match between passes).
+    """
+    if isinstance(loader, DataLoader):
+        if isinstance(loader.sampler, RandomSampler):
+            msg = (
+                "A feature store / torch.distributed sharding needs a loader in a fixed "
+                "order: use shuffle=False."
+            )
+            raise ValueError(msg)
+        if loader.batch_sampler is not None and hasattr(loader.dataset, "__len__"):
+            return [len(b) for b in loader.batch_sampler]
+    return [batch_size_of(b) for b in loader]
+
+
+def iter_batches(loader: Iterable, selected: Sequence[int]) -> Iterator[tuple[int, Any]]:
+    """Yield ``(batch_index, batch)`` for the sorted batch indices ``selected``.
+
+    A map-style ``DataLoader`` loads only the selected batches (same dataset, collate
+    function and workers); any other iterable is iterated and filtered.
+    """
+    wanted = list(selected)
+    if not wanted:
+        return
+    if (
+        isinstance(loader, DataLoader)
+        and loader.batch_sampler is not None
+        and hasattr(loader.dataset, "__len__")
+    ):
+        index_lists = list(loader.batch_sampler)
+        sub = DataLoader(
+            loader.dataset,
+            batch_sampler=[index_lists[i] for i in wanted],
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+        )
+        yield from zip(wanted, sub)
+        return
+    keep = set(wanted)
+    last = wanted[-1]
+    for i, batch in enumerate(loader):
+        if i in keep:
+            yield i, batch
+        if i >= last:
+            return

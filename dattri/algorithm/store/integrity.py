@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch import Tensor
 __all__ = [
     "StoreDamagedError",
     "check_npy_file",
+    "checkpoint_fingerprint",
     "damaged",
     "format_rows",
     "load_json",
@@ -207,3 +208,23 @@ def format_rows(rows: Iterable[int], limit: int = 6) -> str:
     if len(ranges) > limit:
         parts.append(f"... ({len(ranges) - limit} more ranges)")
     return ", ".join(parts)
+
+
+def checkpoint_fingerprint(task: Any, ckpt_indices: Sequence[int] | None = None) -> str:
+    """SHA-256 of the trainable parameters (names, shapes, dtypes, values) of checkpoints.
+
+    Args:
+        task: an :class:`~dattri.task.AttributionTask`.
+        ckpt_indices: checkpoints to hash (default: all).
+
+    Returns:
+        A hex digest; equal checkpoints give equal digests in any process.
+    """
+    digest = hashlib.sha256()
+    indices = range(len(task.get_checkpoints())) if ckpt_indices is None else ckpt_indices
+    for k in indices:
+        for name, value in sorted(task.get_param_dict(k).items()):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{k}:{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,14 +1,6 @@
 """A resumable on-disk store of per-sample features (projected gradients, factors).
 
-Layout of a store directory::
-
-    manifest.json          settings + fingerprint, arrays (name, shape, dtype)
-    <array>.npy            one ``.npy`` file per array, rows = training samples
-    _checksum_<array>.npy  (n,) uint64: checksum of every row as written
-    _data_hash.npy         (n,) uint64: fingerprint of every training sample
-    done-r<rank>.json      row ranges already written and the arrays, per unit
-                           (e.g. a checkpoint)
-
+The files of a store directory are listed in :mod:`~dattri.algorithm.store.layout`.
 Rows are written through short-lived ``numpy.memmap`` views of the rows being written
 (flushed before the range is recorded as done) and read the same way, so resident
 memory stays bounded by the rows in use, not by the file size. Progress files are
@@ -35,12 +27,11 @@ requested compute dtype (``float32`` by default).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,19 +39,30 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler
 
-from dattri.algorithm.runtime.batching import batch_size_of, iterate
+from dattri.algorithm.runtime.batching import batch_plan, iter_batches, iterate
 from dattri.algorithm.runtime.distributed import barrier, is_distributed, rank_world, shard_range
 from dattri.algorithm.store.integrity import (
     StoreDamagedError,
     check_npy_file,
+    checkpoint_fingerprint,
     damaged,
     format_rows,
     load_json,
     row_checksums,
     sample_hashes,
 )
+from dattri.algorithm.store.layout import (
+    STORE_DTYPES,
+    merge_ranges,
+    numpy_dtype,
+    parse_store_dtype,
+    range_difference,
+    range_mask,
+    subtract_rows,
+    write_json_atomic,
+)
+from dattri.algorithm.store.stored_rows import StoredRows
 
 __all__ = [
     "MemmapFeatureStore",
@@ -77,14 +79,6 @@ FORMAT_VERSION = 2
 DATA_HASH = "_data_hash"
 #: rows read at once when verifying checksums (bytes)
 _VERIFY_BYTES = 1 << 25
-_DTYPES = {
-    "float16": (torch.float16, np.float16),
-    "bfloat16": (torch.bfloat16, np.uint16),  # numpy has no bfloat16: stored as raw bits
-    "float32": (torch.float32, np.float32),
-    "float64": (torch.float64, np.float64),
-}
-
-
 _HASH_POOL: tuple[int, ThreadPoolExecutor] | None = None
 
 
@@ -107,166 +101,7 @@ def checksum_array(name: str) -> str:
     return f"_checksum_{name}"
 
 
-def _np_dtype(name: str) -> np.dtype:
-    return np.dtype(np.uint64 if name == "uint64" else _DTYPES[name][1])
-
-
-def parse_store_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> str:
-    """Name of a storage dtype (``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``).
-
-    Args:
-        dtype: a torch dtype, its name, or None for ``default``.
-        default: dtype used when ``dtype`` is None.
-
-    Raises:
-        ValueError: for any other dtype.
-    """
-    if dtype is None:
-        dtype = default
-    name = str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else dtype
-    if name not in _DTYPES:
-        msg = f"store_dtype must be one of {list(_DTYPES)} (or the torch dtype), got {dtype!r}."
-        raise ValueError(msg)
-    return name
-
-
-def checkpoint_fingerprint(task: Any, ckpt_indices: Sequence[int] | None = None) -> str:
-    """SHA-256 of the trainable parameters (names, shapes, dtypes, values) of checkpoints.
-
-    Args:
-        task: an :class:`~dattri.task.AttributionTask`.
-        ckpt_indices: checkpoints to hash (default: all).
-
-    Returns:
-        A hex digest; equal checkpoints give equal digests in any process.
-    """
-    digest = hashlib.sha256()
-    indices = range(len(task.get_checkpoints())) if ckpt_indices is None else ckpt_indices
-    for k in indices:
-        for name, value in sorted(task.get_param_dict(k).items()):
-            t = value.detach().cpu().contiguous()
-            digest.update(f"{k}:{name}:{tuple(t.shape)}:{t.dtype};".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------ batch plans
-def batch_plan(loader: Iterable) -> list[int]:
-    """Size of every batch of ``loader``, in order.
-
-    For a map-style ``DataLoader`` the sizes come from its batch sampler (no data is
-    loaded); any other iterable is iterated once.
-
-    Raises:
-        ValueError: if the loader shuffles (rows would not match between passes).
-    """
-    if isinstance(loader, DataLoader):
-        if isinstance(loader.sampler, RandomSampler):
-            msg = (
-                "A feature store / torch.distributed sharding needs a loader in a fixed "
-                "order: use shuffle=False."
-            )
-            raise ValueError(msg)
-        if loader.batch_sampler is not None and hasattr(loader.dataset, "__len__"):
-            return [len(b) for b in loader.batch_sampler]
-    return [batch_size_of(b) for b in loader]
-
-
-def iter_batches(loader: Iterable, selected: Sequence[int]) -> Iterator[tuple[int, Any]]:
-    """Yield ``(batch_index, batch)`` for the sorted batch indices ``selected``.
-
-    A map-style ``DataLoader`` loads only the selected batches (same dataset, collate
-    function and workers); any other iterable is iterated and filtered.
-    """
-    wanted = list(selected)
-    if not wanted:
-        return
-    if (
-        isinstance(loader, DataLoader)
-        and loader.batch_sampler is not None
-        and hasattr(loader.dataset, "__len__")
-    ):
-        index_lists = list(loader.batch_sampler)
-        sub = DataLoader(
-            loader.dataset,
-            batch_sampler=[index_lists[i] for i in wanted],
-            collate_fn=loader.collate_fn,
-            num_workers=loader.num_workers,
-            pin_memory=loader.pin_memory,
-        )
-        yield from zip(wanted, sub)
-        return
-    keep = set(wanted)
-    last = wanted[-1]
-    for i, batch in enumerate(loader):
-        if i in keep:
-            yield i, batch
-        if i >= last:
-            return
-
-
-def _subtract(ranges: list[list[int]], rows: Iterable[int]) -> list[list[int]]:
-    """``ranges`` without the given rows."""
-    drop = sorted(set(int(r) for r in rows))
-    out = []
-    for a, b in ranges:
-        cuts = [r for r in drop if a <= r < b]
-        start = a
-        for r in cuts:
-            if r > start:
-                out.append([start, r])
-            start = r + 1
-        if start < b:
-            out.append([start, b])
-    return out
-
-
-def _difference(ranges: list[list[int]], minus: list[list[int]]) -> list[list[int]]:
-    """Merged ``ranges`` without the merged ranges ``minus``."""
-    out = []
-    for a, b in ranges:
-        start = a
-        for c, d in minus:
-            if d <= start or c >= b:
-                continue
-            if c > start:
-                out.append([start, c])
-            start = max(start, d)
-        if start < b:
-            out.append([start, b])
-    return out
-
-
-def _mask(ranges: Iterable[Sequence[int]], start: int, stop: int) -> np.ndarray:
-    """Boolean ``(stop - start,)``: rows of ``[start, stop)`` inside ``ranges``."""
-    mask = np.zeros(stop - start, dtype=bool)
-    for a, b in ranges:
-        lo, hi = max(a, start), min(b, stop)
-        if hi > lo:
-            mask[lo - start : hi - start] = True
-    return mask
-
-
-def _merge(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
-    """Sorted union of half-open ``[start, stop)`` ranges."""
-    out: list[list[int]] = []
-    for a, b in sorted((int(r[0]), int(r[1])) for r in ranges if r[1] > r[0]):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class MemmapFeatureStore:
     """Per-sample arrays in ``.npy`` files with a manifest and resumable progress.
 
@@ -391,13 +226,13 @@ class MemmapFeatureStore:
         for stale in directory.glob("done-r*.json"):
             stale.unlink()
         for name, spec in manifest["arrays"].items():
-            np_dtype = _np_dtype(spec["dtype"])
+            np_dtype = numpy_dtype(spec["dtype"])
             arr = np.lib.format.open_memmap(
                 directory / f"{name}.npy", mode="w+", dtype=np_dtype, shape=tuple(spec["shape"])
             )
             arr.flush()
             del arr
-        _atomic_json(path, manifest)
+        write_json_atomic(path, manifest)
 
     @staticmethod
     def _mismatch(directory: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -438,7 +273,7 @@ class MemmapFeatureStore:
                 if isinstance(err, StoreDamagedError):
                     raise
                 raise damaged(f, f"it does not hold row ranges per unit ({err!r})") from err
-        self._done = {u: _merge(rs) for u, rs in ranges.items()}
+        self._done = {u: merge_ranges(rs) for u, rs in ranges.items()}
         unknown = {a for names in self._arrays.values() for a in names} - set(
             self.manifest["arrays"]
         )
@@ -460,7 +295,7 @@ class MemmapFeatureStore:
 
     def mark_done(self, unit: str, start: int, stop: int) -> None:
         """Record rows ``start .. stop - 1`` of ``unit`` as written (persist: :meth:`commit`)."""
-        self._done[unit] = _merge([*self._done.get(unit, []), [start, stop]])
+        self._done[unit] = merge_ranges([*self._done.get(unit, []), [start, stop]])
 
     def commit(self) -> None:
         """Persist the progress of this rank atomically."""
@@ -469,7 +304,7 @@ class MemmapFeatureStore:
             "done": self._done,
             "arrays": {u: sorted(names) for u, names in sorted(self._arrays.items())},
         }
-        _atomic_json(self.directory / f"done-r{self.rank}.json", data)
+        write_json_atomic(self.directory / f"done-r{self.rank}.json", data)
 
     def sync(self) -> None:
         """Commit, wait for every rank, and reload everyone's progress."""
@@ -495,12 +330,12 @@ class MemmapFeatureStore:
             if not path.exists():
                 raise damaged(path, "it is missing")
             shape = tuple(spec["shape"])
-            self._offsets[name] = check_npy_file(path, shape, _np_dtype(spec["dtype"]))
+            self._offsets[name] = check_npy_file(path, shape, numpy_dtype(spec["dtype"]))
         return self._offsets[name]
 
     def _view(self, name: str, start: int, stop: int, mode: str) -> np.memmap:
         spec = self.manifest["arrays"][name]
-        np_dtype = _np_dtype(spec["dtype"])
+        np_dtype = numpy_dtype(spec["dtype"])
         path = self.directory / f"{name}.npy"
         tail = tuple(spec["shape"][1:])
         row_bytes = int(np.prod(tail, dtype=np.int64)) * np_dtype.itemsize
@@ -536,11 +371,11 @@ class MemmapFeatureStore:
         if stop == start:
             return
         spec = self.manifest["arrays"][name]
-        torch_dtype = _DTYPES[spec["dtype"]][0]
+        torch_dtype = STORE_DTYPES[spec["dtype"]][0]
         data = values.detach().to("cpu", torch_dtype).contiguous()
         if torch_dtype == torch.bfloat16:
             data = data.view(torch.int16)
-        raw = data.numpy().view(_np_dtype(spec["dtype"]))
+        raw = data.numpy().view(numpy_dtype(spec["dtype"]))
         self._write_np(name, start, raw)
         self._write_np(checksum_array(name), start, row_checksums(raw))
 
@@ -560,7 +395,7 @@ class MemmapFeatureStore:
             self.write(name, start, v)
         self._arrays.setdefault(unit, set()).update(values)
         self.mark_done(unit, start, stop)
-        self._trusted[unit] = _merge([*self._trusted.get(unit, []), [start, stop]])
+        self._trusted[unit] = merge_ranges([*self._trusted.get(unit, []), [start, stop]])
 
     def read(
         self,
@@ -660,9 +495,9 @@ class MemmapFeatureStore:
                     self.write(name, starts[b], values)
                 self._arrays.setdefault(unit, set()).update(out)
                 self._write_np(DATA_HASH, starts[b], hashes)
-                self._session_rows = _merge([*self._session_rows, [starts[b], starts[b + 1]]])
+                self._session_rows = merge_ranges([*self._session_rows, [starts[b], starts[b + 1]]])
                 self.mark_done(unit, starts[b], starts[b + 1])
-                self._trusted[unit] = _merge(
+                self._trusted[unit] = merge_ranges(
                     [*self._trusted.get(unit, []), [starts[b], starts[b + 1]]]
                 )
                 count += 1
@@ -682,7 +517,7 @@ class MemmapFeatureStore:
         stop = start + int(hashes.shape[0])
         known = np.zeros(stop - start, dtype=bool)
         for ranges in self._done.values():
-            known |= _mask(ranges, start, stop)
+            known |= range_mask(ranges, start, stop)
         if not known.any():
             return
         stored = self._read_np(DATA_HASH, start, stop)
@@ -692,7 +527,7 @@ class MemmapFeatureStore:
         where = (
             f"batch {b} of the loader (samples {start}-{stop - 1}; changed: {format_rows(changed)})"
         )
-        if _mask(self._session_rows, start, stop)[changed - start].all():
+        if range_mask(self._session_rows, start, stop)[changed - start].all():
             msg = (
                 f"The loader yielded different data on two passes of this run: {where} "
                 "differs from the same batch of an earlier pass. A feature store (and "
@@ -733,14 +568,15 @@ class MemmapFeatureStore:
             ValueError: with torch.distributed, if any row fails (delete the store).
         """
         hi = self.n_samples if hi is None else hi
-        ranges = _merge([max(a, lo), min(b, hi)] for a, b in self._done.get(unit, []))
+        ranges = merge_ranges([max(a, lo), min(b, hi)] for a, b in self._done.get(unit, []))
         trusted = self._trusted.get(unit, [])
-        check = _difference(ranges, trusted)
+        check = range_difference(ranges, trusted)
         bad: dict[str, list[int]] = {}
         for name in sorted(self._arrays.get(unit, ())):
             spec = self.manifest["arrays"][name]
             row_bytes = (
-                int(np.prod(spec["shape"][1:], dtype=np.int64)) * _np_dtype(spec["dtype"]).itemsize
+                int(np.prod(spec["shape"][1:], dtype=np.int64))
+                * numpy_dtype(spec["dtype"]).itemsize
             )
             block = max(1, _VERIFY_BYTES // max(row_bytes, 1))
             for a, b in check:
@@ -751,7 +587,7 @@ class MemmapFeatureStore:
                     bad_rows = np.flatnonzero(got != want) + s
                     bad.setdefault(name, []).extend(bad_rows.tolist())
         bad = {k: v for k, v in bad.items() if v}
-        self._trusted[unit] = _merge([*trusted, *check])
+        self._trusted[unit] = merge_ranges([*trusted, *check])
         if not bad:
             return []
         rows = sorted({r for v in bad.values() for r in v})
@@ -778,8 +614,8 @@ class MemmapFeatureStore:
             UserWarning,
             stacklevel=3,
         )
-        self._done[unit] = _subtract(self._done.get(unit, []), rows)
-        self._trusted[unit] = _subtract(self._trusted[unit], rows)
+        self._done[unit] = subtract_rows(self._done.get(unit, []), rows)
+        self._trusted[unit] = subtract_rows(self._trusted[unit], rows)
         self.commit()
         for other in self.directory.glob("done-r*.json"):  # merged into ours
             if other.name != f"done-r{self.rank}.json":
@@ -807,43 +643,3 @@ class MemmapFeatureStore:
             f"Resuming the feature store in {where!r}: {sum(done)} of {total} rows "
             f"already written ({parts}); checking them and computing the rest."
         )
-
-
-class StoredRows:
-    """Read-only, tensor-like view of one store array, read block by block.
-
-    Supports ``len``, ``.shape``, ``.dtype``, ``.device`` and slicing with a step-1
-    slice (returns a tensor); :meth:`materialize` loads everything.
-
-    Args:
-        store: the store.
-        name: the array.
-        dtype: compute dtype of returned rows.
-        device: device of returned rows.
-    """
-
-    def __init__(
-        self, store: MemmapFeatureStore, name: str, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        self.store = store
-        self.name = name
-        self.dtype = dtype
-        self.device = torch.device(device)
-
-    @property
-    def shape(self) -> torch.Size:
-        """``(n_samples, ...)``."""
-        return torch.Size(self.store.shape(self.name))
-
-    def __len__(self) -> int:
-        return self.store.n_samples
-
-    def __getitem__(self, rows: slice) -> Tensor:
-        if not isinstance(rows, slice) or rows.step not in (None, 1):
-            msg = "StoredRows supports step-1 slices only (e.g. rows[100:200])."
-            raise TypeError(msg)
-        return self.store.read(self.name, rows, self.dtype, self.device)
-
-    def materialize(self) -> Tensor:
-        """All rows as one tensor."""
-        return self[0 : len(self)]
