@@ -100,14 +100,9 @@ class IFAttributorArnoldi(IFBase):
         self.eigenvalues: dict[int, Tensor] = {}
         self.eigenvectors: dict[int, Tensor] = {}
 
-    def cache(self, full_train_dataloader: Iterable) -> None:
-        """Compute the top Ritz pairs of the mean-loss Hessian for every checkpoint.
-
-        Args:
-            full_train_dataloader: the training data defining the Hessian (not shuffled).
-        """
-        self._cache_batches(full_train_dataloader, self.precompute_data_ratio)
-        super().cache(full_train_dataloader)
+    def _data_ratio(self) -> float:
+        """The fraction of the batches defining the curvature (the constructor's)."""
+        return self.precompute_data_ratio
 
     def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
         func, params = self._loss_and_params(ckpt_idx)

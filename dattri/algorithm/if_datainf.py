@@ -110,14 +110,9 @@ class IFAttributorDataInf(IFBase):
         #: per checkpoint, the damping ``r_l`` of every layer.
         self.layer_regularization: dict[int, list[float]] = {}
 
-    def cache(self, full_train_dataloader: Iterable) -> None:
-        """Keep the training batches and compute every checkpoint's layer dampings.
-
-        Args:
-            full_train_dataloader: the training data defining the Fisher (not shuffled).
-        """
-        self._cache_batches(full_train_dataloader, self.fim_estimate_data_ratio)
-        super().cache(full_train_dataloader)
+    def _data_ratio(self) -> float:
+        """The fraction of the batches defining the curvature (the constructor's)."""
+        return self.fim_estimate_data_ratio
 
     #: most per-sample gradient entries (rows * p) materialised at once when streaming.
     grad_chunk_elements: int = 2**26

@@ -109,6 +109,7 @@ class IFAttributorEKFAC(IFBase):
     """
 
     mean_batch_loss = False  # per-sample gradients only: the reduction cancels
+    keeps_batches = False  # the factors stream the loader
 
     def __init__(
         self,

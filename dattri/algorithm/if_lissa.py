@@ -170,13 +170,8 @@ class IFAttributorLiSSA(IFBase):
         """
         return sampled_input[0], tuple(sampled_input[1:])
 
-    def cache(self, full_train_dataloader: Iterable) -> None:
-        """Keep the training data (concatenated per field) and choose the scaling.
-
-        Args:
-            full_train_dataloader: the training data defining the Hessian (not shuffled).
-        """
-        self._cache_batches(full_train_dataloader)
+    def _prepare_batches(self) -> None:
+        """Concatenate the kept batches per field (LiSSA samples minibatches from them)."""
         per_batch = [dict_or_tuple_fields(b) for b in self._batches]
         n_fields = len(per_batch[0][0])
         if any(len(f) != n_fields for f, _ in per_batch):
@@ -188,7 +183,6 @@ class IFAttributorLiSSA(IFBase):
         if self.batch_size > n:
             msg = f"batch_size={self.batch_size} exceeds the number of training samples ({n})."
             raise ValueError(msg)
-        super().cache(full_train_dataloader)
 
     def _minibatch_op(
         self, func: Callable, params: Tensor, idx: Tensor

@@ -148,15 +148,6 @@ class IFAttributorExplicit(IFBase):
         self.regularization = _check_reg(regularization)
         self._factors: dict[int, DampedSymmetricInverse] = {}
 
-    def cache(self, full_train_dataloader: Iterable) -> None:
-        """Build and factorise ``H + regularization * I`` for every checkpoint.
-
-        Args:
-            full_train_dataloader: the training data defining the Hessian (not shuffled).
-        """
-        self._cache_batches(full_train_dataloader)
-        super().cache(full_train_dataloader)
-
     def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
         self._factors[ckpt_idx] = _Factorization(self.hessian(ckpt_idx))
 
@@ -254,15 +245,6 @@ class IFAttributorCG(IFBase):
         self.last_cg_info = None
         self.preconditioner = check_preconditioner(preconditioner)
         self.preconditioner_damping = preconditioner_damping
-
-    def cache(self, full_train_dataloader: Iterable) -> None:
-        """Keep the training batches on ``device`` and build the HVP operators.
-
-        Args:
-            full_train_dataloader: the training data defining the Hessian (not shuffled).
-        """
-        self._cache_batches(full_train_dataloader)
-        super().cache(full_train_dataloader)
 
     def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
         func, params = self._loss_and_params(ckpt_idx)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -34,6 +34,11 @@ from dattri.algorithm.store.in_memory import ProjectedGradientStore, collect_fea
 from dattri.algorithm.store.memmap_store import batch_plan
 from dattri.algorithm.store.scaled import collect_features_scaled
 from dattri.task import AttributionTask
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from dattri.algorithm.store.scaled import ScaleKwargs
 
 __all__ = ["TracInAttributor"]
 
@@ -71,12 +76,11 @@ class TracInAttributor(BaseAttributor):
         projector_kwargs: the older dict form of the projection settings, e.g.
             ``{"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0}``.
         verbose: show progress bars.
-        cache_dir: directory of a resumable on-disk store of the projected training
-            gradients written by :meth:`cache` (shared by torch.distributed ranks).
-        store_dtype: storage dtype of that store (e.g. ``"float16"``); default: the
-            model's. Scores are computed in the model's dtype (at least float32).
-        max_memory: budget of the working buffers (bytes or e.g. ``"2GB"``): sets the
-            block sizes and spills the features to a temporary store if needed.
+        **scale: ``cache_dir`` (a resumable on-disk store of the projected training
+            gradients, shared by torch.distributed ranks), ``store_dtype`` (its storage
+            dtype, e.g. ``"float16"``; scores are computed in the model's dtype, at
+            least float32) and ``max_memory`` (bytes or e.g. ``"2GB"``: sets the block
+            sizes and spills the features to a temporary store if needed).
 
     Raises:
         ValueError: if ``len(weight_list)`` differs from the number of checkpoints, or
@@ -94,11 +98,8 @@ class TracInAttributor(BaseAttributor):
         device: str | torch.device = "cpu",
         projector_kwargs: Mapping[str, Any] | None = None,
         verbose: bool = True,
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
-        scale = {"cache_dir": cache_dir, "store_dtype": store_dtype, "max_memory": max_memory}
         self._setup(task, layer_name, device, verbose, **scale)
         if not isinstance(normalized_grad, bool):
             msg = f"normalized_grad must be a bool, got {type(normalized_grad).__name__}."

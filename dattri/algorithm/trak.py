@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -38,6 +38,11 @@ from dattri.algorithm.store.scaled import collect_features_scaled
 from dattri.func.linalg import DampedSymmetricInverse
 from dattri.loss_checks import explained_errors
 from dattri.task import AttributionTask
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from dattri.algorithm.store.scaled import ScaleKwargs
 
 __all__ = ["KernelInverse", "TRAKAttributor", "factor_kernel"]
 
@@ -166,12 +171,11 @@ class TRAKAttributor(BaseAttributor):
             ``0.0`` to reproduce it.
         projector_kwargs: the older dict form of the projection settings.
         verbose: show progress bars.
-        cache_dir: directory of a resumable on-disk store of the projected training
-            gradients (shared by torch.distributed ranks); None keeps them in memory.
-        store_dtype: storage dtype of that store (e.g. ``"float16"``); default: the
-            model's. Scores are computed in the model's dtype (at least float32).
-        max_memory: budget of the working buffers (bytes or e.g. ``"2GB"``): sets the
-            block sizes and spills the features to a temporary store if needed.
+        **scale: ``cache_dir`` (a resumable on-disk store of the projected training
+            gradients, shared by torch.distributed ranks), ``store_dtype`` (its storage
+            dtype, e.g. ``"float16"``; scores are computed in the model's dtype, at
+            least float32) and ``max_memory`` (bytes or e.g. ``"2GB"``: sets the block
+            sizes and spills the features to a temporary store if needed).
     """
 
     def __init__(
@@ -184,11 +188,8 @@ class TRAKAttributor(BaseAttributor):
         regularization: float | None = None,
         projector_kwargs: Mapping[str, Any] | None = None,
         verbose: bool = True,
-        cache_dir: str | os.PathLike | None = None,
-        store_dtype: str | torch.dtype | None = None,
-        max_memory: int | str | None = None,
+        **scale: Unpack[ScaleKwargs],
     ) -> None:
-        scale = {"cache_dir": cache_dir, "store_dtype": store_dtype, "max_memory": max_memory}
         self._setup(task, layer_name, device, verbose, **scale)
         if not callable(correct_probability_func):
             msg = (

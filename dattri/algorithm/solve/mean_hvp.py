@@ -143,6 +143,8 @@ class IFBase(BaseInnerProductAttributor):
 
     keep_batch_dim = True
     mean_batch_loss = True
+    #: whether :meth:`cache` keeps the training batches (for HVPs); EK-FAC streams them.
+    keeps_batches: bool = True
     #: with torch.distributed, whether ``_cache_batches`` keeps only this rank's
     #: contiguous share of the batches (the mean-loss HVP is then summed over ranks).
     shard_cache: bool = False
@@ -167,6 +169,25 @@ class IFBase(BaseInnerProductAttributor):
         self._n_total: int | None = None  # all ranks' samples when sharded
 
     # ------------------------------------------------------------ train data
+    def _data_ratio(self) -> float:
+        """Fraction of the loader's batches (the first ones) defining the curvature."""
+        return 1.0
+
+    def cache(self, full_train_dataloader: Iterable) -> None:
+        """Keep the training batches on ``device`` and build every checkpoint's state.
+
+        Args:
+            full_train_dataloader: the training data defining the Hessian / Fisher (not
+                shuffled).
+        """
+        if self.keeps_batches:
+            self._cache_batches(full_train_dataloader, self._data_ratio())
+            self._prepare_batches()
+        super().cache(full_train_dataloader)
+
+    def _prepare_batches(self) -> None:
+        """Reorganise the kept batches before the per-checkpoint state (default: none)."""
+
     def _cache_batches(self, full_train_dataloader: Iterable, ratio: float = 1.0) -> None:
         # order is irrelevant for the Hessian; the base class warns about shuffling once
         check_loader(full_train_dataloader, "full_train_dataloader", order_matters=False)
