@@ -199,9 +199,11 @@ class IFAttributorCG(IFBase):
     after ``max_iter`` iterations. ``H + lambda I`` must be positive definite. Convergence
     of the last solve is in :attr:`last_cg_info`; a warning names rows that did not
     converge (raise ``max_iter``: CG needs about ``sqrt(cond(H))`` iterations per digit).
-    With ``preconditioner`` (``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a callable
-    ``(B, p) -> (B, p)``, see :mod:`dattri.algorithm.if_precondition`), preconditioned
-    CG reaches the same solve in about ``sqrt(cond(P H))`` iterations per digit.
+    With ``preconditioner`` (``"diagonal"``, ``"kfac"``, ``"ekfac"``, ``"spectral"`` or a
+    callable ``(B, p) -> (B, p)``, see :mod:`dattri.algorithm.if_precondition`),
+    preconditioned CG reaches the same solve in about ``sqrt(cond(P H))`` iterations per
+    digit. ``"spectral"`` (built in :meth:`cache` from ``preconditioner_rank`` batched
+    HVPs, reused for every test batch) is the one that cuts the products on MLPs.
 
     Args:
         task: the attribution task.
@@ -212,10 +214,12 @@ class IFAttributorCG(IFBase):
         mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
         regularization: ``lambda >= 0``.
         verbose: show progress bars.
-        preconditioner: None (plain CG), ``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a
-            callable ``M^{-1}`` on ``(B, p)`` rows.
+        preconditioner: None (plain CG), ``"diagonal"``, ``"kfac"``, ``"ekfac"``,
+            ``"spectral"`` or a callable ``M^{-1}`` on ``(B, p)`` rows.
         preconditioner_damping: damping of the built preconditioner (default:
-            ``regularization`` if positive, else ``1e-3`` times its mean curvature).
+            ``regularization`` if positive, else ``1e-3`` times its mean curvature;
+            unused by ``"spectral"``).
+        preconditioner_rank: HVPs (Krylov basis size) of ``"spectral"``.
     """
 
     shard_cache = True  # torch.distributed: each rank holds its batches, HVPs summed
@@ -233,6 +237,7 @@ class IFAttributorCG(IFBase):
         *,
         preconditioner: str | Callable[[Tensor], Tensor] | None = None,
         preconditioner_damping: float | None = None,
+        preconditioner_rank: int = 128,
     ) -> None:
         super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -247,6 +252,14 @@ class IFAttributorCG(IFBase):
         self.last_cg_info = None
         self.preconditioner = check_preconditioner(preconditioner)
         self.preconditioner_damping = preconditioner_damping
+        if (
+            isinstance(preconditioner_rank, bool)
+            or not isinstance(preconditioner_rank, int)
+            or preconditioner_rank < 1
+        ):
+            msg = f"preconditioner_rank must be a positive integer, got {preconditioner_rank!r}."
+            raise ValueError(msg)
+        self.preconditioner_rank = preconditioner_rank
         self._preconds: dict[int, Callable[[Tensor], Tensor] | None] = {}
 
     def cache(self, full_train_dataloader: Iterable) -> None:
@@ -272,6 +285,8 @@ class IFAttributorCG(IFBase):
                 ckpt_idx,
                 self.preconditioner_damping,
                 self.regularization,
+                operator=self._ops[ckpt_idx],
+                rank=self.preconditioner_rank,
             )
         )
 
@@ -283,8 +298,9 @@ class IFAttributorCG(IFBase):
             rhs,
             self.max_iter,
             self.tol,
-            preconditioner=self._preconds.get(ckpt_idx),
+            preconditioner=(pre := self._preconds.get(ckpt_idx)),
         )
+        info.preconditioner_hvps = int(getattr(pre, "hvps", 0))
         self.last_cg_info = info
         if not bool(info.converged.all()):
             warnings.warn(
