@@ -141,7 +141,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--regularization", type=float, default=1e-2)
     p.add_argument("--max-iter", type=int, default=2000)
-    p.add_argument("--rank", type=int, default=128, help="HVPs of the spectral build")
+    p.add_argument("--rank", type=int, default=192, help="HVPs of the spectral build")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lds-subsets", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)

@@ -67,7 +67,7 @@ def build_preconditioner(
     regularization: float,
     *,
     operator: Callable[[Tensor], Tensor] | None = None,
-    rank: int = 128,
+    rank: int = 192,
 ) -> Callable[[Tensor], Tensor]:
     """``P(m)`` for ``kind`` on ``att``'s cached batches at checkpoint ``ckpt_idx``.
 

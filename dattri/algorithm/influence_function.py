@@ -237,7 +237,7 @@ class IFAttributorCG(IFBase):
         *,
         preconditioner: str | Callable[[Tensor], Tensor] | None = None,
         preconditioner_damping: float | None = None,
-        preconditioner_rank: int = 128,
+        preconditioner_rank: int = 192,
     ) -> None:
         super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:

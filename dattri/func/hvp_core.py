@@ -593,7 +593,7 @@ def ihvp_cg(
     regularization: float = 0.0,
     *,
     preconditioner: Callable[[Tensor], Tensor] | str | None = None,
-    preconditioner_rank: int = 128,
+    preconditioner_rank: int = 192,
 ) -> Callable[[tuple, Tensor], Tensor]:
     """Build ``f(x, v) ≈ (H(x) + regularization * I)^{-1} v`` by conjugate gradient.
 
@@ -634,7 +634,7 @@ def ihvp_at_x_cg(
     mode: str = "rev-rev",
     regularization: float = 0.0,
     preconditioner: Callable[[Tensor], Tensor] | str | None = None,
-    preconditioner_rank: int = 128,
+    preconditioner_rank: int = 192,
 ) -> Callable[[Tensor], Tensor]:
     """Build ``f(v) ≈ (H(x) + regularization * I)^{-1} v`` by batched conjugate gradient.
 
