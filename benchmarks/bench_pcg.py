@@ -63,6 +63,41 @@ def _ground_truth(setting: str, xtr, ytr, xte, yte, n_subsets: int):
     return torch.stack(values), idx
 
 
+def _spectrum(rows: dict, kinds: list, p: int, reg: float) -> None:
+    """Explicit spectra of ``A = H + reg I`` and of ``P^{1/2} A P^{1/2}`` (float64)."""
+    op = rows[kinds[0]]["att"]._ops[0]
+    eye = torch.eye(p)
+
+    def dense(f):
+        m = torch.cat([f(eye[i : i + 256]) for i in range(0, p, 256)]).double()
+        return 0.5 * (m + m.T)
+
+    a = dense(op)
+    ev_h = torch.linalg.eigvalsh(a) - reg
+    print(
+        f"\nH: {int((ev_h < 0).sum())} of {p} eigenvalues < 0 (min {float(ev_h.min()):.3g}); "
+        f"|eig| > 10 lambda: {int((ev_h.abs() > 10 * reg).sum())}, > lambda: "
+        f"{int((ev_h.abs() > reg).sum())}, < lambda / 10: {int((ev_h.abs() < reg / 10).sum())}",
+        file=sys.stderr,
+    )
+    print("| preconditioner | eig(PA) min / 1% / 50% / 99% / max | cond | # > 10x median |")
+    print("|---|---|---|---|")
+    for kind in kinds:
+        pre = rows[kind]["att"]._preconds.get(0)
+        if pre is None:
+            e = torch.linalg.eigvalsh(a)
+        else:
+            chol = torch.linalg.cholesky(dense(lambda m, f=pre: f(m)))
+            e = torch.linalg.eigvalsh(chol.T @ a @ chol)
+        q = torch.quantile(e, torch.tensor([0, 0.01, 0.5, 0.99, 1.0], dtype=e.dtype))
+        print(
+            f"| {kind or 'none'} | {' / '.join(f'{x:.3g}' for x in q.tolist())} | "
+            f"{float(e.max() / e.min()):.3g} | {int((e > 10 * e.median()).sum())} |",
+            flush=True,
+        )
+    print()
+
+
 def run(args: argparse.Namespace, setting: str) -> list[dict]:
     xtr, ytr, xte, yte = _data(setting)
     xte, yte = xte[: args.n_rhs], yte[: args.n_rhs]
@@ -101,6 +136,8 @@ def run(args: argparse.Namespace, setting: str) -> list[dict]:
                 row["sol"] = row["att"].transform_test_rep(0, rhs)
             row["solve_s"].append(time.process_time() - t)
             row["info"] = row["att"].last_cg_info
+    if args.spectrum:
+        _spectrum(rows, kinds, rhs.shape[1], args.regularization)
     gt = None
     if args.lds_subsets:
         gt = _ground_truth(setting, xtr, ytr, xte, yte, args.lds_subsets)
@@ -145,6 +182,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lds-subsets", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--spectrum",
+        action="store_true",
+        help="also print the explicit spectra of A and PA (small models only)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -153,14 +195,14 @@ def main() -> None:
         f"time (median of {args.rounds} alternating runs), LDS over {args.lds_subsets} "
         "half-data retrainings\n"
     )
-    print(
-        "| setting | p | preconditioner | build HVPs | build s | CG iters | HVPs/rhs | "
-        "HVPs/rhs incl. build | solve s | solve+build s | HVPs vs plain (excl./incl. build) | "
-        "time vs plain (excl./incl. build) | max rel. residual | rel. diff to plain | LDS |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting in args.settings:
         rows = run(args, setting)
+        print(
+            "| setting | p | preconditioner | build HVPs | build s | CG iters | HVPs/rhs | "
+            "HVPs/rhs incl. build | solve s | solve+build s | HVPs vs plain (excl./incl. build) | "
+            "time vs plain (excl./incl. build) | max rel. residual | rel. diff to plain | LDS |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         base = rows[0]
         for r in rows:
             incl = r["hvps"] + r["build_hvps"] / args.n_rhs
