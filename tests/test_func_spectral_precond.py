@@ -233,5 +233,22 @@ def test_if_cg_spectral_equals_explicit_with_fewer_products():
         assert info.preconditioner_hvps == (p if pre else 0)
     # the basis spans R^p: P = |H + reg I|^{-1}, so CG needs <= 2 steps per row (P A = +-1)
     assert hvps["spectral"] <= 2 * 4 < hvps[None]
+    # MINRES: the same solve (also with the spectral preconditioner)
+    for pre in (None, "spectral"):
+        att = IFAttributorCG(
+            task,
+            max_iter=400,
+            tol=1e-9,
+            regularization=reg,
+            verbose=False,
+            preconditioner=pre,
+            solver="minres",
+        )
+        att.cache(train)
+        got = att.attribute(train, test)
+        assert bool(att.last_cg_info.converged.all())
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8 * ref.abs().max())
+    with pytest.raises(ValueError, match="solver"):
+        IFAttributorCG(task, solver="gmres")
     with pytest.raises(ValueError, match="preconditioner_rank"):
         IFAttributorCG(task, preconditioner="spectral", preconditioner_rank=0)

@@ -62,6 +62,7 @@ from dattri.algorithm.if_lissa import IFAttributorLiSSA
 from dattri.algorithm.if_precondition import build_preconditioner, check_preconditioner
 from dattri.func.hessian import cg_solve
 from dattri.func.linalg import DampedSymmetricInverse
+from dattri.func.minres import minres_solve
 from dattri.task import AttributionTask
 
 __all__ = [
@@ -220,6 +221,9 @@ class IFAttributorCG(IFBase):
             ``regularization`` if positive, else ``1e-3`` times its mean curvature;
             unused by ``"spectral"``).
         preconditioner_rank: HVPs (Krylov basis size) of ``"spectral"``.
+        solver: ``"cg"`` or ``"minres"`` (:func:`dattri.func.minres.minres_solve`: the same
+            solve by residual minimisation, robust when ``H + lambda I`` is indefinite;
+            same stopping rule and :attr:`last_cg_info`).
     """
 
     shard_cache = True  # torch.distributed: each rank holds its batches, HVPs summed
@@ -238,6 +242,7 @@ class IFAttributorCG(IFBase):
         preconditioner: str | Callable[[Tensor], Tensor] | None = None,
         preconditioner_damping: float | None = None,
         preconditioner_rank: int = 192,
+        solver: str = "cg",
     ) -> None:
         super().__init__(task, layer_name=layer_name, device=device, verbose=verbose)
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -260,6 +265,10 @@ class IFAttributorCG(IFBase):
             msg = f"preconditioner_rank must be a positive integer, got {preconditioner_rank!r}."
             raise ValueError(msg)
         self.preconditioner_rank = preconditioner_rank
+        if solver not in ("cg", "minres"):
+            msg = f"solver must be 'cg' or 'minres', got {solver!r}."
+            raise ValueError(msg)
+        self.solver = solver
         self._preconds: dict[int, Callable[[Tensor], Tensor] | None] = {}
 
     def cache(self, full_train_dataloader: Iterable) -> None:
@@ -293,7 +302,8 @@ class IFAttributorCG(IFBase):
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """Batched CG solve of ``(H + lambda I) x = g`` for every row, ``(B, p)``."""
         rhs = test_rep.to(self._dtypes[ckpt_idx])
-        sol, info = cg_solve(
+        solve = minres_solve if self.solver == "minres" else cg_solve
+        sol, info = solve(
             self._ops[ckpt_idx],
             rhs,
             self.max_iter,
