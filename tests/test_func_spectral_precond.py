@@ -114,11 +114,11 @@ def test_spectral_pcg_fewer_products_on_decaying_spectrum():
         assert bool(inf.converged.all())
         ref = torch.linalg.solve(a, b.T).T
         assert bool(((sol - ref).norm(dim=1, keepdim=True) <= _error_bound(a, sol, b)).all())
-    # deterministic counts (same seeds): the spectral preconditioner cuts them > 3x
-    assert info.hvps * 3 < plain.hvps, (info.hvps, plain.hvps)
+    # deterministic counts (same seeds; 6372 vs 341 when written): > 10x fewer
+    assert info.hvps * 10 < plain.hvps, (info.hvps, plain.hvps)
     # and MINRES with the same SPD preconditioner does as well
     mx, minfo = minres_solve(op, b, 1000, 1e-8, preconditioner=pre)
-    assert bool(minfo.converged.all()) and minfo.hvps * 3 < plain.hvps
+    assert bool(minfo.converged.all()) and minfo.hvps * 10 < plain.hvps
     assert bool(((mx - ref).norm(dim=1, keepdim=True) <= _error_bound(a, mx, b)).all())
 
 
