@@ -129,6 +129,16 @@ def run(args: argparse.Namespace, setting: str) -> list[dict]:
         t = time.process_time()
         att.cache(train)
         rows[kind] = {"att": att, "build_s": time.process_time() - t, "solve_s": []}
+        pre = att._preconds.get(0)
+        if hasattr(pre, "eigenvalues"):  # spectral: how fast |eig(H)| decays
+            mag = (pre.eigenvalues - args.regularization).abs()
+            at = [i for i in (1, 10, 50, 100, 200, 400, 800) if i <= len(mag)]
+            print(
+                f"{setting}: Ritz |eig(H)| at rank {at}: "
+                + ", ".join(f"{float(mag[i - 1]):.3g}" for i in at)
+                + f"; level {pre.level:.3g}",
+                file=sys.stderr,
+            )
     for r in range(args.rounds):
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
             row = rows[kind]
