@@ -3,9 +3,20 @@
 ``IFAttributorCG`` solves ``(H + lambda I) x = g`` for test gradients ``g`` (the mean-loss
 Hessian over the whole training set; one "HVP" below = one right-hand side times the
 full-data Hessian). For each preconditioner (none, diagonal empirical Fisher, K-FAC,
-EK-FAC, damping = lambda) we report the build time of the preconditioner (part of
-``cache``), the CG iterations and HVPs to reach relative residual ``--tol`` on every
-right-hand side, the solve time, and the difference to the plain solution.
+EK-FAC with damping = lambda, and the spectral preconditioner: top eigenspace of
+``H + lambda I`` from ``--rank`` batched HVPs) we report
+
+* build: HVPs and process CPU seconds spent in ``cache`` on the preconditioner (the
+  spectral one is built once and reused for every right-hand side; diagonal/K-FAC/EK-FAC
+  cost per-sample gradients instead of HVPs, reported as 0 HVPs);
+* solve: HVPs per right-hand side to reach relative residual ``--tol`` on every row,
+  and process CPU seconds of the batched solve of all ``--n-rhs`` rows (median over
+  ``--rounds`` alternating runs: plain, P1, P2, ..., then reversed, ...);
+* "incl. build": per right-hand side with the build amortised over ``--amortize`` test
+  vectors (default ``--n-rhs``; each row's CG is independent of the others, so the
+  per-row products and seconds measured on ``--n-rhs`` rows hold for any number);
+* the solution's relative difference to the plain one, and the LDS of the resulting
+  influence scores (``--lds-subsets`` models retrained on random halves, same recipe).
 
 Models are those of ``benchmarks/bench_attributors.py``: digits-mlp (MLP 64-64-10,
 1000 train) and mlp-100k (MLP 100-512-96-10, ~100k parameters, 10k random train),
@@ -17,10 +28,10 @@ trained with full-batch SGD.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,13 +43,66 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_attributors import _data, _model, _train
 
 from dattri.algorithm import IFAttributorCG
+from dattri.metric import lds
 from dattri.task import AttributionTask
 
-KINDS = [None, "diagonal", "kfac", "ekfac"]
+KINDS = [None, "diagonal", "kfac", "ekfac", "spectral"]
 
 
-def run(setting: str, n_rhs: int, tol: float, reg: float, max_iter: int) -> Iterator[dict]:
+def _ground_truth(setting: str, xtr, ytr, xte, yte, n_subsets: int):
+    """Negated test losses of models retrained (same recipe) on random halves."""
+    g = torch.Generator().manual_seed(1)
+    n = len(xtr)
+    idx = torch.stack([torch.randperm(n, generator=g)[: n // 2] for _ in range(n_subsets)])
+    values = []
+    for i, sub in enumerate(idx):
+        model = _model(setting)
+        _train(model, xtr[sub], ytr[sub])
+        with torch.no_grad():
+            loss = nn.functional.cross_entropy(model(xte), yte, reduction="none")
+        values.append(-loss)
+        print(f"  ground truth {i + 1}/{n_subsets}", file=sys.stderr, end="\r", flush=True)
+    return torch.stack(values), idx
+
+
+def _spectrum(rows: dict, kinds: list, p: int, reg: float) -> None:
+    """Explicit spectra of ``A = H + reg I`` and of ``P^{1/2} A P^{1/2}`` (float64)."""
+    op = rows[kinds[0]]["att"]._ops[0]
+    eye = torch.eye(p)
+
+    def dense(f):
+        m = torch.cat([f(eye[i : i + 256]) for i in range(0, p, 256)]).double()
+        return 0.5 * (m + m.T)
+
+    a = dense(op)
+    ev_h = torch.linalg.eigvalsh(a) - reg
+    print(
+        f"\nH: {int((ev_h < 0).sum())} of {p} eigenvalues < 0 (min {float(ev_h.min()):.3g}); "
+        f"|eig| > 10 lambda: {int((ev_h.abs() > 10 * reg).sum())}, > lambda: "
+        f"{int((ev_h.abs() > reg).sum())}, < lambda / 10: {int((ev_h.abs() < reg / 10).sum())}",
+        file=sys.stderr,
+    )
+    print("| preconditioner | eig(PA) min / 1% / 50% / 99% / max | cond | # > 10x median |")
+    print("|---|---|---|---|")
+    for kind in kinds:
+        pre = rows[kind]["att"]._preconds.get(0)
+        if pre is None:
+            e = torch.linalg.eigvalsh(a)
+        else:
+            chol = torch.linalg.cholesky(dense(lambda m, f=pre: f(m)))
+            e = torch.linalg.eigvalsh(chol.T @ a @ chol)
+        q = torch.quantile(e, torch.tensor([0, 0.01, 0.5, 0.99, 1.0], dtype=e.dtype))
+        print(
+            f"| {kind or 'none'} | {' / '.join(f'{x:.3g}' for x in q.tolist())} | "
+            f"{float(e.max() / e.min()):.3g} | {int((e > 10 * e.median()).sum())} |",
+            flush=True,
+        )
+    print()
+
+
+def run(args: argparse.Namespace, setting: str) -> list[dict]:
     xtr, ytr, xte, yte = _data(setting)
+    xte, yte = xte[: args.n_rhs], yte[: args.n_rhs]
     model = _model(setting)
     _train(model, xtr, ytr)
 
@@ -48,68 +112,129 @@ def run(setting: str, n_rhs: int, tol: float, reg: float, max_iter: int) -> Iter
 
     task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
     train = DataLoader(TensorDataset(xtr, ytr), batch_size=1000)
-    rhs = task.per_sample_grads((xte[:n_rhs], yte[:n_rhs]), keep_batch_dim=True, target=True)
-    ref = None
-    for kind in KINDS:
+    test = DataLoader(TensorDataset(xte, yte), batch_size=len(xte))
+    rhs = task.per_sample_grads((xte, yte), keep_batch_dim=True, target=True)
+    kinds = [None if k == "none" else k for k in args.kinds]
+    rows = {}
+    for kind in kinds:
         att = IFAttributorCG(
-            task, max_iter=max_iter, tol=tol, regularization=reg, preconditioner=kind, verbose=False
+            task,
+            max_iter=args.max_iter,
+            tol=args.tol,
+            regularization=args.regularization,
+            preconditioner=kind,
+            preconditioner_rank=args.rank,
+            verbose=False,
         )
-        t = time.perf_counter()
+        t = time.process_time()
         att.cache(train)
-        build = time.perf_counter() - t
-        t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            sol = att.transform_test_rep(0, rhs)
-        solve = time.perf_counter() - t
-        info = att.last_cg_info
-        ref = sol if ref is None else ref
-        yield (
+        rows[kind] = {"att": att, "build_s": time.process_time() - t, "solve_s": []}
+        pre = att._preconds.get(0)
+        if hasattr(pre, "eigenvalues"):  # spectral: how fast |eig(H)| decays
+            mag = (pre.eigenvalues - args.regularization).abs()
+            at = [i for i in (1, 10, 50, 100, 200, 400, 800) if i <= len(mag)]
+            print(
+                f"{setting}: Ritz |eig(H)| at rank {at}: "
+                + ", ".join(f"{float(mag[i - 1]):.3g}" for i in at)
+                + f"; level {pre.level:.3g}",
+                file=sys.stderr,
+            )
+    for r in range(args.rounds):
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:
+            row = rows[kind]
+            t = time.process_time()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                row["sol"] = row["att"].transform_test_rep(0, rhs)
+            row["solve_s"].append(time.process_time() - t)
+            row["info"] = row["att"].last_cg_info
+    if args.spectrum:
+        _spectrum(rows, kinds, rhs.shape[1], args.regularization)
+    gt = None
+    if args.lds_subsets:
+        gt = _ground_truth(setting, xtr, ytr, xte, yte, args.lds_subsets)
+    ref = rows[kinds[0]]["sol"]
+    out = []
+    for kind in kinds:
+        row = rows[kind]
+        info = row["info"]
+        lds_mean = float("nan")
+        if gt is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                scores = row["att"].attribute(train, test)
+            lds_mean = float(lds(scores, gt)[0].nanmean())
+        out.append(
             {
                 "setting": setting,
                 "p": rhs.shape[1],
                 "preconditioner": kind or "none",
-                "build_s": build,
+                "build_hvps": info.preconditioner_hvps,
+                "build_s": row["build_s"],
+                "hvps": info.hvps / rhs.shape[0],
+                "solve_s": statistics.median(row["solve_s"]),
                 "iterations": info.iterations,
-                "hvps": info.hvps,
-                "solve_s": solve,
-                "converged": bool(info.converged.all()),
-                "rel_diff": float((sol - ref).norm() / ref.norm()),
-                "indefinite": bool(info.negative_curvature.any()),
+                "max_res": float(info.residuals.max()),
+                "rel_diff": float((row["sol"] - ref).norm() / ref.norm()),
+                "lds": lds_mean,
             }
         )
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=["digits-mlp", "mlp-100k"])
-    p.add_argument("--n-rhs", type=int, default=8)
+    p.add_argument("--kinds", nargs="+", default=["none", *KINDS[1:]])
+    p.add_argument("--n-rhs", type=int, default=100)
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--regularization", type=float, default=1e-2)
     p.add_argument("--max-iter", type=int, default=2000)
+    p.add_argument("--rank", type=int, default=192, help="HVPs of the spectral build")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--lds-subsets", type=int, default=32)
+    p.add_argument(
+        "--amortize", type=int, default=None, help="test vectors sharing one build (default n-rhs)"
+    )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--spectrum",
+        action="store_true",
+        help="also print the explicit spectra of A and PA (small models only)",
+    )
     args = p.parse_args()
+    args.amortize = args.amortize or args.n_rhs
     torch.set_num_threads(args.threads)
     print(
-        f"relative residual {args.tol:g}, lambda {args.regularization:g}, "
-        f"{args.n_rhs} right-hand sides, {args.threads} thread(s)\n"
+        f"relative residual {args.tol:g}, lambda {args.regularization:g}, {args.n_rhs} "
+        f"right-hand sides, spectral rank {args.rank}, {args.threads} thread(s), process CPU "
+        f"time (median of {args.rounds} alternating runs), LDS over {args.lds_subsets} "
+        f"half-data retrainings, build amortised over {args.amortize} test vectors\n"
     )
-    print(
-        "| setting | p | preconditioner | build s | CG iters | HVPs | solve s | total s | "
-        "HVPs vs plain | time vs plain | converged | rel. diff to plain |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting in args.settings:
-        base = None
-        for r in run(setting, args.n_rhs, args.tol, args.regularization, args.max_iter):
-            base = base or r
-            total = r["build_s"] + r["solve_s"]
-            base_total = base["build_s"] + base["solve_s"]
+        rows = run(args, setting)
+        print(
+            "| setting | p | preconditioner | build HVPs | build s | CG iters | HVPs/rhs | "
+            "HVPs/rhs incl. build | solve ms/rhs | ms/rhs incl. build | "
+            "HVPs vs plain (excl./incl. build) | time vs plain (excl./incl. build) | "
+            "max rel. residual | rel. diff to plain | LDS |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        base = rows[0]
+        for r in rows:
+            incl = r["hvps"] + r["build_hvps"] / args.amortize
+            base_incl = base["hvps"] + base["build_hvps"] / args.amortize
+            per = 1e3 * r["solve_s"] / args.n_rhs
+            base_per = 1e3 * base["solve_s"] / args.n_rhs
+            tot = per + 1e3 * r["build_s"] / args.amortize
+            base_tot = base_per + 1e3 * base["build_s"] / args.amortize
             print(
-                f"| {r['setting']} | {r['p']} | {r['preconditioner']} | {r['build_s']:.2f} | "
-                f"{r['iterations']} | {r['hvps']} | {r['solve_s']:.2f} | {total:.2f} | "
-                f"{base['hvps'] / max(r['hvps'], 1):.1f}x | {base_total / total:.1f}x | "
-                f"{r['converged']} | {r['rel_diff']:.1e} |",
+                f"| {r['setting']} | {r['p']} | {r['preconditioner']} | {r['build_hvps']} | "
+                f"{r['build_s']:.2f} | {r['iterations']} | {r['hvps']:.1f} | {incl:.1f} | "
+                f"{per:.1f} | {tot:.1f} | {base['hvps'] / r['hvps']:.1f}x / "
+                f"{base_incl / incl:.1f}x | {base_per / per:.1f}x / "
+                f"{base_tot / tot:.1f}x | {r['max_res']:.1e} | {r['rel_diff']:.1e} | "
+                f"{r['lds']:.4f} |",
                 flush=True,
             )
 

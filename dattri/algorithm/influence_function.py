@@ -62,7 +62,9 @@ from dattri.algorithm.runtime.batching import iterate
 from dattri.algorithm.solve.inverses import CGInverse
 from dattri.algorithm.solve.mean_hvp import IFBase
 from dattri.algorithm.solve.preconditioners import build_preconditioner, check_preconditioner
+from dattri.func.hessian import cg_solve
 from dattri.func.linalg import DampedSymmetricInverse
+from dattri.func.minres import minres_solve
 from dattri.task import AttributionTask
 
 __all__ = [
@@ -194,9 +196,11 @@ class IFAttributorCG(IFBase):
     after ``max_iter`` iterations. ``H + lambda I`` must be positive definite. Convergence
     of the last solve is in :attr:`last_cg_info`; a warning names rows that did not
     converge (raise ``max_iter``: CG needs about ``sqrt(cond(H))`` iterations per digit).
-    With ``preconditioner`` (``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a callable
-    ``(B, p) -> (B, p)``, see :mod:`dattri.algorithm.solve.preconditioners`), preconditioned
-    CG reaches the same solve in about ``sqrt(cond(P H))`` iterations per digit.
+    With ``preconditioner`` (``"diagonal"``, ``"kfac"``, ``"ekfac"``, ``"spectral"`` or a
+    callable ``(B, p) -> (B, p)``, see :mod:`dattri.algorithm.solve.preconditioners`),
+    preconditioned CG reaches the same solve in about ``sqrt(cond(P H))`` iterations per
+    digit. ``"spectral"`` (built in :meth:`cache` from ``preconditioner_rank`` batched
+    HVPs, reused for every test batch) is the one that cuts the products on MLPs.
 
     Args:
         task: the attribution task.
@@ -209,10 +213,15 @@ class IFAttributorCG(IFBase):
         verbose: show progress bars.
         **scale: ``cache_dir``, ``store_dtype``, ``max_memory``: the shared store and
             budget of :class:`~dattri.algorithm.base.BaseInnerProductAttributor`.
-        preconditioner: None (plain CG), ``"diagonal"``, ``"kfac"``, ``"ekfac"`` or a
-            callable ``M^{-1}`` on ``(B, p)`` rows.
+        preconditioner: None (plain CG), ``"diagonal"``, ``"kfac"``, ``"ekfac"``,
+            ``"spectral"`` or a callable ``M^{-1}`` on ``(B, p)`` rows.
         preconditioner_damping: damping of the built preconditioner (default:
-            ``regularization`` if positive, else ``1e-3`` times its mean curvature).
+            ``regularization`` if positive, else ``1e-3`` times its mean curvature;
+            unused by ``"spectral"``).
+        preconditioner_rank: HVPs (Krylov basis size) of ``"spectral"``.
+        solver: ``"cg"`` or ``"minres"`` (:func:`dattri.func.minres.minres_solve`: the same
+            solve by residual minimisation, robust when ``H + lambda I`` is indefinite;
+            same stopping rule and :attr:`last_cg_info`).
     """
 
     shard_cache = True  # torch.distributed: each rank holds its batches, HVPs summed
@@ -230,6 +239,8 @@ class IFAttributorCG(IFBase):
         *,
         preconditioner: str | Callable[[Tensor], Tensor] | None = None,
         preconditioner_damping: float | None = None,
+        preconditioner_rank: int = 192,
+        solver: str = "cg",
         **scale: Unpack[ScaleKwargs],
     ) -> None:
         super().__init__(task, layer_name=layer_name, device=device, verbose=verbose, **scale)
@@ -245,11 +256,24 @@ class IFAttributorCG(IFBase):
         self.last_cg_info = None
         self.preconditioner = check_preconditioner(preconditioner)
         self.preconditioner_damping = preconditioner_damping
+        if (
+            isinstance(preconditioner_rank, bool)
+            or not isinstance(preconditioner_rank, int)
+            or preconditioner_rank < 1
+        ):
+            msg = f"preconditioner_rank must be a positive integer, got {preconditioner_rank!r}."
+            raise ValueError(msg)
+        self.preconditioner_rank = preconditioner_rank
+        if solver not in ("cg", "minres"):
+            msg = f"solver must be 'cg' or 'minres', got {solver!r}."
+            raise ValueError(msg)
+        self.solver = solver
 
     def _cache_checkpoint(self, ckpt_idx: int, full_train_dataloader: Iterable) -> None:
         func, params = self._loss_and_params(ckpt_idx)
         self._check_loss(func, params)
         self._dtypes[ckpt_idx] = params.dtype
+        op = self.mean_hvp_operator(ckpt_idx, self.mode, self.regularization)
         precond = None
         if self.preconditioner is not None:
             precond = build_preconditioner(
@@ -258,12 +282,12 @@ class IFAttributorCG(IFBase):
                 ckpt_idx,
                 self.preconditioner_damping,
                 self.regularization,
+                operator=op,
+                rank=self.preconditioner_rank,
             )
+        solve = minres_solve if self.solver == "minres" else cg_solve
         self._inverses[ckpt_idx] = CGInverse(
-            self.mean_hvp_operator(ckpt_idx, self.mode, self.regularization),
-            self.max_iter,
-            self.tol,
-            preconditioner=precond,
+            op, self.max_iter, self.tol, preconditioner=precond, solver=solve
         )
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
@@ -272,6 +296,7 @@ class IFAttributorCG(IFBase):
         inverse = self._inverses[ckpt_idx]
         sol = inverse.solve(rhs)
         info = self.last_cg_info = inverse.last_info
+        info.preconditioner_hvps = int(getattr(inverse.preconditioner, "hvps", 0))
         if not bool(info.converged.all()):
             warnings.warn(
                 f"IFAttributorCG: {int((~info.converged).sum())} of {rhs.shape[0]} solves did "

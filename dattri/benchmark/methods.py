@@ -429,6 +429,7 @@ METHODS: dict[str, Callable[[_Context], MethodOutput]] = {
     "if-cg-diag": lambda ctx: _if_cg(ctx, "diagonal"),
     "if-cg-kfac": lambda ctx: _if_cg(ctx, "kfac"),
     "if-cg-ekfac": lambda ctx: _if_cg(ctx, "ekfac"),
+    "if-cg-spectral": lambda ctx: _if_cg(ctx, "spectral"),
     "if-lissa": _if_lissa,
     "if-arnoldi": _if_arnoldi,
     "if-ekfac": _if_ekfac,

@@ -53,6 +53,9 @@ class CGInfo:
         breakdown: Per-row flags ``(k,)``: the row stopped at exactly zero curvature
             (its solution is the last iterate).
         message: What happened, in words (empty when every row converged normally).
+        preconditioner_hvps: Products spent building the preconditioner (once per
+            ``x``; e.g. the block Krylov space of ``preconditioner="spectral"``), not
+            counted in ``hvps``.
     """
 
     iterations: int
@@ -62,6 +65,7 @@ class CGInfo:
     negative_curvature: Tensor | None = None
     breakdown: Tensor | None = None
     message: str = ""
+    preconditioner_hvps: int = 0
 
 
 # --------------------------------------------------------------------------- checks
@@ -588,7 +592,8 @@ def ihvp_cg(
     mode: str = "rev-rev",
     regularization: float = 0.0,
     *,
-    preconditioner: Callable[[Tensor], Tensor] | None = None,
+    preconditioner: Callable[[Tensor], Tensor] | str | None = None,
+    preconditioner_rank: int = 192,
 ) -> Callable[[tuple, Tensor], Tensor]:
     """Build ``f(x, v) ≈ (H(x) + regularization * I)^{-1} v`` by conjugate gradient.
 
@@ -606,6 +611,7 @@ def ihvp_cg(
             mode=mode,
             regularization=regularization,
             preconditioner=preconditioner,
+            preconditioner_rank=preconditioner_rank,
         )
     )
 
@@ -627,7 +633,8 @@ def ihvp_at_x_cg(
     tol: float = 1e-7,
     mode: str = "rev-rev",
     regularization: float = 0.0,
-    preconditioner: Callable[[Tensor], Tensor] | None = None,
+    preconditioner: Callable[[Tensor], Tensor] | str | None = None,
+    preconditioner_rank: int = 192,
 ) -> Callable[[Tensor], Tensor]:
     """Build ``f(v) ≈ (H(x) + regularization * I)^{-1} v`` by batched conjugate gradient.
 
@@ -653,25 +660,42 @@ def ihvp_at_x_cg(
         regularization: ``>= 0``.
         preconditioner: Optional symmetric positive-definite ``M^{-1}``, a callable
             mapping ``(m, p)`` rows to ``(m, p)`` (flat parameter layout of
-            ``x[argnums]``).
+            ``x[argnums]``), or ``"spectral"``: built here once from
+            ``preconditioner_rank`` batched products (top eigenspace of
+            ``H + regularization * I``, see :mod:`dattri.func.spectral_precond`; reused
+            for every ``v``; ``f.info.preconditioner_hvps`` reports its products).
+        preconditioner_rank: Krylov basis size of ``preconditioner="spectral"``.
 
     Returns:
         ``f(v)``; ``v`` of shape ``(p,)`` or ``(k, p)``; output has ``v``'s shape.
     """
     _check_mode(mode)
     _check_pos_int(max_iter, "max_iter")
-    if preconditioner is not None and not callable(preconditioner):
-        msg = "`preconditioner` must be None or a callable mapping (m, p) rows to (m, p)."
+    if preconditioner is not None and not callable(preconditioner) and preconditioner != "spectral":
+        msg = (
+            "`preconditioner` must be None, 'spectral' or a callable mapping (m, p) rows "
+            f"to (m, p); got {preconditioner!r}."
+        )
         raise IHVPUsageError(msg)
     _check_nonneg(tol, "tol")
     _check_nonneg(regularization, "regularization")
     x = _as_tuple(x)
     argnums = _norm_argnums(argnums, len(x))
     op = _regularized_matvec(func, x, argnums, mode, regularization)
+    build_hvps = 0
+    if preconditioner == "spectral":
+        from dattri.func.spectral_precond import spectral_preconditioner
+
+        ref = x[argnums]
+        preconditioner = spectral_preconditioner(
+            op, ref.numel(), regularization, preconditioner_rank, dtype=ref.dtype, device=ref.device
+        )
+        build_hvps = preconditioner.hvps
 
     def _ihvp(v: Tensor) -> Tensor:
         mat, restore = _rows(v, x[argnums])
         sol, _ihvp.info = cg_solve(op, mat, max_iter, tol, preconditioner=preconditioner)
+        _ihvp.info.preconditioner_hvps = build_hvps
         return restore(sol)
 
     _ihvp.info = None

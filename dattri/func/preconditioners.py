@@ -15,6 +15,13 @@ of ``sqrt(cond(H))`` products per digit.
   factor eigenvalues, K-FAC) or the corrected eigenvalues (EK-FAC); entries of the flat
   vector outside every block are divided by ``fallback + damping``.
 * :func:`kfac_block` builds a block's ``(Q_A, Q_S, Lambda)`` from K-FAC covariances.
+
+On the damped Hessian of a trained MLP these do not cut CG's products (``benchmarks/
+bench_pcg.py --spectrum``): ``H + lambda I`` is a few dozen outliers over a tight cluster
+at ``lambda`` (most of ``H``'s eigenvalues are ~0), which plain CG already handles; a
+diagonal or Kronecker ``P`` spreads that cluster, and the empirical-Fisher curvature
+underestimates the outliers. :mod:`dattri.func.spectral_precond` inverts the outliers and
+keeps the cluster.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ the other.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -29,6 +30,8 @@ class CGInverse:
         max_iter: most CG iterations per solve.
         tol: relative-residual tolerance per row.
         preconditioner: ``M^{-1}`` on ``(k, p)`` rows (SPD), or None.
+        solver: the batched Krylov solver (default :func:`~dattri.func.hessian.cg_solve`;
+            :func:`~dattri.func.minres.minres_solve` has the same signature).
 
     Attributes:
         last_info: the :class:`~dattri.func.hvp_core.CGInfo` of the last solve.
@@ -40,13 +43,15 @@ class CGInverse:
         max_iter: int,
         tol: float,
         preconditioner: Callable[[Tensor], Tensor] | None = None,
+        solver: Callable[..., tuple[Tensor, Any]] = cg_solve,
     ) -> None:
         self.op, self.max_iter, self.tol, self.preconditioner = op, max_iter, tol, preconditioner
+        self.solver = solver
         self.last_info = None
 
     def solve(self, rows: Tensor) -> Tensor:
         """``A^{-1}`` applied to every row of ``rows`` ``(k, p)`` (``A`` is symmetric)."""
-        sol, self.last_info = cg_solve(
+        sol, self.last_info = self.solver(
             self.op, rows, self.max_iter, self.tol, preconditioner=self.preconditioner
         )
         return sol

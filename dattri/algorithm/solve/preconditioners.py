@@ -8,6 +8,11 @@ attributor's flat parameter layout (``task.selected_param_names(layer_name)``):
 * ``"kfac"``: K-FAC per ``nn.Linear`` module (``Lambda = s a^T`` from the factor
   eigenvalues);
 * ``"ekfac"``: EK-FAC per ``nn.Linear`` module (eigenvalue-corrected);
+* ``"spectral"``: the top eigenspace of ``H + lambda I`` itself (block Krylov of
+  ``rank`` batched HVPs of the solver's own operator, built once per checkpoint;
+  :mod:`dattri.func.spectral_precond`). The only kind that cuts CG's products on the
+  benchmark MLPs: their damped Hessian is a few outliers on a cluster at ``lambda``, which
+  the Fisher-based kinds spread instead of keeping (see ``benchmarks/bench_pcg.py``);
 * a callable: used as is.
 
 Parameters outside every ``nn.Linear`` module (K-FAC/EK-FAC) are divided by the mean
@@ -30,13 +35,14 @@ from dattri.func.preconditioners import (
     kfac_block,
     kronecker_preconditioner,
 )
+from dattri.func.spectral_precond import spectral_preconditioner
 
 if TYPE_CHECKING:
     from dattri.algorithm.solve.mean_hvp import IFBase
 
 __all__ = ["PRECONDITIONERS", "build_preconditioner"]
 
-PRECONDITIONERS = ("diagonal", "kfac", "ekfac")
+PRECONDITIONERS = ("diagonal", "kfac", "ekfac", "spectral")
 
 
 def check_preconditioner(kind: str | Callable | None) -> str | Callable | None:
@@ -59,10 +65,31 @@ def build_preconditioner(
     ckpt_idx: int,
     damping: float | None,
     regularization: float,
+    *,
+    operator: Callable[[Tensor], Tensor] | None = None,
+    rank: int = 192,
 ) -> Callable[[Tensor], Tensor]:
-    """``P(m)`` for ``kind`` on ``att``'s cached batches at checkpoint ``ckpt_idx``."""
+    """``P(m)`` for ``kind`` on ``att``'s cached batches at checkpoint ``ckpt_idx``.
+
+    ``operator`` (the solver's ``H + regularization * I``) and ``rank`` are used by
+    ``"spectral"`` only (its ``damping`` is ignored: it inverts the operator itself).
+    """
     if callable(kind):
         return kind
+    if kind == "spectral":
+        if operator is None:
+            msg = "build_preconditioner: 'spectral' needs the solver's `operator`."
+            raise ValueError(msg)
+        _func, params = att._loss_and_params(ckpt_idx)
+        return spectral_preconditioner(
+            operator,
+            params.numel(),
+            regularization,
+            rank,
+            dtype=params.dtype,
+            device=params.device,
+            verbose=att.verbose,
+        )
     if kind == "diagonal":
         total = None
         for batch in att._batches:
