@@ -352,3 +352,24 @@ def test_prepare_api_missing_data_error(tmp_path):
         prepare(settings.get_setting("mnist-lr"), tmp_path / "c", empty, verbose=False)
     assert str(exc.value).endswith("Pass data_dir (a folder holding the files) or download=True.")
     assert isinstance(exc.value, FileNotFoundError)
+
+
+def test_trak_margin_is_the_log_odds_of_the_correct_class() -> None:
+    """TRAK's model output in the benchmark: value and gradient of log(p / (1 - p))."""
+    import torch
+    from torch import nn
+
+    from dattri.benchmark.methods import _margin_sample
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    x, y = torch.randn(3, dtype=torch.float64), torch.tensor(2)
+    value = _margin_sample(model)(params, (x, y))
+    p = torch.softmax(torch.func.functional_call(model, params, (x[None],)), dim=1)[0, 2]
+    expected = torch.log(p) - torch.log1p(-p)
+    torch.testing.assert_close(value, expected)
+    got = torch.autograd.grad(value, list(params.values()))
+    want = torch.autograd.grad(expected, list(params.values()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
