@@ -49,6 +49,7 @@ from dattri.algorithm.runtime.validation import (
     validate_loader,
 )
 from dattri.algorithm.score.tiles import (
+    ScoreFile,
     TilePlan,
     iter_loader_tiles,
     iter_store_tiles,
@@ -529,7 +530,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         test_dataloader: Iterable,
         relatif_method: str | None = None,
         *,
-        out: str | os.PathLike | None = None,
+        out: ScoreFile = None,
     ) -> Tensor:
         """Score every (train, test) pair.
 

@@ -61,6 +61,7 @@ from dattri.algorithm.runtime.validation import (
     validate_loader,
 )
 from dattri.algorithm.score.tiles import (
+    ScoreFile,
     iter_loader_tiles,
     iter_store_tiles,
     make_sink,
@@ -490,11 +491,7 @@ class BlockProjectedIFAttributor(BaseAttributor):
             self.compute_preconditioners()
 
     def attribute(
-        self,
-        train_dataloader: Iterable,
-        test_dataloader: Iterable,
-        *,
-        out: str | os.PathLike | None = None,
+        self, train_dataloader: Iterable, test_dataloader: Iterable, *, out: ScoreFile = None
     ) -> Tensor:
         """Influence of every training sample on every test sample.
 

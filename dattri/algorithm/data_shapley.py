@@ -53,6 +53,7 @@ from dattri.algorithm.runtime.batching import (
 from dattri.algorithm.runtime.distributed import gather_rows, is_distributed
 from dattri.algorithm.runtime.validation import resolve_device
 from dattri.algorithm.score.tiles import (
+    ScoreFile,
     iter_row_batches,
     parse_memory,
     scores_of_tiles,
@@ -366,7 +367,7 @@ class KNNShapleyAttributor(BaseAttributor):
         train_labels: Sequence | Tensor | None = None,
         test_labels: Sequence | Tensor | None = None,
         *,
-        out: str | os.PathLike | None = None,
+        out: ScoreFile = None,
     ) -> Tensor:
         """KNN-Shapley value of every training point for every test point.
 
@@ -392,7 +393,7 @@ class KNNShapleyAttributor(BaseAttributor):
         train_labels: Sequence | Tensor | None = None,
         test_labels: Sequence | Tensor | None = None,
         *,
-        out: str | os.PathLike | None = None,
+        out: ScoreFile = None,
     ) -> Tensor:
         """Same as :meth:`attribute` (same arguments) in the ``(n_train, n_test)`` layout.
 

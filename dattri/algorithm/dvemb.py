@@ -29,7 +29,6 @@ recursion, in memory or in a resumable on-disk store), then tiles of
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,6 +55,7 @@ from dattri.algorithm.runtime.validation import (
     validate_loader,
 )
 from dattri.algorithm.score.tiles import (
+    ScoreFile,
     iter_row_batches,
     iter_store_tiles,
     plan_tiles,
@@ -451,7 +451,7 @@ class DVEmbAttributor(BaseAttributor):
         epoch: Any = None,
         train_data_indices: Sequence[int] | Tensor | None = None,
         *,
-        out: str | os.PathLike | None = None,
+        out: ScoreFile = None,
     ) -> Tensor:
         """Score every recorded training sample against every test sample.
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -67,7 +66,7 @@ from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.runtime.batching import check_loader
 from dattri.algorithm.runtime.distributed import rank_world, shard_range
 from dattri.algorithm.runtime.validation import check_task
-from dattri.algorithm.score.tiles import make_sink, parse_memory
+from dattri.algorithm.score.tiles import ScoreFile, make_sink, parse_memory
 from dattri.model_util.subset_train import (
     SubsetTrainConfig,
     _batches,
@@ -453,11 +452,7 @@ class MAGICAttributor(BaseAttributor):
         return -w_bar
 
     def attribute(
-        self,
-        train_dataloader: Iterable,
-        test_dataloader: Iterable,
-        *,
-        out: str | os.PathLike | None = None,
+        self, train_dataloader: Iterable, test_dataloader: Iterable, *, out: ScoreFile = None
     ) -> Tensor:
         """``(n_train, n_test)`` scores ``-d target(z_j) / d w_i`` at ``w = 1``.
 

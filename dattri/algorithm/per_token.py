@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from dattri.algorithm.runtime.batching import check_loader, iterate
+from dattri.algorithm.score.tiles import ScoreFile
 
 __all__ = ["PerTokenTopK", "attribute_per_token", "mask_all_but"]
 
@@ -269,7 +270,7 @@ def attribute_per_token(
     mask_fn: Callable[[Any, int], Any] | None = None,
     num_tokens: int | None = None,
     k: int | None = None,
-    out: str | os.PathLike | None = None,
+    out: ScoreFile = None,
     token_batch_size: int = 64,
     verbose: bool = False,
 ) -> Tensor | PerTokenTopK:

@@ -27,7 +27,6 @@ all rows; scores are produced in ``(train block, test block)`` tiles (sizes from
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -42,6 +41,7 @@ from dattri.algorithm.runtime.batching import check_loader
 from dattri.algorithm.runtime.distributed import gather_rows, is_distributed
 from dattri.algorithm.runtime.validation import require_reiterable
 from dattri.algorithm.score.tiles import (
+    ScoreFile,
     iter_row_batches,
     plan_tiles,
     scores_of_tiles,
@@ -281,11 +281,7 @@ class RPSAttributor(BaseAttributor):
                 yield offset + rows.start, c.start, (total / len(sources)).to(self._out_dtype)
 
     def attribute(
-        self,
-        train_dataloader: Iterable,
-        test_dataloader: Iterable,
-        *,
-        out: str | os.PathLike | None = None,
+        self, train_dataloader: Iterable, test_dataloader: Iterable, *, out: ScoreFile = None
     ) -> Tensor:
         """Representer values of every (train, test) pair.
 

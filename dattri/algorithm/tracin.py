@@ -13,7 +13,6 @@ cosine of the projected vectors.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from dattri.algorithm.features.gradients import GradientFeaturizer, resolve_proj
 from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_device
 from dattri.algorithm.runtime.validation import validate_loader
 from dattri.algorithm.score.tiles import (
+    ScoreFile,
     iter_loader_tiles,
     iter_store_tiles,
     make_sink,
@@ -266,11 +266,7 @@ class TracInAttributor(BaseAttributor):
             yield row, block
 
     def attribute(
-        self,
-        train_dataloader: Iterable,
-        test_dataloader: Iterable,
-        *,
-        out: str | os.PathLike | None = None,
+        self, train_dataloader: Iterable, test_dataloader: Iterable, *, out: ScoreFile = None
     ) -> Tensor:
         """Score every (train, test) pair.
 

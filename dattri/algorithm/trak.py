@@ -14,7 +14,6 @@ A "TRAK-k" ensemble is simply a task with ``k`` checkpoints.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from dattri.algorithm.runtime.batching import check_loader, iterate, move_to_dev
 from dattri.algorithm.runtime.validation import validate_loader
 from dattri.algorithm.score.tiles import (
     BUDGET_SHARES,
+    ScoreFile,
     iter_loader_tiles,
     iter_store_tiles,
     make_sink,
@@ -433,7 +433,7 @@ class TRAKAttributor(BaseAttributor):
         test_dataloader: Iterable,
         train_dataloader: Iterable | None = None,
         *,
-        out: str | os.PathLike | None = None,
+        out: ScoreFile = None,
     ) -> Tensor:
         """Score every (train, test) pair (note the upstream argument order).
 

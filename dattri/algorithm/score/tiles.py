@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from dattri.algorithm.score.topk import TopKAccumulator, TopKResult
 
 __all__ = [
     "MemmapScoreSink",
+    "ScoreFile",
     "TensorSink",
     "TilePlan",
     "TopKSink",
@@ -56,6 +58,9 @@ __all__ = [
     "scores_of_tiles",
     "topk_of_tiles",
 ]
+
+#: the ``out=`` argument of ``attribute``: a ``.npy`` score file path, or None (in memory).
+ScoreFile: TypeAlias = "str | os.PathLike[str] | None"
 
 _UNITS = {
     "": 1,
