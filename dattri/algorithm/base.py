@@ -164,6 +164,20 @@ class BaseAttributor(ABC):
         self.verbose = verbose
         self.scale_options = ScaleOptions(cache_dir, store_dtype, max_memory)
 
+    def _check_train_loader(
+        self, loader: Iterable, *, keep_batch_dim: bool, mean_batch: bool = False
+    ) -> None:
+        """The checks every ``cache()`` runs on its loader (kind, first batch vs task)."""
+        check_loader(loader, "full_train_dataloader")
+        validate_loader(
+            self.task,
+            loader,
+            "full_train_dataloader",
+            keep_batch_dim=keep_batch_dim,
+            mean_batch=mean_batch,
+            target=False,
+        )
+
     @loader_keywords
     def self_attribute(self, train_dataloader: Iterable) -> Tensor:
         """Score each training sample against itself.
@@ -261,15 +275,11 @@ class BaseInnerProductAttributor(BaseAttributor):
         Args:
             full_train_dataloader: the training data defining the Hessian/Fisher etc.
         """
-        check_loader(full_train_dataloader, "full_train_dataloader")
         require_reiterable(full_train_dataloader, "full_train_dataloader", type(self).__name__)
-        validate_loader(
-            self.task,
+        self._check_train_loader(
             full_train_dataloader,
-            "full_train_dataloader",
             keep_batch_dim=self.keep_batch_dim,
             mean_batch=self.mean_batch_loss,
-            target=False,
         )
         self.full_train_dataloader = full_train_dataloader
         for ckpt_idx in range(self.num_checkpoints):

@@ -182,18 +182,8 @@ class TracInAttributor(BaseAttributor):
         """
         if full_train_dataloader is None:
             return
-        check_loader(full_train_dataloader, "full_train_dataloader")
-        validate_loader(
-            self.task,
-            full_train_dataloader,
-            "full_train_dataloader",
-            keep_batch_dim=False,
-            target=False,
-        )
-        budget = self.scale_options.max_memory
-        if budget is not None:
-            plan = plan_tiles(1, 1, 1, budget, num_params=self.featurizer.feature_dim, itemsize=8)
-            self.featurizer.grad_rows = plan.grad_rows
+        self._check_train_loader(full_train_dataloader, keep_batch_dim=False)
+        self.featurizer.apply_budget(self.scale_options.max_memory)
         self._store = collect_features_scaled(
             self.featurizer,
             full_train_dataloader,

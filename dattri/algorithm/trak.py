@@ -251,7 +251,7 @@ class TRAKAttributor(BaseAttributor):
 
     def _build(self, loader: Iterable, desc: str) -> ProjectedGradientStore:
         """Features, Cholesky factors and ``Q`` of a training loader."""
-        self._apply_budget(loader)
+        self.featurizer.apply_budget(self.scale_options.max_memory)
         store = collect_features_scaled(
             self.featurizer,
             loader,
@@ -326,23 +326,8 @@ class TRAKAttributor(BaseAttributor):
             full_train_dataloader: the training set (not shuffled); it defines the
                 kernel and the default rows of :meth:`attribute`.
         """
-        check_loader(full_train_dataloader, "full_train_dataloader")
-        validate_loader(
-            self.task,
-            full_train_dataloader,
-            "full_train_dataloader",
-            keep_batch_dim=False,
-            target=False,
-        )
+        self._check_train_loader(full_train_dataloader, keep_batch_dim=False)
         self._store = self._build(full_train_dataloader, "train gradients")
-
-    def _apply_budget(self, loader: Iterable) -> None:
-        """Bound the per-sample gradient chunk by ``max_memory`` (if set)."""
-        budget = self.scale_options.max_memory
-        if budget is not None:
-            p = self.featurizer.feature_dim
-            plan = plan_tiles(1, 1, 1, budget, num_params=p, itemsize=8)
-            self.featurizer.grad_rows = plan.grad_rows
 
     def _test_block(self, store: ProjectedGradientStore, n_test: int) -> int:
         """Set the row block of ``store`` from ``max_memory``; return the test block."""

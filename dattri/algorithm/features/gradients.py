@@ -161,6 +161,18 @@ class GradientFeaturizer:
         feats = self._projector(grads.dtype)(grads, ensemble_id=ckpt_idx)
         return feats.mul_(self.scale) if self.scale != 1.0 else feats
 
+    def apply_budget(self, max_memory: int | None) -> None:
+        """Form at most the per-sample gradients that fit a share of ``max_memory``.
+
+        Args:
+            max_memory: bytes (None: whole loader batches at once).
+        """
+        if max_memory is not None:
+            from dattri.algorithm.score.tiles import plan_tiles
+
+            plan = plan_tiles(1, 1, 1, max_memory, num_params=self.feature_dim, itemsize=8)
+            self.grad_rows = plan.grad_rows
+
     def reuse_buffers(self) -> AbstractContextManager[None]:
         """Within this block, form every batch's gradients in one reused buffer.
 
