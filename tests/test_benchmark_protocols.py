@@ -4,6 +4,7 @@ is the training MAGIC differentiates, so MAGIC's LDS is near 1 there."""
 import dataclasses
 import json
 
+import pytest
 import torch
 
 from dattri.benchmark import settings as settings_mod
@@ -72,3 +73,29 @@ def test_fixed_seed_protocol_and_magic(tmp_path, monkeypatch, capsys):
     # the default protocol differs (independent initialisations)
     other, _ = subset_ground_truth(prepared, "default", 0.05)
     assert (other - values).abs().max() > 1e-3
+
+
+def test_mnist_mlp_sgd_setting_reads_the_mnist_files(tmp_path, monkeypatch) -> None:
+    """The SGD MNIST setting: minibatch SGD for a few epochs, data from the IDX files."""
+    import dattri.benchmark.datasets.mnist as mnist_mod
+    from dattri.benchmark.datasets.download import ChecksumError
+    from tests.test_benchmark_data import make_mnist_folder
+
+    setting = settings_mod.get_setting("mnist-mlp-sgd")
+    cfg = setting.train_config
+    assert cfg.optimizer == "sgd" and cfg.batch_size == 64 and cfg.epochs == 3
+    make_mnist_folder(tmp_path, n_train=5000, n_test=500)
+    with pytest.raises(ChecksumError, match="not the official one"):
+        setting.load_data(tmp_path)  # test files are not the official ones: refused
+    original = mnist_mod.create_mnist_dataset
+    monkeypatch.setattr(
+        mnist_mod,
+        "create_mnist_dataset",
+        lambda d, download=False, **kw: original(d, download=download, verify=False),
+    )
+    x, y, xt, yt = setting.load_data(tmp_path)
+    assert yt.shape == (500,)
+    assert x.shape == (5000, 784) and xt.shape == (500, 784)
+    assert y.shape == (5000,) and int(y.max()) < 10
+    with pytest.raises(FileNotFoundError, match="MNIST files"):
+        setting.load_data(tmp_path / "missing")

@@ -368,6 +368,19 @@ SETTINGS: dict[str, Setting] = {
             ihvp_damping=1e-2,
         ),
         Setting(
+            name="mnist-mlp-sgd",
+            description="MNIST-10 (5000 train / 500 test), MLP 784-128-64-10 trained by "
+            "minibatch SGD for 3 epochs (batch 64, lr 0.05, momentum 0.9; not converged: "
+            "the IF assumption does not hold; needs the MNIST files)",
+            load_data=_mnist(5000, 500),
+            model_factory=lambda: create_mlp_model("mnist", hidden=(128, 64)),
+            train_config=SubsetTrainConfig(
+                epochs=3, lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=64, seed=0
+            ),
+            final_layer="fc3",
+            ihvp_damping=1e-2,
+        ),
+        Setting(
             name="cifar2-resnet9",
             description="CIFAR-2 cat/dog (5000 train / 500 test), ResNet-9 "
             "(needs the CIFAR-10 files; GPU recommended)",
