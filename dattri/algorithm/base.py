@@ -81,6 +81,9 @@ class BaseAttributor(ABC):
     verbose: bool = True
     #: appended to the error for a role keyword a method has no loader for
     loader_hint: str = ""
+    #: whether ``_iter_tiles(train, test, shard=True)`` yields ``(row, col, tile)`` score
+    #: tiles of this rank's training rows (the streamed :meth:`attribute_topk` uses it).
+    streams_tiles: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give the subclass's loader-taking methods the ``train=``/``test=`` keywords."""
@@ -135,10 +138,9 @@ class BaseAttributor(ABC):
         Returns:
             A :class:`~dattri.algorithm.score.topk.TopKResult` with ``(n_test, k)`` tensors.
         """
-        iter_tiles = getattr(self, "_iter_tiles", None)
-        if iter_tiles is not None:  # tiles of this rank's rows, merged over ranks
+        if self.streams_tiles:  # tiles of this rank's rows, merged over ranks
             check_loader(test_dataloader, "test_dataloader")
-            tiles = iter_tiles(train_dataloader, test_dataloader, shard=True)
+            tiles = self._iter_tiles(train_dataloader, test_dataloader, shard=True)
             return topk_of_tiles(tiles, k, sum(batch_plan(test_dataloader)))
         acc = TopKAccumulator(k)
         for row_start, block in self._iter_score_blocks(train_dataloader, test_dataloader):

@@ -88,6 +88,8 @@ class TracInAttributor(BaseAttributor):
         TypeError: for arguments of the wrong type.
     """
 
+    streams_tiles = True
+
     def __init__(
         self,
         task: AttributionTask,

@@ -178,6 +178,8 @@ class TRAKAttributor(BaseAttributor):
             sizes and spills the features to a temporary store if needed).
     """
 
+    streams_tiles = True
+
     def __init__(
         self,
         task: AttributionTask,
