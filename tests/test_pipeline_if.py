@@ -142,7 +142,7 @@ def test_interrupted_store_resumes_to_the_same_scores(
 
 
 @pytest.mark.parametrize("name", ["cg", "explicit"])
-def test_max_memory_tiles_fit_the_budget(name: str, reference) -> None:
+def test_max_memory_tiles_fit_the_budget(name: str, reference, tmp_path: Path) -> None:
     budget = 60_000
     attr, train, test = _make(name, max_memory=budget)
     attr.cache(train)
@@ -154,6 +154,10 @@ def test_max_memory_tiles_fit_the_budget(name: str, reference) -> None:
     assert plan.train_block * p * 4 <= share and plan.test_block * p * 4 <= share
     assert plan.grad_rows is not None and plan.grad_rows * 3 * 4 * p <= share
     _close(attr.attribute(train, test), reference[name])
+    stored, _, _ = _make(name, max_memory=budget, cache_dir=tmp_path / "store")
+    stored.cache(train)
+    _close(stored.attribute(train, test), reference[name])
+    assert stored._store.block_rows == stored._plan(train, 5).train_block  # rows per tile
     small, tr, te = _make(name, max_memory=100)
     small.cache(tr)
     with pytest.raises(ValueError, match="max_memory=.*too small"):

@@ -469,11 +469,14 @@ class BaseInnerProductAttributor(BaseAttributor):
         weights = self.checkpoint_weights()
         n_test = test_reps[0].shape[0]
         block = n_test if test_block is None else test_block
+        plan = self._plan(train_dataloader, n_test)
         if self._stored_rows(train_dataloader, relatif_method):
+            if plan.train_block:  # rows read per tile, from max_memory
+                self._store.block_rows = plan.train_block
             yield from iter_store_tiles(self._store, test_reps, weights, None, block, shard)
             return
         n_ckpt = len(weights)
-        grad_rows = self._plan(train_dataloader, n_test).grad_rows
+        grad_rows = plan.grad_rows
 
         def featurize(b: int, batch: Any) -> tuple[list[Tensor], Tensor | None]:
             batch = move_to_device(batch, self.device)
