@@ -196,7 +196,7 @@ def _worker(method: str, setting: str, n_test: int | None, attr_batches: int | N
 
     def margin_sample(params, data):
         logp = -loss_sample(params, data)
-        return logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
+        return logp - torch.log((-torch.expm1(logp)).clamp_min(1e-12))
 
     ckpt = model.state_dict()
     if method == "if-explicit" and p > 20_000:

@@ -75,7 +75,7 @@ def worker(args: argparse.Namespace) -> None:
         logp = -nn.functional.cross_entropy(
             functional_call(model, params, (xi.unsqueeze(0),)), yi.unsqueeze(0)
         )
-        return logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
+        return logp - torch.log((-torch.expm1(logp)).clamp_min(1e-12))
 
     def prob(params, data):
         xi, yi = data

@@ -101,7 +101,7 @@ def _worker(cfg: dict) -> dict:
         logp = -nn.functional.cross_entropy(
             functional_call(model, params, (xs.unsqueeze(0),)), ys.unsqueeze(0)
         )
-        return logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
+        return logp - torch.log((-torch.expm1(logp)).clamp_min(1e-12))
 
     def prob(params, data):
         xs, ys = data
@@ -258,7 +258,7 @@ def _exact_scores(blob: dict, n_train: int, n_test: int, reg_frac: float) -> tup
     def grad_margin(i: int) -> torch.Tensor:
         out = model(x[i : i + 1])
         logp = -nn.functional.cross_entropy(out, y[i : i + 1])
-        m = logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
+        m = logp - torch.log((-torch.expm1(logp)).clamp_min(1e-12))
         gs = torch.autograd.grad(m, params)
         return torch.cat([g.flatten() for g in gs]) / n_par**0.5
 

@@ -128,7 +128,7 @@ def _upstream_scores(spec: dict, method: str, opts: dict):
 
     def margin_sample(params, d):
         logp = -loss_sample(params, d)
-        return logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
+        return logp - torch.log((-torch.expm1(logp)).clamp_min(1e-12))
 
     def prob_sample(params, d):
         return torch.exp(-loss_sample(params, d))

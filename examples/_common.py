@@ -96,7 +96,7 @@ def margin_sample(model: nn.Module) -> Callable:
         logp = -nn.functional.cross_entropy(
             functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0)
         )
-        return logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
+        return logp - torch.log((-torch.expm1(logp)).clamp_min(1e-12))
 
     return margin
 

@@ -147,7 +147,7 @@ def margin_sample(model: nn.Module) -> Callable:
 
     def margin(params: dict, data: tuple) -> Tensor:
         logp = -loss_sample(model)(params, data)
-        return logp - torch.log(-torch.expm1(logp).clamp_min(1e-12))
+        return logp - torch.log((-torch.expm1(logp)).clamp_min(1e-12))
 
     return margin
 
