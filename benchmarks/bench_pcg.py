@@ -46,7 +46,7 @@ from dattri.algorithm import IFAttributorCG
 from dattri.metric import lds
 from dattri.task import AttributionTask
 
-KINDS = [None, "diagonal", "kfac", "ekfac", "spectral"]
+KINDS = [None, "diagonal", "kfac", "ekfac", "spectral", "kfac-spectral", "ekfac-spectral"]
 
 
 def _ground_truth(setting: str, xtr, ytr, xte, yte, n_subsets: int):
@@ -67,7 +67,7 @@ def _ground_truth(setting: str, xtr, ytr, xte, yte, n_subsets: int):
 
 def _spectrum(rows: dict, kinds: list, p: int, reg: float) -> None:
     """Explicit spectra of ``A = H + reg I`` and of ``P^{1/2} A P^{1/2}`` (float64)."""
-    op = rows[kinds[0]]["att"]._ops[0]
+    op = rows[kinds[0]]["att"]._inverses[0].op
     eye = torch.eye(p)
 
     def dense(f):
@@ -85,7 +85,7 @@ def _spectrum(rows: dict, kinds: list, p: int, reg: float) -> None:
     print("| preconditioner | eig(PA) min / 1% / 50% / 99% / max | cond | # > 10x median |")
     print("|---|---|---|---|")
     for kind in kinds:
-        pre = rows[kind]["att"]._preconds.get(0)
+        pre = rows[kind]["att"]._inverses[0].preconditioner
         if pre is None:
             e = torch.linalg.eigvalsh(a)
         else:
@@ -129,8 +129,8 @@ def run(args: argparse.Namespace, setting: str) -> list[dict]:
         t = time.process_time()
         att.cache(train)
         rows[kind] = {"att": att, "build_s": time.process_time() - t, "solve_s": []}
-        pre = att._preconds.get(0)
-        if hasattr(pre, "eigenvalues"):  # spectral: how fast |eig(H)| decays
+        pre = att._inverses[0].preconditioner
+        if hasattr(pre, "level"):  # spectral: how fast |eig(H)| decays
             mag = (pre.eigenvalues - args.regularization).abs()
             at = [i for i in (1, 10, 50, 100, 200, 400, 800) if i <= len(mag)]
             print(

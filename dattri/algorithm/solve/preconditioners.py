@@ -35,14 +35,14 @@ from dattri.func.preconditioners import (
     kfac_block,
     kronecker_preconditioner,
 )
-from dattri.func.spectral_precond import spectral_preconditioner
+from dattri.func.spectral_precond import spectral_preconditioner, split_spectral_preconditioner
 
 if TYPE_CHECKING:
     from dattri.algorithm.solve.mean_hvp import IFBase
 
 __all__ = ["PRECONDITIONERS", "build_preconditioner"]
 
-PRECONDITIONERS = ("diagonal", "kfac", "ekfac", "spectral")
+PRECONDITIONERS = ("diagonal", "kfac", "ekfac", "spectral", "kfac-spectral", "ekfac-spectral")
 
 
 def check_preconditioner(kind: str | Callable | None) -> str | Callable | None:
@@ -76,6 +76,21 @@ def build_preconditioner(
     """
     if callable(kind):
         return kind
+    if kind in ("kfac-spectral", "ekfac-spectral"):
+        if operator is None:
+            msg = f"build_preconditioner: {kind!r} needs the solver's `operator`."
+            raise ValueError(msg)
+        half = _kronecker(att, kind.split("-")[0], ckpt_idx, damping, regularization, power=0.5)
+        _func, params = att._loss_and_params(ckpt_idx)
+        return split_spectral_preconditioner(
+            operator,
+            half,
+            params.numel(),
+            rank,
+            dtype=params.dtype,
+            device=params.device,
+            verbose=att.verbose,
+        )
     if kind == "spectral":
         if operator is None:
             msg = "build_preconditioner: 'spectral' needs the solver's `operator`."
@@ -104,7 +119,13 @@ def build_preconditioner(
 
 
 def _kronecker(
-    att: IFBase, kind: str, ckpt_idx: int, damping: float | None, regularization: float
+    att: IFBase,
+    kind: str,
+    ckpt_idx: int,
+    damping: float | None,
+    regularization: float,
+    *,
+    power: float = 1.0,
 ) -> Callable[[Tensor], Tensor]:
     from dattri.algorithm.if_ekfac import IFAttributorEKFAC
 
@@ -148,4 +169,8 @@ def _kronecker(
             blk.lam = lam[m] / count
     scale = float(torch.cat([b.lam.reshape(-1) for b in blocks]).mean()) if blocks else 1.0
     damp = _default_damping(damping, regularization, scale)
+    if power != 1.0:  # (Lambda + damping)^-power: Lambda' = (Lambda + damping)^power, no damping
+        for blk in blocks:
+            blk.lam = (blk.lam + damp) ** power
+        return kronecker_preconditioner(blocks, pos, 0.0, fallback=(scale + damp) ** power)
     return kronecker_preconditioner(blocks, pos, damp, fallback=scale)
