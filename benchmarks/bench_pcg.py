@@ -46,7 +46,16 @@ from dattri.algorithm import IFAttributorCG
 from dattri.metric import lds
 from dattri.task import AttributionTask
 
-KINDS = [None, "diagonal", "kfac", "ekfac", "spectral", "kfac-spectral", "ekfac-spectral"]
+KINDS = [
+    None,
+    "diagonal",
+    "kfac",
+    "ekfac",
+    "spectral",
+    "kfac-spectral",
+    "ekfac-spectral",
+    "gkfac-spectral",
+]
 
 
 def _ground_truth(setting: str, xtr, ytr, xte, yte, n_subsets: int):
@@ -136,7 +145,8 @@ def run(args: argparse.Namespace, setting: str) -> list[dict]:
             print(
                 f"{setting}: Ritz |eig(H)| at rank {at}: "
                 + ", ".join(f"{float(mag[i - 1]):.3g}" for i in at)
-                + f"; level {pre.level:.3g}",
+                + f"; level {pre.level:.3g}; most negative Ritz eig(H) "
+                + f"{float(pre.eigenvalues.min()) - args.regularization:.3g}",
                 file=sys.stderr,
             )
     for r in range(args.rounds):

@@ -42,7 +42,15 @@ if TYPE_CHECKING:
 
 __all__ = ["PRECONDITIONERS", "build_preconditioner"]
 
-PRECONDITIONERS = ("diagonal", "kfac", "ekfac", "spectral", "kfac-spectral", "ekfac-spectral")
+PRECONDITIONERS = (
+    "diagonal",
+    "kfac",
+    "ekfac",
+    "spectral",
+    "kfac-spectral",
+    "ekfac-spectral",
+    "gkfac-spectral",
+)
 
 
 def check_preconditioner(kind: str | Callable | None) -> str | Callable | None:
@@ -76,11 +84,15 @@ def build_preconditioner(
     """
     if callable(kind):
         return kind
-    if kind in ("kfac-spectral", "ekfac-spectral"):
+    if kind in ("kfac-spectral", "ekfac-spectral", "gkfac-spectral"):
         if operator is None:
             msg = f"build_preconditioner: {kind!r} needs the solver's `operator`."
             raise ValueError(msg)
-        half = _kronecker(att, kind.split("-")[0], ckpt_idx, damping, regularization, power=0.5)
+        bulk = kind.split("-")[0]
+        batches = None
+        if bulk == "gkfac":  # K-FAC of the true Fisher (= GGN of the cross-entropy)
+            bulk, batches = "kfac", _sampled_label_batches(att, ckpt_idx)
+        half = _kronecker(att, bulk, ckpt_idx, damping, regularization, power=0.5, batches=batches)
         _func, params = att._loss_and_params(ckpt_idx)
         return split_spectral_preconditioner(
             operator,
@@ -126,9 +138,11 @@ def _kronecker(
     regularization: float,
     *,
     power: float = 1.0,
+    batches: list | None = None,
 ) -> Callable[[Tensor], Tensor]:
     from dattri.algorithm.if_ekfac import IFAttributorEKFAC
 
+    batches = att._batches if batches is None else batches
     names = att.task.selected_param_names(att.layer_name)
     offsets, pos = {}, 0
     for n in names:
@@ -146,7 +160,7 @@ def _kronecker(
     ]
     cov = {m: [0.0, 0.0] for m in modules}
     count = 0
-    for size, factors in helper._factor_batches(ckpt_idx, att._batches, "K-FAC factors"):
+    for size, factors in helper._factor_batches(ckpt_idx, batches, "K-FAC factors"):
         for m in modules:
             a, ds = factors[m]
             cov_a, cov_s = kfac_factors(a, ds)
@@ -161,7 +175,7 @@ def _kronecker(
         )
     if kind == "ekfac":
         lam = {m: 0.0 for m in modules}
-        for size, factors in helper._factor_batches(ckpt_idx, att._batches, "EK-FAC eigenvalues"):
+        for size, factors in helper._factor_batches(ckpt_idx, batches, "EK-FAC eigenvalues"):
             for blk, m in zip(blocks, modules, strict=True):
                 a, ds = factors[m]
                 lam[m] = lam[m] + size * ekfac_eigenvalues(a, ds, blk.q_a, blk.q_s)
@@ -174,3 +188,46 @@ def _kronecker(
             blk.lam = (blk.lam + damp) ** power
         return kronecker_preconditioner(blocks, pos, 0.0, fallback=(scale + damp) ** power)
     return kronecker_preconditioner(blocks, pos, damp, fallback=scale)
+
+
+def _sampled_label_batches(att: IFBase, ckpt_idx: int, seed: int = 0) -> list:
+    """Cached ``(x, y)`` batches with ``y`` drawn from the model's ``softmax(model(x))``.
+
+    Per-sample gradients of the cross-entropy at sampled labels have the true Fisher
+    (= the Gauss-Newton matrix of the cross-entropy) as covariance, where the observed
+    labels give the empirical Fisher (which a well-fit model makes ~0).
+
+    Raises:
+        ValueError: if a batch is not ``(inputs, integer labels (B,))`` with the model
+            returning ``(B, classes)`` logits.
+    """
+    from torch.func import functional_call
+
+    model = att.task.get_model()
+    params = att.task.get_param_dict(ckpt_idx)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, batch in enumerate(att._batches):
+        ok = isinstance(batch, (tuple, list)) and len(batch) == 2
+        if ok:
+            x, y = batch
+            with torch.no_grad():
+                logits = functional_call(model, params, (x,))
+            ok = (
+                isinstance(y, Tensor)
+                and not y.is_floating_point()
+                and y.ndim == 1
+                and logits.ndim == 2
+                and logits.shape[0] == y.shape[0]
+            )
+        if not ok:
+            msg = (
+                f"preconditioner 'gkfac-spectral': batch {i} is not (inputs, integer labels "
+                "(B,)) with (B, classes) logits from the model; it samples labels from the "
+                "model's softmax (cross-entropy classifiers). Use 'kfac-spectral' instead."
+            )
+            raise ValueError(msg)
+        probs = torch.softmax(logits.detach().double().cpu(), dim=1)
+        y_hat = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(y)
+        out.append((x, y_hat))
+    return out
