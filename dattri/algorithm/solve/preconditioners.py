@@ -13,6 +13,15 @@ attributor's flat parameter layout (``task.selected_param_names(layer_name)``):
   :mod:`dattri.func.spectral_precond`). The only kind that cuts CG's products on the
   benchmark MLPs: their damped Hessian is a few outliers on a cluster at ``lambda``, which
   the Fisher-based kinds spread instead of keeping (see ``benchmarks/bench_pcg.py``);
+* ``"kfac-spectral"`` / ``"ekfac-spectral"`` / ``"gkfac-spectral"``: split
+  preconditioning ``P = C P_B C`` with ``C = (F + damping I)^{-1/2}`` the square root of
+  the K-FAC (empirical Fisher), EK-FAC (empirical Fisher) or K-FAC of the true Fisher
+  (labels sampled from the model's softmax: the Gauss-Newton matrix of a cross-entropy
+  classifier) and ``P_B`` the spectral deflation of ``B = C (H + lambda I) C`` from
+  ``rank`` products (:func:`dattri.func.spectral_precond.split_spectral_preconditioner`):
+  the deflation fixes the directions where the Kronecker curvature is wrong (both ends
+  of ``B``'s spectrum). SPD; the solve is still the exact ``(H + lambda I)^{-1} v``.
+  On the benchmark MLPs not better than ``"spectral"`` (``benchmarks/bench_pcg.py``);
 * a callable: used as is.
 
 Parameters outside every ``nn.Linear`` module (K-FAC/EK-FAC) are divided by the mean
