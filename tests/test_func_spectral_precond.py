@@ -316,7 +316,7 @@ def test_split_spectral_preconditioner_spd_exact_at_full_rank_and_composes():
         split_spectral_preconditioner(op, half, p, rank=4, level=0.0)
 
 
-@pytest.mark.parametrize("kind", ["kfac-spectral", "ekfac-spectral"])
+@pytest.mark.parametrize("kind", ["kfac-spectral", "ekfac-spectral", "gkfac-spectral"])
 def test_if_cg_kfac_spectral_equals_explicit(kind):
     pb = cached_random_mlp(n_train=20, n_test=4, hidden=5)
     task = AttributionTask(
@@ -350,3 +350,21 @@ def test_if_cg_kfac_spectral_equals_explicit(kind):
         assert info.preconditioner_hvps == (rank if pre else 0)
     # full rank: P = (H + reg I)^{-1} (on an SPD H + reg I), <= 2 steps per row
     assert hvps[(kind, p)] <= 2 * 4 < hvps[(None, 1)]
+
+
+def test_gkfac_spectral_rejects_batches_without_class_labels():
+    pb = cached_random_mlp(n_train=20, n_test=4, hidden=5)
+    task = AttributionTask(
+        loss_func=pb.loss_if_nowd, model=pb.model, checkpoints=pb.model.state_dict()
+    )
+    x, y = next(iter(pb.train_loader(20)))
+
+    def loss3(params, data):  # (inputs, labels, weights): not a plain (x, y) batch
+        return pb.loss_if_nowd(params, data[:2])
+
+    task3 = AttributionTask(loss_func=loss3, model=pb.model, checkpoints=pb.model.state_dict())
+    att = IFAttributorCG(task3, preconditioner="gkfac-spectral", verbose=False)
+    with pytest.raises(ValueError, match="gkfac-spectral.*batch 0"):
+        att.cache([(x, y, torch.ones(len(y)))])
+    with pytest.raises(ValueError, match="preconditioner must be"):
+        IFAttributorCG(task, preconditioner="kfac-spectrall")
