@@ -4,7 +4,9 @@
 Hessian over the whole training set; one "HVP" below = one right-hand side times the
 full-data Hessian). For each preconditioner (none, diagonal empirical Fisher, K-FAC,
 EK-FAC with damping = lambda, and the spectral preconditioner: top eigenspace of
-``H + lambda I`` from ``--rank`` batched HVPs) we report
+``H + lambda I`` from ``--rank`` batched HVPs; and the split kinds ``kfac-spectral``,
+``ekfac-spectral``, ``gkfac-spectral``: spectral deflation of the K-FAC / EK-FAC /
+true-Fisher-K-FAC split-preconditioned operator, same ``--rank``) we report
 
 * build: HVPs and process CPU seconds spent in ``cache`` on the preconditioner (the
   spectral one is built once and reused for every right-hand side; diagonal/K-FAC/EK-FAC
