@@ -35,7 +35,13 @@ from tqdm.auto import tqdm
 
 from dattri.func.hvp_core import IHVPUsageError
 
-__all__ = ["SpectralPreconditioner", "block_krylov_eigs", "spectral_preconditioner"]
+__all__ = [
+    "SpectralPreconditioner",
+    "SplitSpectralPreconditioner",
+    "block_krylov_eigs",
+    "spectral_preconditioner",
+    "split_spectral_preconditioner",
+]
 
 
 def _orthonormal_block(
@@ -243,3 +249,84 @@ def spectral_preconditioner(
     return SpectralPreconditioner(
         theta, vecs, float(regularization), residual_norms=resid, hvps=hvps
     )
+
+
+class SplitSpectralPreconditioner:
+    """``P = C P_B C``: spectral deflation of the split-preconditioned ``B = C A C``.
+
+    ``C`` is a symmetric positive definite "bulk" preconditioner's square root (e.g.
+    K-FAC's ``(F + damping I)^{-1/2}``, :func:`dattri.func.preconditioners.
+    kronecker_preconditioner` with ``Lambda -> sqrt(Lambda + damping)``) and ``P_B`` the
+    :class:`SpectralPreconditioner` of ``B`` (its Ritz pairs are kept by ``|theta|``, and
+    the complement is scaled by ``1 / level`` with ``level`` = 1: where ``C^2`` is
+    accurate ``B``'s eigenvalues cluster at 1). ``P`` is SPD because ``C`` and ``P_B``
+    are; ``P A`` is similar to ``P_B B``, whose outliers on both ends (the directions the
+    bulk preconditioner misjudges) the deflation maps to 1.
+
+    Attributes:
+        inner: The :class:`SpectralPreconditioner` of ``B``.
+        hvps: Products with ``A`` spent building it.
+    """
+
+    def __init__(self, half: Callable[[Tensor], Tensor], inner: SpectralPreconditioner) -> None:
+        """``P = half ∘ inner ∘ half``."""
+        self.half = half
+        self.inner = inner
+        self.hvps = inner.hvps
+        self.eigenvalues = inner.eigenvalues
+
+    def __call__(self, mat: Tensor) -> Tensor:
+        """``P`` applied to the rows of ``mat`` ``(k, p)``."""
+        return self.half(self.inner(self.half(mat)))
+
+
+def split_spectral_preconditioner(
+    op: Callable[[Tensor], Tensor],
+    half: Callable[[Tensor], Tensor],
+    p: int,
+    rank: int = 192,
+    *,
+    level: float = 1.0,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    verbose: bool = False,
+) -> SplitSpectralPreconditioner:
+    """Deflate the top/bottom Ritz pairs of ``B = half ∘ op ∘ half`` (``min(rank, p)`` products).
+
+    Args:
+        op: Batched product with ``A = H + regularization * I``, ``(m, p) -> (m, p)``.
+        half: Batched symmetric positive definite ``C`` ``(m, p) -> (m, p)`` (square
+            root of the bulk preconditioner).
+        p: Dimension.
+        rank: Krylov basis size = products with ``A`` spent = pairs kept (at most ``p``).
+        level: Scale of ``B`` on the complement of the kept space (``> 0``).
+        block_size: Rows per batched product.
+        dtype: Dtype of the basis.
+        device: Device of the basis.
+        seed: Seed of the random start block.
+        verbose: Show a tqdm progress bar over the blocks.
+
+    Returns:
+        A :class:`SplitSpectralPreconditioner` (``.hvps`` = ``min(rank, p)``).
+
+    Raises:
+        IHVPUsageError: if ``level`` is not a finite positive number.
+    """
+    if not (isinstance(level, (int, float)) and math.isfinite(level) and level > 0):
+        msg = f"`level` must be a finite positive number, got {level!r}."
+        raise IHVPUsageError(msg)
+    theta, vecs, resid, hvps = block_krylov_eigs(
+        lambda m: half(op(half(m))),
+        p,
+        rank,
+        block_size=block_size,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        verbose=verbose,
+    )
+    inner = SpectralPreconditioner(theta, vecs, 0.0, residual_norms=resid, hvps=hvps)
+    inner.level = float(level)
+    return SplitSpectralPreconditioner(half, inner)
