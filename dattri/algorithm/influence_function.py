@@ -200,7 +200,10 @@ class IFAttributorCG(IFBase):
     callable ``(B, p) -> (B, p)``, see :mod:`dattri.algorithm.solve.preconditioners`),
     preconditioned CG reaches the same solve in about ``sqrt(cond(P H))`` iterations per
     digit. ``"spectral"`` (built in :meth:`cache` from ``preconditioner_rank`` batched
-    HVPs, reused for every test batch) is the one that cuts the products on MLPs.
+    HVPs, reused for every test batch) is the one that cuts the products on MLPs;
+    ``"kfac-spectral"``, ``"ekfac-spectral"`` and ``"gkfac-spectral"`` deflate the
+    K-FAC / EK-FAC / true-Fisher K-FAC preconditioned operator instead (measured in
+    ``benchmarks/results/bench_pcg.md``: no better than ``"spectral"`` on our MLPs).
 
     Args:
         task: the attribution task.
@@ -214,11 +217,12 @@ class IFAttributorCG(IFBase):
         **scale: ``cache_dir``, ``store_dtype``, ``max_memory``: the shared store and
             budget of :class:`~dattri.algorithm.base.BaseInnerProductAttributor`.
         preconditioner: None (plain CG), ``"diagonal"``, ``"kfac"``, ``"ekfac"``,
-            ``"spectral"`` or a callable ``M^{-1}`` on ``(B, p)`` rows.
+            ``"spectral"``, ``"kfac-spectral"``, ``"ekfac-spectral"``,
+            ``"gkfac-spectral"`` or a callable ``M^{-1}`` on ``(B, p)`` rows.
         preconditioner_damping: damping of the built preconditioner (default:
             ``regularization`` if positive, else ``1e-3`` times its mean curvature;
             unused by ``"spectral"``).
-        preconditioner_rank: HVPs (Krylov basis size) of ``"spectral"``.
+        preconditioner_rank: HVPs (Krylov basis size) of the ``"*spectral"`` kinds.
         solver: ``"cg"`` or ``"minres"`` (:func:`dattri.func.minres.minres_solve`: the same
             solve by residual minimisation, robust when ``H + lambda I`` is indefinite;
             same stopping rule and :attr:`last_cg_info`).
