@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,38 @@ def test_from_import_of_an_old_path_in_a_fresh_interpreter() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert "warned dattri.algorithm.feature_store moved to" in out.stdout
+
+
+def _concrete_attributors() -> list[type]:
+    import dattri.algorithm as algorithm
+
+    out = []
+    for name in algorithm.__all__:
+        obj = getattr(algorithm, name)
+        base = inspect.isclass(obj) and issubclass(obj, algorithm.BaseAttributor)
+        if base and not inspect.isabstract(obj) and obj is not algorithm.BaseInnerProductAttributor:
+            out.append(obj)
+    return out
+
+
+#: where the shared scale options do not apply, and why (the argument is refused loudly).
+NOT_APPLICABLE = {
+    ("MAGICAttributor", "store_dtype"): "an exact replay: its saved states are not rounded",
+}
+
+
+@pytest.mark.parametrize("cls", _concrete_attributors(), ids=lambda c: c.__name__)
+def test_every_attributor_offers_the_pipeline_arguments(cls: type) -> None:
+    """The contract of issue #18: scale options, ``out=``, top-k and self-influence."""
+    init = inspect.signature(cls.__init__).parameters
+    var_kw = [p for p in init.values() if p.kind is p.VAR_KEYWORD]
+    for option in ("cache_dir", "store_dtype", "max_memory"):
+        if (cls.__name__, option) in NOT_APPLICABLE:
+            assert option not in init and not var_kw
+            continue
+        assert option in init or var_kw, f"{cls.__name__} lacks {option}"
+        if var_kw:  # typed as ScaleKwargs: the names are the shared ones
+            assert "ScaleKwargs" in str(var_kw[0].annotation), cls.__name__
+    for method in ("attribute", "attribute_topk", "self_attribute"):
+        assert callable(getattr(cls, method)), (cls.__name__, method)
+    assert "out" in inspect.signature(cls.attribute).parameters, cls.__name__
