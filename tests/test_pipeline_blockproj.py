@@ -23,8 +23,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
@@ -36,6 +34,7 @@ from dattri.algorithm.score.tiles import BUDGET_SHARES
 from dattri.algorithm.store.host_rows import HostRows
 from dattri.algorithm.store.memmap_store import StoredRows
 from dattri.task import AttributionTask
+from tests.gloo import run_on_ranks
 from tests.problems import cached_random_mlp
 
 N_TRAIN, N_TEST, BATCH = 22, 5, 4  # 6 training batches, the last one of 2
@@ -245,28 +244,11 @@ def run_all(store_dir: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(run_all(os.path.join(out_dir, "store")), os.path.join(out_dir, f"r{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dist")
-    mp.start_processes(
-        _worker,
-        args=(WORLD, str(folder / "init"), str(folder)),
-        nprocs=WORLD,
-        join=True,
-        start_method="fork",
-    )
+    ranks = run_on_ranks(run_all, tmp_path_factory.mktemp("dist"))
     single = run_all(str(tmp_path_factory.mktemp("single")))
-    return single, [torch.load(folder / f"r{r}.pt") for r in range(WORLD)]
+    return single, ranks
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from dattri.algorithm.features.representations import TrainRepFeaturizer
@@ -32,6 +30,7 @@ from dattri.algorithm.influence_function import (
 )
 from dattri.algorithm.score.tiles import BUDGET_SHARES
 from dattri.task import AttributionTask
+from tests.gloo import run_on_ranks
 from tests.test_distributed import _losses, _problem
 
 pytestmark = pytest.mark.filterwarnings(
@@ -39,7 +38,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:IFAttributorLiSSA with zero damping:UserWarning",
 )
 
-WORLD = 2
 #: float32 scores of a sum over ~100 parameters: reassociation (tiles, rank sums of HVPs)
 #: moves them by a few ulps of the largest entry.
 TOL = 1e-5
@@ -188,27 +186,9 @@ def run_family(store_dir: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(run_family(os.path.join(out_dir, "store")), os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, torch.Tensor]]:
-    folder = tmp_path_factory.mktemp("if_dist")
-    mp.start_processes(
-        _worker,
-        args=(WORLD, str(folder / "init"), str(folder)),
-        nprocs=WORLD,
-        join=True,
-        start_method="fork",
-    )
-    return [torch.load(folder / f"{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(run_family, tmp_path_factory.mktemp("if_dist"))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 from dattri.algorithm import MAGICAttributor
 from dattri.model_util import SubsetTrainConfig
+from tests.gloo import run_on_ranks
 from tests.test_algorithm_magic import _data, _task, _train, mlp
 
 CFG = {"epochs": 2, "lr": 0.3, "batch_size": 8, "seed": 1, "momentum": 0.9}
@@ -52,28 +51,17 @@ def test_out_topk_self_and_string_budget(full: torch.Tensor, tmp_path: Path) -> 
     torch.testing.assert_close(self_scores, att.attribute(train, train).diagonal())
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        att, train, test = _attributor(cache_dir=os.path.join(out_dir, "cache"))
-        res = {
-            "scores": att.attribute(train, test),
-            "file": att.attribute(train, test, out=os.path.join(out_dir, "s.npy")).clone(),
-        }
-        torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _two_rank_run(shared: str) -> dict[str, torch.Tensor]:
+    att, train, test = _attributor(cache_dir=os.path.join(shared, "cache"))
+    return {
+        "scores": att.attribute(train, test),
+        "file": att.attribute(train, test, out=os.path.join(shared, "s.npy")).clone(),
+    }
 
 
 def test_two_ranks_split_the_test_blocks(full: torch.Tensor, tmp_path: Path) -> None:
-    mp.start_processes(
-        _worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
-    )
-    for rank in range(2):
-        res = torch.load(tmp_path / f"{rank}.pt")
+    for res in run_on_ranks(_two_rank_run, tmp_path):
         torch.testing.assert_close(res["scores"], full, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(res["file"], full.float())
     # each rank saved its own test blocks' scores: 3 blocks of 2 + 2 + 1 columns
-    assert len(list((tmp_path / "cache").glob("scores_*.pt"))) == 3
+    assert len(list((tmp_path / "shared" / "cache").glob("scores_*.pt"))) == 3

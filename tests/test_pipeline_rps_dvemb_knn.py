@@ -17,8 +17,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,6 +24,7 @@ from dattri.algorithm import DVEmbAttributor, KNNShapleyAttributor, RPSAttributo
 from dattri.algorithm.base import BaseAttributor
 from dattri.algorithm.features import dvemb_embeddings as dvemb_emb
 from dattri.task import AttributionTask
+from tests.gloo import run_on_ranks
 from tests.golden.cases import DVEMB_BS, DVEMB_LR, load_problems, loss_sample, soft_ce
 
 WORLD = 2
@@ -135,28 +134,11 @@ def run_all(folder: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(run_all(os.path.join(folder, "shared")), os.path.join(folder, f"r{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dist3")
-    mp.start_processes(
-        _worker,
-        args=(WORLD, str(folder / "init"), str(folder)),
-        nprocs=WORLD,
-        join=True,
-        start_method="fork",
-    )
+    ranks = run_on_ranks(run_all, tmp_path_factory.mktemp("dist3"))
     single = run_all(str(tmp_path_factory.mktemp("single3")))
-    return single, [torch.load(folder / f"r{r}.pt") for r in range(WORLD)]
+    return single, ranks
 
 
 def _close(got, ref, rtol=RTOL):
