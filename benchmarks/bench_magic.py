@@ -12,19 +12,29 @@ a multiple of it.
 
 ``--lr`` / ``--float64`` rerun a setting with another step size or in float64 (e.g. to
 see whether MAGIC's LDS is limited by the step size or by rounding).
+
+``--time-blocks 1 8 32 200`` also times MAGIC alone (``cache`` + ``attribute``) for the
+first ``k`` test samples in one reverse pass, alternating with training runs of the full
+model in the same process (median of ``--rounds``), after one warm-up call: the first
+``torch.func`` transform in a process imports ``torch._dynamo`` (~1.7 s once, whatever
+the model), which is not a cost of the method.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from dattri.benchmark.prepare import load_prepared, prepare, train_models
 from dattri.benchmark.protocols import evaluate_protocol, format_fraction_table
 from dattri.benchmark.settings import get_setting
+from dattri.task import AttributionTask
 
 DEFAULT_METHODS = [
     "magic",
@@ -38,10 +48,101 @@ DEFAULT_METHODS = [
 ]
 
 
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _task(setting, prepared) -> AttributionTask:
+    x, y = prepared.x_train, prepared.y_train
+    model = setting.model_factory()
+    model.load_state_dict(train_models(setting, x, y, torch.ones(1, len(y)), [0], verbose=False)[0])
+
+    def loss(params, data):
+        xx, yy = data
+        return nn.functional.cross_entropy(functional_call(model, params, (xx,)), yy)
+
+    return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+
+
+def secant_table(setting, prepared, n_samples: int, n_test: int = 8) -> None:
+    """Print how far secants of retraining are from MAGIC's exact derivatives."""
+    from dattri.algorithm.magic import MAGICAttributor
+
+    a = MAGICAttributor(
+        _task(setting, prepared),
+        setting.model_factory,
+        setting.train_config,
+        init_seed=0,
+        verbose=False,
+    )
+    a.cache((prepared.x_train, prepared.y_train))
+    idx = torch.randperm(len(prepared.y_train), generator=torch.Generator().manual_seed(0))
+    deltas = (1e-4, 1e-3, 1e-2, 0.1, 1.0)
+    test = (prepared.x_test[:n_test], prepared.y_test[:n_test])
+    out = a.secant_check(test, idx[:n_samples].tolist(), deltas=deltas)
+    sec, sc = out["secants"], out["scores"]
+    print(
+        f"\nsecants (F(1 - d e_i) - F(1)) / d vs MAGIC ({setting.name}, {n_samples} train x "
+        f"{n_test} test samples)"
+    )
+    print("| d | relative error | median per-sample relative error | correlation |")
+    print("|---|---|---|---|")
+    for j, d in enumerate(deltas):
+        per = (sec[j] - sc).norm(dim=1) / sc.norm(dim=1).clamp_min(1e-30)
+        corr = torch.corrcoef(torch.stack([sec[j].flatten(), sc.flatten()]))[0, 1]
+        print(
+            f"| {d:g} | {float(out['relative_error'][j]):.3f} | {float(per.median()):.3f} "
+            f"| {float(corr):.3f} |",
+            flush=True,
+        )
+
+
+def time_blocks(setting, prepared, ks: list[int], rounds: int) -> None:
+    """Print MAGIC's time for one reverse pass over ``k`` test samples vs one training run."""
+    from dattri.algorithm.magic import MAGICAttributor
+
+    x, y = prepared.x_train, prepared.y_train
+    task = _task(setting, prepared)
+
+    def magic(k: int) -> None:
+        a = MAGICAttributor(
+            task,
+            setting.model_factory,
+            setting.train_config,
+            init_seed=0,
+            test_block_size=k,
+            verbose=False,
+            check_checkpoint=False,
+        )
+        a.cache((x, y))
+        a.attribute((x, y), (prepared.x_test[:k], prepared.y_test[:k]))
+
+    def train() -> None:
+        train_models(setting, x, y, torch.ones(1, len(y)), [0], verbose=False)
+
+    magic(1)  # warm-up: torch.func's one-time import of torch._dynamo
+    print(f"\nMAGIC time per reverse pass ({setting.name}, median of {rounds}, alternating)")
+    print(
+        "| test samples k | MAGIC s (cache + attribute) | one training run s | "
+        "training runs | training runs per test sample |"
+    )
+    print("|---|---|---|---|---|")
+    for k in ks:
+        k = min(k, len(prepared.y_test))
+        m, t = [], []
+        for _ in range(rounds):
+            t.append(_seconds(train))
+            m.append(_seconds(lambda k=k: magic(k)))
+        ms, ts = statistics.median(m), statistics.median(t)
+        print(f"| {k} | {ms:.2f} | {ts:.3f} | {ms / ts:.1f}x | {ms / ts / k:.2f}x |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=["digits-mlp-sgd", "digits-mlp:quick"])
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
     p.add_argument("--drop-fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.5])
     p.add_argument("--protocol", default="fixed-seed")
     p.add_argument("--cache-dir", default=None)
@@ -51,6 +152,21 @@ def main() -> None:
     )
     p.add_argument(
         "--float64", action="store_true", help="train, replay and retrain in float64 (diagnosis)"
+    )
+    p.add_argument(
+        "--time-blocks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time MAGIC for one reverse pass over the first k test samples",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="repeats of --time-blocks")
+    p.add_argument(
+        "--secant-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compare MAGIC with secants of retraining for N training samples",
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,6 +192,12 @@ def main() -> None:
             t = time.perf_counter()
             train_models(setting, x, y, torch.ones(1, len(y)), [0], verbose=False)
             train_s = min(train_s, time.perf_counter() - t)
+        if args.secant_check:
+            secant_table(setting, prepared, args.secant_check)
+        if args.time_blocks:
+            time_blocks(setting, prepared, args.time_blocks, args.rounds)
+        if not args.methods:
+            continue
         reports = evaluate_protocol(prepared, args.methods, args.protocol, args.drop_fractions)
         label = f"{setting.name}{' (quick)' if quick else ''}: {len(y)} train / {len(prepared.y_test)} test"
         print(format_fraction_table(label, reports, args.drop_fractions, args.protocol))

@@ -70,13 +70,14 @@ def _test_losses(att, weights, xt, yt):
         (logreg, {"optimizer": "sgd", "momentum": 0.0, "batch_size": 5}),
     ],
 )
-def test_magic_equals_finite_differences_of_retraining(factory, kw):
+@pytest.mark.parametrize("block", [3, 1])  # vectorised pullbacks / one-cotangent autograd
+def test_magic_equals_finite_differences_of_retraining(factory, kw, block):
     x, y, xt, yt = _data()
     base = {"epochs": 3, "lr": 0.3, "weight_decay": 1e-2, "batch_size": 8, "seed": 1}
     cfg = SubsetTrainConfig(**{**base, **kw, "dtype": torch.float64})
     sd = _train(factory, x, y, cfg, seed=1)
     att = MAGICAttributor(
-        _task(factory, sd), factory, cfg, init_seed=1, test_block_size=3, verbose=False
+        _task(factory, sd), factory, cfg, init_seed=1, test_block_size=block, verbose=False
     )
     att.cache((x, y))
     scores = att.attribute((x, y), (xt, yt))
@@ -189,3 +190,31 @@ def test_resumable_cache_and_errors(tmp_path):
     # a DataLoader-style list of batches gives the same scores
     loader = [(x[i : i + 5], y[i : i + 5]) for i in range(0, 24, 5)]
     torch.testing.assert_close(att.attribute(loader, [(xt[:2], yt[:2]), (xt[2:], yt[2:])]), first)
+
+
+def test_secant_check_converges_to_the_metagradient():
+    """Secants of the replayed run approach the scores as d -> 0 (O(d) on a smooth run)."""
+    x, y, xt, yt = _data()
+    cfg = SubsetTrainConfig(
+        epochs=2, lr=0.3, momentum=0.9, batch_size=8, seed=1, dtype=torch.float64
+    )
+    sd = _train(mlp, x, y, cfg, seed=1)
+    att = MAGICAttributor(_task(mlp, sd), mlp, cfg, init_seed=1, verbose=False)
+    att.cache((x, y))
+    out = att.secant_check((xt, yt), [0, 5], deltas=(1e-2, 1e-4))
+    assert out["secants"].shape == (2, 2, 4) and out["scores"].shape == (2, 4)
+    torch.testing.assert_close(out["scores"], att.attribute((x, y), (xt, yt))[[0, 5]])
+    # a one-sided difference: error ~ d * |F''| / 2, so 100x smaller d -> ~100x smaller
+    err = out["relative_error"]
+    assert err[1] < 1e-3 and err[1] < err[0] / 20
+    # the secant is the replay itself: sample 5 at weight 1 - d
+    w = torch.ones(24, dtype=torch.float64)
+    w[5] -= 1e-2
+    base = _test_losses(att, torch.ones(24, dtype=torch.float64), xt, yt)
+    torch.testing.assert_close(
+        out["secants"][0, 1], (_test_losses(att, w, xt, yt) - base) / 1e-2, rtol=1e-10, atol=0
+    )
+    with pytest.raises(ValueError, match="deltas must lie in"):
+        att.secant_check((xt, yt), [0], deltas=(0.0,))
+    with pytest.raises(ValueError, match="train_indices"):
+        att.secant_check((xt, yt), [24])

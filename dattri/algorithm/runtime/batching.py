@@ -22,6 +22,7 @@ __all__ = [
     "batch_plan",
     "batch_size_of",
     "check_loader",
+    "gather_fields",
     "iter_batches",
     "iterate",
     "move_to_device",
@@ -256,3 +257,40 @@ def iter_batches(loader: Iterable, selected: Sequence[int]) -> Iterator[tuple[in
             yield i, batch
         if i >= last:
             return
+
+
+def gather_fields(loader: Iterable, name: str) -> tuple[Tensor, ...]:
+    """Concatenate a loader's ``(x, y, ...)`` batches (or a tensor tuple) field-wise.
+
+    Args:
+        loader: ``(inputs, targets, ...)`` batches, or one tuple of tensors.
+        name: the argument's name, for error messages.
+
+    Returns:
+        One tensor per field, ``(n, ...)``.
+
+    Raises:
+        TypeError: on batches that are not tuples/lists of tensors.
+        ValueError: on an empty loader or batches with differing fields.
+    """
+    if isinstance(loader, tuple | list) and loader and all(isinstance(t, Tensor) for t in loader):
+        fields = [list(loader)]
+    else:
+        check_loader(loader, name)
+        fields = []
+        for batch in loader:
+            if isinstance(batch, Tensor | Mapping):
+                msg = (
+                    f"{name}: needs (inputs, targets) batches (a tuple or "
+                    f"list of tensors), got {type(batch).__name__}."
+                )
+                raise TypeError(msg)
+            fields.append(list(batch))
+    if not fields:
+        msg = f"{name} is empty: it yields no batch."
+        raise ValueError(msg)
+    width = len(fields[0])
+    if width < 2 or any(len(f) != width for f in fields):
+        msg = f"{name}: every batch must be (inputs, targets, ...) with the same fields."
+        raise ValueError(msg)
+    return tuple(torch.cat([torch.as_tensor(f[i]) for f in fields]) for i in range(width))
