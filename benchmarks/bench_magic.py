@@ -13,6 +13,13 @@ a multiple of it.
 ``--lr`` / ``--float64`` rerun a setting with another step size or in float64 (e.g. to
 see whether MAGIC's LDS is limited by the step size or by rounding).
 
+``--oracle M`` adds a reference row: a linear datamodel (ridge regression of each test
+target on the 0/1 subset mask, ridge strength picked on a 20 % hold-out) fitted on ``M``
+further retrainings per removal fraction under the same protocol, scored on the same
+ground-truth subsets. It costs ``M`` training runs per fraction, so it is no attribution
+method; it bounds what an additive attribution can reach on the run (up to its own
+estimation error).
+
 ``--time-blocks 1 8 32 200`` also times MAGIC alone (``cache`` + ``attribute``) for the
 first ``k`` test samples in one reverse pass, alternating with training runs of the full
 model in the same process (median of ``--rounds``), after one warm-up call: the first
@@ -31,21 +38,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from dattri.benchmark.methods import METHODS
 from dattri.benchmark.prepare import load_prepared, prepare, train_models
 from dattri.benchmark.protocols import evaluate_protocol, format_fraction_table
 from dattri.benchmark.settings import get_setting
 from dattri.task import AttributionTask
 
-DEFAULT_METHODS = [
-    "magic",
-    "if-explicit",
-    "if-cg",
-    "if-ekfac",
-    "if-datainf",
-    "trak-10",
-    "tracin",
-    "grad-dot",
-]
+#: MAGIC first, then every other method of ``dattri-bench``
+DEFAULT_METHODS = ["magic", *(m for m in METHODS if m != "magic")]
 
 
 def _seconds(fn) -> float:
@@ -97,6 +97,53 @@ def secant_table(setting, prepared, n_samples: int, n_test: int = 8) -> None:
             f"| {float(corr):.3f} |",
             flush=True,
         )
+
+
+def _ridge(x: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
+    """Ridge coefficients ``(p, n_targets)`` of centred ``v`` on centred ``x``."""
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    return torch.linalg.solve(x.T @ x + lam * eye, x.T @ v)
+
+
+def datamodel_report(prepared, fractions: list[float], m: int, protocol: str):
+    """A ``MethodReport`` for the ridge datamodel on ``m`` retrainings per fraction."""
+    import numpy as np
+
+    from dattri.benchmark.protocols import per_sample_test_loss, subset_ground_truth
+    from dattri.benchmark.run import MethodReport
+    from dattri.metric import lds
+
+    setting, x, y = prepared.setting, prepared.x_train, prepared.y_train
+    n = len(y)
+    report = MethodReport(f"datamodel-{m} (oracle)")
+    report.extra["lds_by_drop"] = {}
+    t = time.perf_counter()
+    for f in fractions:
+        rng = np.random.default_rng(123_000 + round(f * 1e4))
+        masks = torch.ones(m, n)
+        for i in range(m):
+            masks[i, torch.from_numpy(rng.choice(n, max(1, round(f * n)), replace=False))] = 0
+        seeds = [0] * m if protocol == "fixed-seed" else list(range(100_000, 100_000 + m))
+        values = []
+        for s in range(0, m, 250):
+            sds = train_models(setting, x, y, masks[s : s + 250], seeds[s : s + 250], verbose=False)
+            values += [
+                -per_sample_test_loss(setting, sd, prepared.x_test, prepared.y_test) for sd in sds
+            ]
+        v = torch.stack(values).double()
+        xc, vc = masks.double() - masks.double().mean(0), v - v.mean(0)
+        fit = int(0.8 * m)
+
+        lams = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+        held = [
+            float(((xc[fit:] @ _ridge(xc[:fit], vc[:fit], lam) - vc[fit:]) ** 2).mean())
+            for lam in lams
+        ]
+        coef = _ridge(xc, vc, lams[int(np.argmin(held))])  # (n_train, n_test)
+        gt = subset_ground_truth(prepared, protocol, f)
+        report.extra["lds_by_drop"][f"{f:g}"] = [float(lds(coef, gt)[0].nanmean())]
+    report.cache_s, report.attribute_s = time.perf_counter() - t, 0.0
+    return report
 
 
 def time_blocks(setting, prepared, ks: list[int], rounds: int) -> None:
@@ -162,6 +209,13 @@ def main() -> None:
     )
     p.add_argument("--rounds", type=int, default=3, help="repeats of --time-blocks")
     p.add_argument(
+        "--oracle",
+        type=int,
+        default=0,
+        metavar="M",
+        help="add a linear datamodel fitted on M retrainings per fraction (reference)",
+    )
+    p.add_argument(
         "--secant-check",
         type=int,
         default=0,
@@ -170,6 +224,9 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # the first torch.func transform of a process imports torch._dynamo (~1.7 s, once):
+    # pay it here, not in whichever method runs first
+    torch.func.vmap(torch.sin)(torch.zeros(2))
     for spec in args.settings:
         name, _, mode = spec.partition(":")
         quick = mode == "quick"
@@ -199,6 +256,10 @@ def main() -> None:
         if not args.methods:
             continue
         reports = evaluate_protocol(prepared, args.methods, args.protocol, args.drop_fractions)
+        if args.oracle:
+            reports.append(
+                datamodel_report(prepared, args.drop_fractions, args.oracle, args.protocol)
+            )
         label = f"{setting.name}{' (quick)' if quick else ''}: {len(y)} train / {len(prepared.y_test)} test"
         print(format_fraction_table(label, reports, args.drop_fractions, args.protocol))
         print(f"\none training run of the full model (fastest of 3): {train_s:.2f} s")
