@@ -218,3 +218,16 @@ def test_secant_check_converges_to_the_metagradient():
         att.secant_check((xt, yt), [0], deltas=(0.0,))
     with pytest.raises(ValueError, match="train_indices"):
         att.secant_check((xt, yt), [24])
+
+
+def test_bad_loaders_name_the_argument():
+    x, y, xt, yt = _data()
+    cfg = SubsetTrainConfig(epochs=1, lr=0.1, batch_size=8, seed=1, dtype=torch.float64)
+    att = MAGICAttributor(_task(mlp, _train(mlp, x, y, cfg, seed=1)), mlp, cfg, verbose=False)
+    with pytest.raises(TypeError, match=r"full_train_dataloader: needs \(inputs, targets\)"):
+        att.cache([{"x": x, "y": y}])
+    with pytest.raises(ValueError, match="full_train_dataloader is empty"):
+        att.cache([])
+    with pytest.raises(ValueError, match="test_dataloader: every batch must be"):
+        att.cache((x, y))
+        att.attribute((x, y), [(xt, yt), (xt,)])
