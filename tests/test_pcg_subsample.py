@@ -50,7 +50,7 @@ def test_keep_and_product_cost_of_spectral_preconditioner():
     assert float(torch.linalg.eigvalsh(m).min()) > 0  # SPD
     b = torch.randn(5, p, generator=torch.Generator().manual_seed(1), dtype=F64)
     ref = torch.linalg.solve(a, b.T).T
-    plain_x, plain = cg_solve(op, b, 500, 1e-10)
+    _, plain = cg_solve(op, b, 500, 1e-10)
     x, info = cg_solve(op, b, 500, 1e-10, preconditioner=kept)
     assert bool(info.converged.all()) and info.hvps * 3 < plain.hvps
     torch.testing.assert_close(x, ref, rtol=1e-7, atol=1e-8 * float(ref.abs().max()))
