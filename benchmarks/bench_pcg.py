@@ -10,7 +10,9 @@ true-Fisher-K-FAC split-preconditioned operator, same ``--rank``) we report
 
 * build: HVPs and process CPU seconds spent in ``cache`` on the preconditioner (the
   spectral one is built once and reused for every right-hand side; diagonal/K-FAC/EK-FAC
-  cost per-sample gradients instead of HVPs, reported as 0 HVPs);
+  cost per-sample gradients instead of HVPs, reported as 0 HVPs). "build products" are
+  the batched products of the build's operator, "build HVPs" their cost in full-data
+  HVPs (products x sampled fraction of the training data, for a sub-sampled build);
 * solve: HVPs per right-hand side to reach relative residual ``--tol`` on every row,
   and process CPU seconds of the batched solve of all ``--n-rhs`` rows (median over
   ``--rounds`` alternating runs: plain, P1, P2, ..., then reversed, ...);
@@ -19,6 +21,12 @@ true-Fisher-K-FAC split-preconditioned operator, same ``--rank``) we report
   per-row products and seconds measured on ``--n-rhs`` rows hold for any number);
 * the solution's relative difference to the plain one, and the LDS of the resulting
   influence scores (``--lds-subsets`` models retrained on random halves, same recipe).
+
+Spectral variants: a kind ``spectral:r<rank>:k<keep>:s<fraction>`` (any subset of the
+fields, e.g. ``spectral:r1024:s0.1``) overrides ``--rank`` / ``--keep`` / ``--subsample``
+for that row: Krylov basis of ``rank`` products, ``keep`` Ritz pairs kept (largest
+``|eig(H)|``), built from the Hessian of a seeded ``fraction`` of the training batches
+(``IFAttributorCG(preconditioner_rank=, preconditioner_keep=, preconditioner_subsample=)``).
 
 Models are those of ``benchmarks/bench_attributors.py``: digits-mlp (MLP 64-64-10,
 1000 train) and mlp-100k (MLP 100-512-96-10, ~100k parameters, 10k random train),
@@ -58,6 +66,25 @@ KINDS = [
     "ekfac-spectral",
     "gkfac-spectral",
 ]
+
+
+def _variant(kind: str | None, args: argparse.Namespace):
+    """``(preconditioner, rank, keep, subsample)`` of a kind (``spectral:r..:k..:s..``)."""
+    if kind is None:
+        return None, args.rank, None, None
+    base, *fields = kind.split(":")
+    spectral = base == "spectral"
+    opt = {
+        "r": args.rank,
+        "k": args.keep if spectral else None,
+        "s": args.subsample if spectral else None,
+    }
+    for f in fields:
+        if f[:1] not in opt or not spectral:
+            msg = f"bad kind {kind!r}: use spectral:r<rank>:k<keep>:s<fraction>"
+            raise SystemExit(msg)
+        opt[f[0]] = float(f[1:]) if f[0] == "s" else int(f[1:])
+    return base, opt["r"], opt["k"], opt["s"]
 
 
 def _ground_truth(setting: str, xtr, ytr, xte, yte, n_subsets: int):
@@ -122,19 +149,22 @@ def run(args: argparse.Namespace, setting: str) -> list[dict]:
         return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
 
     task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
-    train = DataLoader(TensorDataset(xtr, ytr), batch_size=1000)
+    train = DataLoader(TensorDataset(xtr, ytr), batch_size=args.train_batch_size)
     test = DataLoader(TensorDataset(xte, yte), batch_size=len(xte))
     rhs = task.per_sample_grads((xte, yte), keep_batch_dim=True, target=True)
     kinds = [None if k == "none" else k for k in args.kinds]
     rows = {}
     for kind in kinds:
+        base, rank, keep, sub = _variant(kind, args)
         att = IFAttributorCG(
             task,
             max_iter=args.max_iter,
             tol=args.tol,
             regularization=args.regularization,
-            preconditioner=kind,
-            preconditioner_rank=args.rank,
+            preconditioner=base,
+            preconditioner_rank=rank,
+            preconditioner_keep=keep,
+            preconditioner_subsample=sub,
             verbose=False,
         )
         t = time.process_time()
@@ -143,10 +173,15 @@ def run(args: argparse.Namespace, setting: str) -> list[dict]:
         pre = att._inverses[0].preconditioner
         if hasattr(pre, "level"):  # spectral: how fast |eig(H)| decays
             mag = (pre.eigenvalues - args.regularization).abs()
-            at = [i for i in (1, 10, 50, 100, 200, 400, 800) if i <= len(mag)]
+            at = [i for i in (1, 10, 50, 100, 200, 400, 800, 1600) if i <= len(mag)]
+            res = pre.residual_norms
             print(
-                f"{setting}: Ritz |eig(H)| at rank {at}: "
-                + ", ".join(f"{float(mag[i - 1]):.3g}" for i in at)
+                f"{setting} {kind}: Ritz |eig(H)| (residual) at rank {at}: "
+                + ", ".join(
+                    f"{float(mag[i - 1]):.3g}"
+                    + ("" if res is None else f" ({float(res[i - 1]):.2g})")
+                    for i in at
+                )
                 + f"; level {pre.level:.3g}; most negative Ritz eig(H) "
                 + f"{float(pre.eigenvalues.min()) - args.regularization:.3g}",
                 file=sys.stderr,
@@ -181,7 +216,14 @@ def run(args: argparse.Namespace, setting: str) -> list[dict]:
                 "setting": setting,
                 "p": rhs.shape[1],
                 "preconditioner": kind or "none",
-                "build_hvps": info.preconditioner_hvps,
+                "build_products": info.preconditioner_hvps,
+                "build_hvps": float(
+                    getattr(
+                        row["att"]._inverses[0].preconditioner,
+                        "hvp_equivalents",
+                        info.preconditioner_hvps,
+                    )
+                ),
                 "build_s": row["build_s"],
                 "hvps": info.hvps / rhs.shape[0],
                 "solve_s": statistics.median(row["solve_s"]),
@@ -203,6 +245,19 @@ def main() -> None:
     p.add_argument("--regularization", type=float, default=1e-2)
     p.add_argument("--max-iter", type=int, default=2000)
     p.add_argument("--rank", type=int, default=192, help="HVPs of the spectral build")
+    p.add_argument("--keep", type=int, default=None, help="Ritz pairs kept (spectral)")
+    p.add_argument(
+        "--subsample",
+        type=float,
+        default=None,
+        help="fraction of training batches whose Hessian builds 'spectral'",
+    )
+    p.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=1000,
+        help="batches of the cached training data (the unit of --subsample)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lds-subsets", type=int, default=32)
     p.add_argument(
@@ -226,12 +281,13 @@ def main() -> None:
     for setting in args.settings:
         rows = run(args, setting)
         print(
-            "| setting | p | preconditioner | build HVPs | build s | CG iters | HVPs/rhs | "
+            "| setting | p | preconditioner | build products | build HVPs | build s | "
+            "CG iters | HVPs/rhs | "
             "HVPs/rhs incl. build | solve ms/rhs | ms/rhs incl. build | "
             "HVPs vs plain (excl./incl. build) | time vs plain (excl./incl. build) | "
             "max rel. residual | rel. diff to plain | LDS |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         base = rows[0]
         for r in rows:
             incl = r["hvps"] + r["build_hvps"] / args.amortize
@@ -241,7 +297,8 @@ def main() -> None:
             tot = per + 1e3 * r["build_s"] / args.amortize
             base_tot = base_per + 1e3 * base["build_s"] / args.amortize
             print(
-                f"| {r['setting']} | {r['p']} | {r['preconditioner']} | {r['build_hvps']} | "
+                f"| {r['setting']} | {r['p']} | {r['preconditioner']} | "
+                f"{r['build_products']} | {r['build_hvps']:.1f} | "
                 f"{r['build_s']:.2f} | {r['iterations']} | {r['hvps']:.1f} | {incl:.1f} | "
                 f"{per:.1f} | {tot:.1f} | {base['hvps'] / r['hvps']:.1f}x / "
                 f"{base_incl / incl:.1f}x | {base_per / per:.1f}x / "
