@@ -28,6 +28,10 @@ for that row: Krylov basis of ``rank`` products, ``keep`` Ritz pairs kept (large
 ``|eig(H)|``), built from the Hessian of a seeded ``fraction`` of the training batches
 (``IFAttributorCG(preconditioner_rank=, preconditioner_keep=, preconditioner_subsample=)``).
 
+``--density`` prints eigenvalue counts of ``H`` (stochastic Lanczos quadrature): how many
+pairs a deflation must remove to bring the rest of ``A``'s spectrum under a given
+condition number (``--spectrum`` prints the exact spectra, small models only).
+
 Models are those of ``benchmarks/bench_attributors.py``: digits-mlp (MLP 64-64-10,
 1000 train) and mlp-100k (MLP 100-512-96-10, ~100k parameters, 10k random train),
 trained with full-batch SGD.
@@ -138,6 +142,52 @@ def _spectrum(rows: dict, kinds: list, p: int, reg: float) -> None:
     print()
 
 
+def _density(op, p: int, reg: float, probes: int = 4, steps: int = 150) -> None:
+    """Eigenvalue counts of ``H`` by stochastic Lanczos quadrature (prints a table).
+
+    ``probes`` Gaussian start vectors, ``steps`` Lanczos steps each (batched: ``steps``
+    products of ``probes`` rows, full reorthogonalisation); the count above ``t`` is ``p``
+    times the Gauss-quadrature weight of the Ritz values above ``t`` (mean over probes,
+    with the spread over probes). Resolution: the quadrature smears the density over the
+    gaps between its ``steps`` nodes, so counts at nearby thresholds are approximate.
+    """
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(probes, p, generator=g)
+    q = q / q.norm(dim=1, keepdim=True)
+    basis, alphas, betas = [q], [], []
+    for _ in range(steps):
+        w = op(basis[-1]) - reg * basis[-1]
+        alphas.append((w * basis[-1]).sum(1))
+        qs = torch.stack(basis, 1)
+        for _ in range(2):
+            w = w - torch.einsum("kj,kjp->kp", torch.einsum("kjp,kp->kj", qs, w), qs)
+        betas.append(w.norm(dim=1))
+        basis.append(w / betas[-1][:, None])
+    a, b = torch.stack(alphas, 1).double(), torch.stack(betas, 1).double()
+    mult = [-0.2, -0.1, 0.5, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 50]
+    counts = torch.zeros(probes, len(mult))
+    for i in range(probes):
+        t = torch.diag(a[i]) + torch.diag(b[i, :-1], 1) + torch.diag(b[i, :-1], -1)
+        theta, y = torch.linalg.eigh(t)
+        w = p * y[0] ** 2
+        for j, m in enumerate(mult):
+            sel = theta < m * reg if m < 0 else theta > m * reg
+            counts[i, j] = w[sel].sum()
+    print(
+        f"\nSLQ ({probes} probes x {steps} Lanczos steps): eigenvalues of H (p = {p}), mean "
+        "[min, max] over probes"
+    )
+    print("| eig(H) | count |")
+    print("|---|---|")
+    for j, m in enumerate(mult):
+        c = counts[:, j]
+        print(
+            f"| {'<' if m < 0 else '>'} {m:g} lambda | {float(c.mean()):.0f} "
+            f"[{float(c.min()):.0f}, {float(c.max()):.0f}] |"
+        )
+    print()
+
+
 def run(args: argparse.Namespace, setting: str) -> list[dict]:
     xtr, ytr, xte, yte = _data(setting)
     xte, yte = xte[: args.n_rhs], yte[: args.n_rhs]
@@ -197,6 +247,8 @@ def run(args: argparse.Namespace, setting: str) -> list[dict]:
             row["info"] = row["att"].last_cg_info
     if args.spectrum:
         _spectrum(rows, kinds, rhs.shape[1], args.regularization)
+    if args.density:
+        _density(rows[kinds[0]]["att"]._inverses[0].op, rhs.shape[1], args.regularization)
     gt = None
     if args.lds_subsets:
         gt = _ground_truth(setting, xtr, ytr, xte, yte, args.lds_subsets)
@@ -268,6 +320,11 @@ def main() -> None:
         "--spectrum",
         action="store_true",
         help="also print the explicit spectra of A and PA (small models only)",
+    )
+    p.add_argument(
+        "--density",
+        action="store_true",
+        help="also print eigenvalue counts of H by stochastic Lanczos quadrature (600 HVPs)",
     )
     args = p.parse_args()
     args.amortize = args.amortize or args.n_rhs
