@@ -10,7 +10,7 @@ import torch
 from dattri.algorithm import IFAttributorCG
 from dattri.algorithm.solve.preconditioners import subsample_batches
 from dattri.func.hessian import IHVPUsageError, cg_solve
-from dattri.func.spectral_precond import spectral_preconditioner
+from dattri.func.spectral_precond import block_krylov_eigs, spectral_preconditioner
 from dattri.task import AttributionTask
 from tests.problems import cached_random_mlp
 
@@ -54,6 +54,14 @@ def test_keep_and_product_cost_of_spectral_preconditioner():
     x, info = cg_solve(op, b, 500, 1e-10, preconditioner=kept)
     assert bool(info.converged.all()) and info.hvps * 3 < plain.hvps
     torch.testing.assert_close(x, ref, rtol=1e-7, atol=1e-8 * float(ref.abs().max()))
+    # block_krylov_eigs(keep=) forms only the kept pairs: the same ones
+    theta, vecs, resid, n = block_krylov_eigs(op, p, 60, block_size=6, dtype=F64)
+    t2, v2, r2, n2 = block_krylov_eigs(op, p, 60, block_size=6, dtype=F64, keep=20, center=reg)
+    sel = (theta - reg).abs().argsort(descending=True)[:20].sort().values
+    assert n == n2 == 60 and t2.shape == (20,)
+    torch.testing.assert_close(t2, theta[sel])
+    torch.testing.assert_close(v2, vecs[sel])
+    torch.testing.assert_close(r2, resid[sel])
     for bad in (0, -1, 2.5, True):
         with pytest.raises(IHVPUsageError, match="`keep`"):
             spectral_preconditioner(op, p, reg, rank=10, dtype=F64, keep=bad)

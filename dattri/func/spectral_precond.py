@@ -84,6 +84,8 @@ def block_krylov_eigs(
     device: str | torch.device = "cpu",
     seed: int = 0,
     verbose: bool = False,
+    keep: int | None = None,
+    center: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Ritz pairs of a symmetric operator from a randomized block Krylov space.
 
@@ -101,17 +103,23 @@ def block_krylov_eigs(
         device: Device of the basis.
         seed: Seed of the start block.
         verbose: Show a tqdm progress bar over the blocks.
+        keep: Return only the ``keep`` pairs of largest ``|theta - center|`` (their
+            vectors and residuals alone are formed); None: all.
+        center: See ``keep``.
 
     Returns:
         ``(theta (n,), vectors (n, p), residual_norms (n,), products)`` with
-        ``n = min(rank, p)``, Ritz values in increasing order, ``residual_norms`` the exact
-        ``||op(u) - theta u||`` of each Ritz pair.
+        ``n = min(rank, p, keep)``, Ritz values in increasing order, ``residual_norms``
+        the exact ``||op(u) - theta u||`` of each Ritz pair.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         msg = f"`rank` must be a positive integer, got {rank!r}."
         raise IHVPUsageError(msg)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         msg = f"`block_size` must be a positive integer, got {block_size!r}."
+        raise IHVPUsageError(msg)
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        msg = f"`keep` must be None or a positive integer, got {keep!r}."
         raise IHVPUsageError(msg)
     n = min(rank, p)
     gen = torch.Generator().manual_seed(seed)
@@ -140,6 +148,9 @@ def block_krylov_eigs(
     prod = torch.cat(products)
     t = basis @ prod.T
     theta, y = torch.linalg.eigh(0.5 * (t + t.T))
+    if keep is not None and keep < theta.shape[0]:
+        top = (theta - center).abs().argsort(descending=True)[:keep].sort().values
+        theta, y = theta[top], y[:, top]
     vecs = y.T @ basis
     resid = (y.T @ prod - theta[:, None] * vecs).norm(dim=1)
     return theta, vecs, resid, done
@@ -268,9 +279,6 @@ def spectral_preconditioner(
     if not (isinstance(regularization, (int, float)) and math.isfinite(regularization)):
         msg = f"`regularization` must be a finite number, got {regularization!r}."
         raise IHVPUsageError(msg)
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        msg = f"`keep` must be None or a positive integer, got {keep!r}."
-        raise IHVPUsageError(msg)
     if (
         isinstance(product_cost, bool)
         or not isinstance(product_cost, (int, float))
@@ -279,11 +287,17 @@ def spectral_preconditioner(
         msg = f"`product_cost` must be a number in (0, 1], got {product_cost!r}."
         raise IHVPUsageError(msg)
     theta, vecs, resid, hvps = block_krylov_eigs(
-        op, p, rank, block_size=block_size, dtype=dtype, device=device, seed=seed, verbose=verbose
+        op,
+        p,
+        rank,
+        block_size=block_size,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        verbose=verbose,
+        keep=keep,
+        center=float(regularization),
     )
-    if keep is not None and keep < theta.shape[0]:
-        top = (theta - regularization).abs().argsort(descending=True)[:keep]
-        theta, vecs, resid = theta[top], vecs[top], resid[top]
     return SpectralPreconditioner(
         theta,
         vecs,
