@@ -229,9 +229,9 @@ class IFAttributorCG(IFBase):
         preconditioner_rank: HVPs (Krylov basis size) of the ``"*spectral"`` kinds.
         preconditioner_keep: ``"spectral"`` only: keep this many of the
             ``preconditioner_rank`` Ritz pairs (largest ``|eig(H)|``, the best converged;
-            a cheaper ``P``); None keeps all. A basis about twice the number of
+            a cheaper ``P``); None keeps all. A basis ~1.5x the number of
             eigenvalues of ``H`` above ``regularization``, keeping those, leaves CG about
-            5 products per solve (``rank=2048, keep=1024`` on the benchmark MLP of ~100k
+            5 products per solve (``rank=1536, keep=1024`` on the benchmark MLP of ~100k
             parameters).
         preconditioner_subsample: ``"spectral"`` only: None (build from the full-data
             Hessian) or the fraction in ``(0, 1]`` of the cached training batches (drawn

@@ -33,7 +33,7 @@ full data (``P`` is SPD whatever it was built from). Measured on the benchmark M
 ~100k parameters (``benchmarks/results/bench_pcg.md``): the Hessian of 10 % of the data
 has its leading eigenvalues (after the first ten) 1.7-2.5x those of the full one and
 its band in other directions, so its deflation cuts CG's products less than a full-data
-one of the same cost; there, a full-data basis of ``rank=2048`` with ``keep=1024``
+one of the same cost; there, a full-data basis of ``rank=1536`` with ``keep=1024``
 (the ~1000 eigenvalues of ``H`` above ``lambda``) cuts them 6x, a build that pays for
 itself over thousands of test vectors.
 
