@@ -61,7 +61,11 @@ from dattri.algorithm.if_lissa import IFAttributorLiSSA
 from dattri.algorithm.runtime.batching import iterate
 from dattri.algorithm.solve.inverses import CGInverse
 from dattri.algorithm.solve.mean_hvp import IFBase
-from dattri.algorithm.solve.preconditioners import build_preconditioner, check_preconditioner
+from dattri.algorithm.solve.preconditioners import (
+    build_preconditioner,
+    check_preconditioner,
+    check_subsample,
+)
 from dattri.func.hessian import cg_solve
 from dattri.func.linalg import DampedSymmetricInverse
 from dattri.func.minres import minres_solve
@@ -223,6 +227,18 @@ class IFAttributorCG(IFBase):
             ``regularization`` if positive, else ``1e-3`` times its mean curvature;
             unused by ``"spectral"``).
         preconditioner_rank: HVPs (Krylov basis size) of the ``"*spectral"`` kinds.
+        preconditioner_keep: ``"spectral"`` only: keep this many of the
+            ``preconditioner_rank`` Ritz pairs (largest ``|eig(H)|``, the best converged;
+            a cheaper ``P``); None keeps all. A basis ~1.5x the number of
+            eigenvalues of ``H`` above ``regularization``, keeping those, leaves CG about
+            5 products per solve (``rank=1536, keep=1024`` on the benchmark MLP of ~100k
+            parameters).
+        preconditioner_subsample: ``"spectral"`` only: None (build from the full-data
+            Hessian) or the fraction in ``(0, 1]`` of the cached training batches (drawn
+            with a fixed seed) whose Hessian builds it; each product then costs that
+            fraction of a full one (``preconditioner.hvp_equivalents``). The solve is
+            still the full-data one. Not faster on the benchmark MLPs
+            (``benchmarks/results/bench_pcg.md``).
         solver: ``"cg"`` or ``"minres"`` (:func:`dattri.func.minres.minres_solve`: the same
             solve by residual minimisation, robust when ``H + lambda I`` is indefinite;
             same stopping rule and :attr:`last_cg_info`).
@@ -244,6 +260,8 @@ class IFAttributorCG(IFBase):
         preconditioner: str | Callable[[Tensor], Tensor] | None = None,
         preconditioner_damping: float | None = None,
         preconditioner_rank: int = 192,
+        preconditioner_keep: int | None = None,
+        preconditioner_subsample: float | None = None,
         solver: str = "cg",
         **scale: Unpack[ScaleKwargs],
     ) -> None:
@@ -268,6 +286,22 @@ class IFAttributorCG(IFBase):
             msg = f"preconditioner_rank must be a positive integer, got {preconditioner_rank!r}."
             raise ValueError(msg)
         self.preconditioner_rank = preconditioner_rank
+        if preconditioner_keep is not None and (
+            isinstance(preconditioner_keep, bool)
+            or not isinstance(preconditioner_keep, int)
+            or preconditioner_keep < 1
+            or self.preconditioner != "spectral"
+        ):
+            msg = (
+                "preconditioner_keep must be None or a positive integer, with "
+                f"preconditioner='spectral'; got {preconditioner_keep!r} with "
+                f"preconditioner={self.preconditioner!r}."
+            )
+            raise ValueError(msg)
+        self.preconditioner_keep = preconditioner_keep
+        self.preconditioner_subsample = check_subsample(
+            preconditioner_subsample, self.preconditioner
+        )
         if solver not in ("cg", "minres"):
             msg = f"solver must be 'cg' or 'minres', got {solver!r}."
             raise ValueError(msg)
@@ -288,6 +322,8 @@ class IFAttributorCG(IFBase):
                 self.regularization,
                 operator=op,
                 rank=self.preconditioner_rank,
+                keep=self.preconditioner_keep,
+                subsample=self.preconditioner_subsample,
             )
         solve = minres_solve if self.solver == "minres" else cg_solve
         self._inverses[ckpt_idx] = CGInverse(

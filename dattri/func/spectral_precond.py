@@ -84,6 +84,8 @@ def block_krylov_eigs(
     device: str | torch.device = "cpu",
     seed: int = 0,
     verbose: bool = False,
+    keep: int | None = None,
+    center: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Ritz pairs of a symmetric operator from a randomized block Krylov space.
 
@@ -101,17 +103,23 @@ def block_krylov_eigs(
         device: Device of the basis.
         seed: Seed of the start block.
         verbose: Show a tqdm progress bar over the blocks.
+        keep: Return only the ``keep`` pairs of largest ``|theta - center|`` (their
+            vectors and residuals alone are formed); None: all.
+        center: See ``keep``.
 
     Returns:
         ``(theta (n,), vectors (n, p), residual_norms (n,), products)`` with
-        ``n = min(rank, p)``, Ritz values in increasing order, ``residual_norms`` the exact
-        ``||op(u) - theta u||`` of each Ritz pair.
+        ``n = min(rank, p, keep)``, Ritz values in increasing order, ``residual_norms``
+        the exact ``||op(u) - theta u||`` of each Ritz pair.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         msg = f"`rank` must be a positive integer, got {rank!r}."
         raise IHVPUsageError(msg)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         msg = f"`block_size` must be a positive integer, got {block_size!r}."
+        raise IHVPUsageError(msg)
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        msg = f"`keep` must be None or a positive integer, got {keep!r}."
         raise IHVPUsageError(msg)
     n = min(rank, p)
     gen = torch.Generator().manual_seed(seed)
@@ -140,6 +148,9 @@ def block_krylov_eigs(
     prod = torch.cat(products)
     t = basis @ prod.T
     theta, y = torch.linalg.eigh(0.5 * (t + t.T))
+    if keep is not None and keep < theta.shape[0]:
+        top = (theta - center).abs().argsort(descending=True)[:keep].sort().values
+        theta, y = theta[top], y[:, top]
     vecs = y.T @ basis
     resid = (y.T @ prod - theta[:, None] * vecs).norm(dim=1)
     return theta, vecs, resid, done
@@ -156,6 +167,9 @@ class SpectralPreconditioner:
         level: Scale of ``A`` on the complement of the kept space (``> 0``).
         regularization: The ``regularization`` of ``A``.
         hvps: Matrix-vector products spent building it.
+        hvp_equivalents: Their cost in products with the solver's ``A`` (``hvps`` times
+            the relative cost of one product, e.g. the sampled fraction of the training
+            data for a sub-sampled Hessian).
     """
 
     def __init__(
@@ -166,6 +180,7 @@ class SpectralPreconditioner:
         *,
         residual_norms: Tensor | None = None,
         hvps: int = 0,
+        hvp_equivalents: float | None = None,
     ) -> None:
         """Preconditioner from Ritz pairs ``(theta_i, u_i)`` of ``A`` (rows of ``U``).
 
@@ -192,6 +207,7 @@ class SpectralPreconditioner:
         self.residual_norms = None if residual_norms is None else residual_norms[order]
         self.regularization = float(regularization)
         self.hvps = int(hvps)
+        self.hvp_equivalents = float(hvps if hvp_equivalents is None else hvp_equivalents)
         mag = self.eigenvalues.abs()
         floor = mag.max().clamp_min(1e-30) * eigenvectors.shape[1] * torch.finfo(mag.dtype).eps
         self._scale = 1.0 / mag.clamp_min(floor)
@@ -221,33 +237,74 @@ def spectral_preconditioner(
     device: str | torch.device = "cpu",
     seed: int = 0,
     verbose: bool = False,
+    keep: int | None = None,
+    product_cost: float = 1.0,
 ) -> SpectralPreconditioner:
     """Build the spectral preconditioner of ``A = op`` from ``min(rank, p)`` products.
 
+    ``op`` may be a cheaper stand-in for the solver's operator, e.g. ``H_S + lambda I``
+    with ``H_S`` the Hessian of a random part of the training data (sub-sampled Newton,
+    Frangella, Rathore, Zhao & Udell 2023, "PROMISE"): ``product_cost`` (the sampled
+    fraction) then counts the build in products with the solver's ``A``
+    (``.hvp_equivalents``). ``P`` stays symmetric positive definite whatever ``op`` is,
+    so preconditioned CG still solves the exact system; only its speed depends on how well
+    the pairs of ``op`` match those of ``A``.
+
     Args:
-        op: Batched product with ``A = H + regularization * I`` (the solver's operator),
-            ``(m, p) -> (m, p)``.
+        op: Batched product with ``A = H + regularization * I`` (the solver's operator,
+            or a sub-sampled one), ``(m, p) -> (m, p)``.
         p: Dimension.
         regularization: The ``regularization`` already inside ``op`` (used to rank the
             Ritz pairs by ``|eig(H)|`` and to set ``level``).
-        rank: Krylov basis size = products spent = pairs kept (at most ``p``).
+        rank: Krylov basis size = products spent (at most ``p``).
         block_size: Rows per batched product (``ceil(rank / block_size)`` products).
         dtype: Dtype of the basis (the solver's dtype).
         device: Device of the basis.
         seed: Seed of the random start block.
         verbose: Show a tqdm progress bar over the blocks.
+        keep: Ritz pairs kept, those of largest ``|theta - regularization|`` (the best
+            converged ones of a Krylov space); None: all ``min(rank, p)``. ``level`` is
+            then the smallest kept ``|theta - regularization|`` plus ``regularization``.
+        product_cost: Cost of one product with ``op`` in products with the solver's
+            operator (``(0, 1]``; 1 when ``op`` is the solver's operator).
 
     Returns:
-        A :class:`SpectralPreconditioner` (``.hvps`` = ``min(rank, p)``).
+        A :class:`SpectralPreconditioner` (``.hvps`` = ``min(rank, p)``,
+        ``.hvp_equivalents`` = ``.hvps * product_cost``).
+
+    Raises:
+        IHVPUsageError: if ``regularization`` is not finite, ``keep`` not a positive
+            integer or ``product_cost`` not in ``(0, 1]``.
     """
     if not (isinstance(regularization, (int, float)) and math.isfinite(regularization)):
         msg = f"`regularization` must be a finite number, got {regularization!r}."
         raise IHVPUsageError(msg)
+    if (
+        isinstance(product_cost, bool)
+        or not isinstance(product_cost, (int, float))
+        or not 0 < product_cost <= 1
+    ):
+        msg = f"`product_cost` must be a number in (0, 1], got {product_cost!r}."
+        raise IHVPUsageError(msg)
     theta, vecs, resid, hvps = block_krylov_eigs(
-        op, p, rank, block_size=block_size, dtype=dtype, device=device, seed=seed, verbose=verbose
+        op,
+        p,
+        rank,
+        block_size=block_size,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        verbose=verbose,
+        keep=keep,
+        center=float(regularization),
     )
     return SpectralPreconditioner(
-        theta, vecs, float(regularization), residual_norms=resid, hvps=hvps
+        theta,
+        vecs,
+        float(regularization),
+        residual_norms=resid,
+        hvps=hvps,
+        hvp_equivalents=hvps * float(product_cost),
     )
 
 
