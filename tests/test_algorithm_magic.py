@@ -228,6 +228,6 @@ def test_bad_loaders_name_the_argument():
         att.cache([{"x": x, "y": y}])
     with pytest.raises(ValueError, match="full_train_dataloader is empty"):
         att.cache([])
+    att.cache((x, y))
     with pytest.raises(ValueError, match="test_dataloader: every batch must be"):
-        att.cache((x, y))
         att.attribute((x, y), [(xt, yt), (xt,)])
