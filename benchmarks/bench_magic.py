@@ -35,10 +35,8 @@ import statistics
 import time
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
-from dattri.benchmark.methods import METHODS
+from dattri.benchmark.methods import METHODS, _loss_if
 from dattri.benchmark.prepare import load_prepared, prepare, train_models
 from dattri.benchmark.protocols import evaluate_protocol, format_fraction_table
 from dattri.benchmark.settings import get_setting
@@ -58,12 +56,7 @@ def _task(setting, prepared) -> AttributionTask:
     x, y = prepared.x_train, prepared.y_train
     model = setting.model_factory()
     model.load_state_dict(train_models(setting, x, y, torch.ones(1, len(y)), [0], verbose=False)[0])
-
-    def loss(params, data):
-        xx, yy = data
-        return nn.functional.cross_entropy(functional_call(model, params, (xx,)), yy)
-
-    return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    return AttributionTask(loss_func=_loss_if(model), model=model, checkpoints=model.state_dict())
 
 
 def secant_table(setting, prepared, n_samples: int, n_test: int = 8) -> None:

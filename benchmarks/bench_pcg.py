@@ -61,19 +61,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_attributors import _data, _model, _train
 
 from dattri.algorithm import IFAttributorCG
+from dattri.algorithm.solve.preconditioners import PRECONDITIONERS
 from dattri.metric import lds
 from dattri.task import AttributionTask
 
-KINDS = [
-    None,
-    "diagonal",
-    "kfac",
-    "ekfac",
-    "spectral",
-    "kfac-spectral",
-    "ekfac-spectral",
-    "gkfac-spectral",
-]
+KINDS = [None, *PRECONDITIONERS]
 
 
 def _variant(kind: str | None, args: argparse.Namespace):

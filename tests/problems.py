@@ -160,3 +160,12 @@ def cached_digits_lr(**kwargs: object) -> Problem:
 def cached_random_mlp(**kwargs: object) -> Problem:
     """Memoised :func:`random_mlp` (tests must not modify the returned model)."""
     return random_mlp(**kwargs)
+
+
+def symmetric_with_eigenvalues(eigs: Tensor | list[float], seed: int = 0) -> Tensor:
+    """``Q diag(eigs) Q^T`` (float64, exactly symmetric) with a seeded random orthogonal ``Q``."""
+    eigs = torch.as_tensor(eigs, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
+    a = q @ torch.diag(eigs) @ q.T
+    return 0.5 * (a + a.T)

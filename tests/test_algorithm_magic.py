@@ -200,6 +200,8 @@ def test_secant_check_converges_to_the_metagradient():
     )
     sd = _train(mlp, x, y, cfg, seed=1)
     att = MAGICAttributor(_task(mlp, sd), mlp, cfg, init_seed=1, verbose=False)
+    with pytest.raises(ValueError, match=r"before secant_check"):
+        att.secant_check((xt, yt), [0])
     att.cache((x, y))
     out = att.secant_check((xt, yt), [0, 5], deltas=(1e-2, 1e-4))
     assert out["secants"].shape == (2, 2, 4) and out["scores"].shape == (2, 4)

@@ -18,18 +18,10 @@ from dattri.func.spectral_precond import (
     split_spectral_preconditioner,
 )
 from dattri.task import AttributionTask
-from tests.problems import cached_random_mlp
+from tests.problems import cached_random_mlp, symmetric_with_eigenvalues
 
 pytestmark = pytest.mark.filterwarnings("ignore:Layer-hook gradients:UserWarning")
 F64 = torch.float64
-
-
-def _sym(eigs, seed=0):
-    eigs = torch.as_tensor(eigs, dtype=F64)
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=F64))
-    a = q @ torch.diag(eigs) @ q.T
-    return 0.5 * (a + a.T)
 
 
 def _rhs(k, p, seed=1):
@@ -45,7 +37,7 @@ def _error_bound(a, x, b):
 
 def test_block_krylov_ritz_pairs_are_exact_pairs_and_find_the_top():
     eigs = torch.cat([torch.logspace(3, 0, 10, dtype=F64), torch.linspace(-0.01, 0.01, 90)])
-    a = _sym(eigs)
+    a = symmetric_with_eigenvalues(eigs)
     theta, vecs, resid, hvps = block_krylov_eigs(lambda m: m @ a, 100, 40, block_size=8, dtype=F64)
     assert hvps == 40 and theta.shape == (40,) and vecs.shape == (40, 100)
     torch.testing.assert_close(vecs @ vecs.T, torch.eye(40, dtype=F64), atol=1e-10, rtol=0)
@@ -58,7 +50,7 @@ def test_block_krylov_ritz_pairs_are_exact_pairs_and_find_the_top():
 
 def test_spectral_preconditioner_is_spd_and_exact_at_full_rank():
     eigs = [-3.0, -1.0, -0.2, 0.05, 0.3, 1.0, 2.0, 5.0, 20.0, 100.0, 0.5, 7.0]
-    a = _sym(eigs)
+    a = symmetric_with_eigenvalues(eigs)
     p = len(eigs)
     pre = spectral_preconditioner(lambda m: m @ a, p, 0.0, rank=50, block_size=5, dtype=F64)
     assert pre.hvps == p  # capped at p
@@ -101,7 +93,7 @@ def test_spectral_pcg_fewer_products_on_decaying_spectrum():
     eigs = torch.cat(
         [torch.logspace(2, -1.5, 60, dtype=F64), torch.linspace(-0.005, 0.01, p - 60, dtype=F64)]
     )
-    h = _sym(eigs, seed=3)
+    h = symmetric_with_eigenvalues(eigs, seed=3)
     a = h + reg * torch.eye(p, dtype=F64)
 
     def op(m):
@@ -161,7 +153,7 @@ def test_ihvp_cg_spectral_option_matches_explicit_inverse():
 
 def test_minres_matches_scipy_step_by_step_and_solves_indefinite():
     eigs = torch.cat([torch.linspace(-3, -0.5, 8, dtype=F64), torch.logspace(-1, 2, 32, dtype=F64)])
-    a = _sym(eigs)
+    a = symmetric_with_eigenvalues(eigs)
     b = _rhs(3, 40)
     pre = spectral_preconditioner(lambda m: m @ a, 40, 0.0, rank=12, block_size=4, dtype=F64)
     pm = pre.matrix().numpy()

@@ -12,23 +12,16 @@ from dattri.algorithm.solve.preconditioners import subsample_batches
 from dattri.func.hessian import IHVPUsageError, cg_solve
 from dattri.func.spectral_precond import block_krylov_eigs, spectral_preconditioner
 from dattri.task import AttributionTask
-from tests.problems import cached_random_mlp
+from tests.problems import cached_random_mlp, symmetric_with_eigenvalues
 
 pytestmark = pytest.mark.filterwarnings("ignore:Layer-hook gradients:UserWarning")
 F64 = torch.float64
 
 
-def _sym(eigs, seed=0):
-    eigs = torch.as_tensor(eigs, dtype=F64)
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=F64))
-    return q @ torch.diag(eigs) @ q.T
-
-
 def test_keep_and_product_cost_of_spectral_preconditioner():
     p, reg = 120, 1e-2
     eigs = torch.cat([torch.logspace(2, -1, 20, dtype=F64), torch.linspace(-0.004, 0.01, p - 20)])
-    a = _sym(eigs) + reg * torch.eye(p, dtype=F64)
+    a = symmetric_with_eigenvalues(eigs) + reg * torch.eye(p, dtype=F64)
     a = 0.5 * (a + a.T)
 
     def op(m):
@@ -91,6 +84,19 @@ def _setup():
     return pb, task
 
 
+def _spectral_cg(task, reg, **kw):
+    """A tight-tolerance ``IFAttributorCG`` with the spectral preconditioner (``kw``)."""
+    return IFAttributorCG(
+        task,
+        max_iter=400,
+        tol=1e-10,
+        regularization=reg,
+        verbose=False,
+        preconditioner="spectral",
+        **kw,
+    )
+
+
 def _explicit(att, batches):
     """Hessian of the size-weighted mean loss over ``batches`` (``(batch, size)``)."""
     func, params = att._loss_and_params(0)
@@ -109,16 +115,7 @@ def test_if_cg_subsampled_spectral_solves_the_full_system():
     p = pb.flat_params().numel()
     atts = []
     for _ in range(2):
-        att = IFAttributorCG(
-            task,
-            max_iter=400,
-            tol=1e-10,
-            regularization=reg,
-            verbose=False,
-            preconditioner="spectral",
-            preconditioner_rank=p,
-            preconditioner_subsample=0.4,
-        )
+        att = _spectral_cg(task, reg, preconditioner_rank=p, preconditioner_subsample=0.4)
         att.cache(train)
         atts.append(att)
     att = atts[0]
@@ -151,16 +148,7 @@ def test_if_cg_keep_equals_explicit_solve():
     pb, task = _setup()
     reg = pb.weight_decay
     train = pb.train_loader(4)
-    att = IFAttributorCG(
-        task,
-        max_iter=400,
-        tol=1e-10,
-        regularization=reg,
-        verbose=False,
-        preconditioner="spectral",
-        preconditioner_rank=30,
-        preconditioner_keep=10,
-    )
+    att = _spectral_cg(task, reg, preconditioner_rank=30, preconditioner_keep=10)
     att.cache(train)
     pre = att._inverses[0].preconditioner
     assert pre.eigenvalues.shape == (10,) and pre.hvps == 30

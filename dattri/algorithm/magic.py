@@ -556,6 +556,9 @@ class MAGICAttributor(BaseAttributor):
             ``scores`` ``(m, n_test)``, ``secants`` ``(len(deltas), m, n_test)`` and
             ``relative_error`` ``(len(deltas),)`` = ``||secants - scores|| / ||scores||``.
         """
+        if not self._cached:
+            msg = "MAGICAttributor: call cache(full_train_dataloader) before secant_check()."
+            raise ValueError(msg)
         idx, ds = [int(i) for i in train_indices], [float(d) for d in deltas]
         if not all(0 < d <= 1 for d in ds) or not all(0 <= i < self._n for i in idx):
             msg = f"deltas must lie in (0, 1] and train_indices in [0, {self._n}); got {ds}, {idx}."
